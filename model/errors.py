@@ -1,0 +1,86 @@
+"""Named errors of the artifact format, the model repository and the inference engine.
+
+Every error says what was wrong and what was expected. The service maps these classes to HTTP
+statuses in one table; nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class BnnError(Exception):
+    """Base class of every error bnnserve raises on purpose."""
+
+
+# --- artifact file -------------------------------------------------------------------------------
+class ArtifactError(BnnError):
+    """An artifact file cannot be used; the subclass says why."""
+
+
+class NotSafetensorsError(ArtifactError):
+    """The file does not start with a safetensors header (length prefix + JSON object)."""
+
+
+class TruncatedArtifactError(ArtifactError):
+    """The file ends before the header or a tensor's bytes end."""
+
+
+class HeaderTooLargeError(ArtifactError):
+    """The declared header length exceeds the reader's limit."""
+
+
+class UnsupportedFormatVersionError(ArtifactError):
+    """The artifact's format name or version is not one this reader understands."""
+
+
+class InvalidSpecError(ArtifactError):
+    """The layer graph or metadata is malformed (bad field, inconsistent widths...)."""
+
+
+class UnknownLayerError(InvalidSpecError):
+    """A layer names a kind this version does not know."""
+
+
+class UnknownQuantizerError(InvalidSpecError):
+    """A layer names a quantizer that is not registered."""
+
+
+class MissingTensorError(ArtifactError):
+    """A tensor the layer graph needs is not in the file."""
+
+
+class TensorShapeError(ArtifactError):
+    """A tensor's shape differs from what the layer graph implies."""
+
+
+class TensorDtypeError(ArtifactError):
+    """A tensor's dtype differs from what the layer graph implies."""
+
+
+class ChecksumMismatchError(ArtifactError):
+    """A tensor's or file's bytes do not match the recorded sha256."""
+
+
+# --- model repository ----------------------------------------------------------------------------
+class RepositoryError(BnnError):
+    """The model repository is unusable or an operation on it failed."""
+
+
+class InvalidModelNameError(RepositoryError):
+    """A model name contains characters outside [A-Za-z0-9._-] or a path component like '..'."""
+
+
+class ModelNotFoundError(RepositoryError):
+    """No such model, or no such version of it, in the repository."""
+
+
+class ManifestError(RepositoryError):
+    """A version directory's manifest is missing, malformed or disagrees with the files."""
+
+
+# --- inference -----------------------------------------------------------------------------------
+class InvalidInputError(BnnError):
+    """An input tensor has the wrong shape, dtype or values (NaN, infinity)."""
+
+
+class DeviceUnavailableError(BnnError):
+    """The requested device (e.g. 'cuda') is not available on this machine."""

@@ -1,0 +1,389 @@
+"""The layer graph of an artifact: typed layer specs, shape inference and the tensors each needs.
+
+A model is a sequence of layers applied to one input tensor of shape ``input.shape`` (per
+instance, batch axis excluded; images are channels-first ``(C, H, W)`` as in PyTorch). The
+graph is stored as JSON in the artifact's metadata; this module is its schema and validator.
+
+Layer kinds and their tensors (``<name>.<suffix>``; binary weights are bit-packed, see
+:mod:`model.packing`):
+
+=============  =================================================================================
+``dense``      ``weight`` (out, in) — packed along ``in`` to (out, ⌈in/64⌉) uint64 when
+               ``kernel_quantizer`` is set, else float32; ``bias`` (out,); ``scale`` (out,)
+``conv2d``     ``weight`` (out, in, kh, kw) — packed along ``in`` to (out, kh, kw, ⌈in/64⌉)
+               uint64 when binary, else float32; ``bias``, ``scale`` (out,)
+``batchnorm``  ``weight``, ``bias``, ``running_mean``, ``running_var`` (C,) float32, raw
+``maxpool2d``  none
+``flatten``    none — (C, H, W) → (C·H·W,) in C, H, W order
+=============  =================================================================================
+
+A dense or conv layer computes ``y = scale ⊙ (q_in(x) ∗ q_k(W)) + bias`` where ``q_in`` and
+``q_k`` are the named quantizers (None = identity), ``scale`` is XNOR-Net's per-output-channel
+α = mean|W| (present when ``scale`` is true) and convolutions first pad their (quantized) input
+with ``pad_value``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from model.errors import InvalidSpecError, UnknownLayerError
+from model.packing import packed_shape
+from model.quantizers import SIGN, binarizer_for, check_kernel_quantizer
+
+FORMAT_NAME = "bnnserve"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+FLOAT32 = "F32"
+UINT64 = "U64"
+
+_LAYER_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorExpectation:
+    """What the graph needs of one stored tensor. ``logical_shape`` is set for packed ±1 tensors."""
+
+    shape: Shape
+    dtype: str
+    logical_shape: Shape | None = None
+    packed_axis: int | None = None
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Base of every layer spec; ``kind`` is the JSON tag."""
+
+    kind: ClassVar[str] = ""
+    name: str
+
+    def output_shape(self, shape: Shape) -> Shape:
+        raise NotImplementedError
+
+    def tensors(self, shape: Shape) -> dict[str, TensorExpectation]:
+        """Tensors this layer needs, given its input shape, keyed by full tensor name."""
+        return {}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **_jsonable(asdict(self))}
+
+
+@dataclass(frozen=True)
+class Dense(Layer):
+    kind: ClassVar[str] = "dense"
+    in_features: int
+    out_features: int
+    input_quantizer: str | None = None
+    kernel_quantizer: str | None = None
+    bias: bool = True
+    scale: bool = False
+
+    def output_shape(self, shape: Shape) -> Shape:
+        _expect(len(shape) == 1, self, f"expects a flat input (features,), got {list(shape)}")
+        _expect(
+            shape[0] == self.in_features,
+            self,
+            f"in_features={self.in_features} but the previous layer gives {shape[0]}",
+        )
+        return (self.out_features,)
+
+    def tensors(self, shape: Shape) -> dict[str, TensorExpectation]:
+        logical = (self.out_features, self.in_features)
+        out = {f"{self.name}.weight": _weight(logical, self.kernel_quantizer)}
+        return out | _vectors(self.name, self.out_features, bias=self.bias, scale=self.scale)
+
+
+@dataclass(frozen=True)
+class Conv2d(Layer):
+    kind: ClassVar[str] = "conv2d"
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int] = (3, 3)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (1, 1)
+    pad_value: float = 1.0
+    input_quantizer: str | None = None
+    kernel_quantizer: str | None = None
+    bias: bool = True
+    scale: bool = False
+
+    def output_shape(self, shape: Shape) -> Shape:
+        _expect(len(shape) == 3, self, f"expects a (C, H, W) input, got {list(shape)}")
+        c, h, w = shape
+        _expect(c == self.in_channels, self, f"in_channels={self.in_channels} but input has {c}")
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        _expect(oh > 0 and ow > 0, self, f"kernel {kh}x{kw} does not fit input {h}x{w}")
+        return (self.out_channels, oh, ow)
+
+    def tensors(self, shape: Shape) -> dict[str, TensorExpectation]:
+        logical = (self.out_channels, self.in_channels, *self.kernel_size)
+        out = {f"{self.name}.weight": _weight(logical, self.kernel_quantizer)}
+        return out | _vectors(self.name, self.out_channels, bias=self.bias, scale=self.scale)
+
+
+@dataclass(frozen=True)
+class BatchNorm(Layer):
+    """Inference BatchNorm: y = (x − running_mean) / sqrt(running_var + eps) · weight + bias,
+    per channel (axis 0 of the per-instance shape)."""
+
+    kind: ClassVar[str] = "batchnorm"
+    num_features: int
+    eps: float = 1e-5
+
+    def output_shape(self, shape: Shape) -> Shape:
+        _expect(
+            len(shape) in (1, 3) and shape[0] == self.num_features,
+            self,
+            f"num_features={self.num_features} but input shape is {list(shape)}",
+        )
+        return shape
+
+    def tensors(self, shape: Shape) -> dict[str, TensorExpectation]:
+        stats = ("weight", "bias", "running_mean", "running_var")
+        return {f"{self.name}.{s}": TensorExpectation((self.num_features,), FLOAT32) for s in stats}
+
+
+@dataclass(frozen=True)
+class MaxPool2d(Layer):
+    kind: ClassVar[str] = "maxpool2d"
+    kernel_size: tuple[int, int] = (2, 2)
+    stride: tuple[int, int] = (2, 2)
+
+    def output_shape(self, shape: Shape) -> Shape:
+        _expect(len(shape) == 3, self, f"expects a (C, H, W) input, got {list(shape)}")
+        c, h, w = shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        _expect(h >= kh and w >= kw, self, f"window {kh}x{kw} does not fit input {h}x{w}")
+        return (c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+
+
+@dataclass(frozen=True)
+class Flatten(Layer):
+    kind: ClassVar[str] = "flatten"
+
+    def output_shape(self, shape: Shape) -> Shape:
+        size = 1
+        for dim in shape:
+            size *= dim
+        return (size,)
+
+
+LAYER_KINDS: dict[str, type[Layer]] = {
+    cls.kind: cls for cls in (Dense, Conv2d, BatchNorm, MaxPool2d, Flatten)
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model's input: per-instance shape, and the range of values it was trained on."""
+
+    name: str = "input"
+    shape: Shape = ()
+    datatype: str = "FP32"
+    value_range: tuple[float, float] | None = None
+    integer_valued: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything in an artifact except the tensors' bytes."""
+
+    name: str
+    architecture: str
+    input: InputSpec
+    labels: tuple[str, ...]
+    layers: tuple[Layer, ...]
+    output_name: str = "logits"
+    training: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def layer_shapes(self) -> list[tuple[Shape, Shape]]:
+        """(input shape, output shape) of each layer; InvalidSpecError on any mismatch."""
+        shapes, shape = [], tuple(self.input.shape)
+        for layer in self.layers:
+            out = layer.output_shape(shape)
+            shapes.append((shape, out))
+            shape = out
+        return shapes
+
+    def expected_tensors(self) -> dict[str, TensorExpectation]:
+        """Every tensor the graph needs, with its stored shape and dtype."""
+        expected: dict[str, TensorExpectation] = {}
+        for layer, (shape, _) in zip(self.layers, self.layer_shapes(), strict=True):
+            expected |= layer.tensors(shape)
+        return expected
+
+    def validate(self) -> None:
+        """Check names, quantizers, shapes and labels; raise a named error for the first problem."""
+        if not self.layers:
+            raise InvalidSpecError("the layer graph is empty; expected at least one layer")
+        seen: set[str] = set()
+        for layer in self.layers:
+            _expect(bool(_LAYER_NAME.match(layer.name)), layer, "name must match [A-Za-z0-9_]+")
+            _expect(layer.name not in seen, layer, "layer names must be unique")
+            seen.add(layer.name)
+            _check_quantizers(layer)
+        final = self.layer_shapes()[-1][1]
+        if final != (len(self.labels),):
+            raise InvalidSpecError(
+                f"the last layer gives shape {list(final)} but there are {len(self.labels)} "
+                f"labels; expected output shape [{len(self.labels)}]"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "name": self.name,
+            "architecture": self.architecture,
+            "input": _jsonable(asdict(self.input)),
+            "output": {"name": self.output_name, "datatype": "FP32", "shape": [len(self.labels)]},
+            "labels": list(self.labels),
+            "layers": [layer.to_json() for layer in self.layers],
+            "training": self.training,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ModelSpec:
+        """Parse and validate; every malformed field raises InvalidSpecError naming it."""
+        try:
+            spec = cls(
+                name=_typed(doc, "name", str),
+                architecture=_typed(doc, "architecture", str),
+                input=_input_from_json(_typed(doc, "input", dict)),
+                labels=tuple(str(label) for label in _typed(doc, "labels", list)),
+                layers=tuple(layer_from_json(item) for item in _typed(doc, "layers", list)),
+                output_name=_typed(doc.get("output", {}), "name", str, default="logits"),
+                training=_typed(doc, "training", dict, default={}),
+                provenance=_typed(doc, "provenance", dict, default={}),
+                format_version=_typed(doc, "format_version", int),
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidSpecError(f"malformed model spec: {exc}") from None
+        spec.validate()
+        return spec
+
+
+def layer_from_json(doc: Any) -> Layer:
+    """Build one layer spec from its JSON object; unknown kinds and fields are named errors."""
+    if not isinstance(doc, dict) or "kind" not in doc:
+        raise InvalidSpecError(f"a layer must be an object with a 'kind', got {doc!r:.80}")
+    kind = doc["kind"]
+    cls = LAYER_KINDS.get(kind)
+    if cls is None:
+        known = ", ".join(sorted(LAYER_KINDS))
+        raise UnknownLayerError(f"unknown layer kind {kind!r}; expected one of: {known}")
+    fields = {k: v for k, v in doc.items() if k != "kind"}
+    allowed = set(cls.__dataclass_fields__)
+    unexpected = sorted(set(fields) - allowed)
+    if unexpected:
+        raise InvalidSpecError(f"layer {doc.get('name')!r} ({kind}): unknown fields {unexpected}")
+    try:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        layer = cls(**fields)
+    except TypeError as exc:
+        raise InvalidSpecError(f"layer {doc.get('name')!r} ({kind}): {exc}") from None
+    _check_field_types(layer)
+    return layer
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _weight(logical: Shape, kernel_quantizer: str | None) -> TensorExpectation:
+    if kernel_quantizer is None:
+        return TensorExpectation(logical, FLOAT32)
+    return TensorExpectation(packed_shape(logical, 1), UINT64, logical_shape=logical, packed_axis=1)
+
+
+def _vectors(name: str, size: int, *, bias: bool, scale: bool) -> dict[str, TensorExpectation]:
+    out = {}
+    if bias:
+        out[f"{name}.bias"] = TensorExpectation((size,), FLOAT32)
+    if scale:
+        out[f"{name}.scale"] = TensorExpectation((size,), FLOAT32)
+    return out
+
+
+def _check_quantizers(layer: Layer) -> None:
+    for attr in ("input_quantizer", "kernel_quantizer"):
+        name = getattr(layer, attr, None)
+        if name is not None:
+            binarizer_for(name)
+    kernel = getattr(layer, "kernel_quantizer", None)
+    if kernel is not None:
+        check_kernel_quantizer(kernel, layer.name)
+    if isinstance(layer, Conv2d) and layer.input_quantizer is not None and any(layer.padding):
+        binarizer = binarizer_for(layer.input_quantizer)
+        allowed = (-1.0, 1.0) if binarizer is SIGN else (0.0, 1.0)
+        _expect(
+            layer.pad_value in allowed,
+            layer,
+            f"pad_value={layer.pad_value} is not a binary value of {layer.input_quantizer}; "
+            f"expected one of {list(allowed)}",
+        )
+
+
+def _check_field_types(layer: Layer) -> None:
+    for name, f in layer.__dataclass_fields__.items():
+        value = getattr(layer, name)
+        if name in ("input_quantizer", "kernel_quantizer"):
+            ok = value is None or isinstance(value, str)
+        elif f.type in ("int",):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        elif f.type == "tuple[int, int]":
+            ok = len(value) == 2 and all(isinstance(v, int) and v >= 0 for v in value)
+        elif f.type == "bool":
+            ok = isinstance(value, bool)
+        elif f.type == "float":
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        _expect(ok, layer, f"field {name!r} has invalid value {value!r} (expected {f.type})")
+    for name in ("kernel_size", "stride"):
+        if hasattr(layer, name):
+            _expect(all(getattr(layer, name)), layer, f"{name} must be positive")
+
+
+def _input_from_json(doc: dict[str, Any]) -> InputSpec:
+    shape = tuple(int(d) for d in _typed(doc, "shape", list))
+    if not shape or any(d <= 0 for d in shape):
+        raise InvalidSpecError(f"input shape must be positive dimensions, got {list(shape)}")
+    value_range = doc.get("value_range")
+    return InputSpec(
+        name=_typed(doc, "name", str, default="input"),
+        shape=shape,
+        datatype=_typed(doc, "datatype", str, default="FP32"),
+        value_range=None if value_range is None else (float(value_range[0]), float(value_range[1])),
+        integer_valued=bool(doc.get("integer_valued", False)),
+    )
+
+
+def _typed(doc: Any, key: str, kind: type, default: Any = ...) -> Any:
+    if not isinstance(doc, dict) or key not in doc:
+        if default is not ...:
+            return default
+        raise InvalidSpecError(f"model spec is missing the field {key!r}")
+    value = doc[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidSpecError(
+            f"model spec field {key!r} must be {kind.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _expect(condition: bool, layer: Layer, message: str) -> None:
+    if not condition:
+        raise InvalidSpecError(f"layer {layer.name!r} ({layer.kind}): {message}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
