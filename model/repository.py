@@ -215,7 +215,11 @@ def _rename_into_place(
 def _remove_stale_staging(model_dir: Path) -> None:
     cutoff = time.time() - STALE_STAGING_SECONDS
     for entry in model_dir.glob(f"{STAGING_PREFIX}*"):
-        if entry.stat().st_mtime < cutoff:
+        try:
+            stale = entry.stat().st_mtime < cutoff
+        except FileNotFoundError:  # another publisher renamed or removed it meanwhile
+            continue
+        if stale:
             shutil.rmtree(entry, ignore_errors=True)
 
 
