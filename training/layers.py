@@ -207,8 +207,9 @@ class BinaryConv2d(QuantizedLayer):
         scale: bool = False,
     ) -> None:
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding = _pair(padding, minimum=0)
+        self.kernel_size = _pair("kernel_size", kernel_size)
+        self.stride = _pair("stride", stride)
+        self.padding = _pair("padding", padding, minimum=0)
         self.pad_value = _check_pad_value(float(pad_value), input_quantizer, self.padding)
         super().__init__(
             (out_channels, in_channels, *self.kernel_size),
@@ -302,10 +303,12 @@ def _check_pad_value(pad_value: float, input_quantizer: str | None, padding: tup
     return pad_value
 
 
-def _pair(value: IntPair, minimum: int = 1) -> tuple[int, int]:
+def _pair(field: str, value: IntPair, minimum: int = 1) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or any(not isinstance(v, int) or v < minimum for v in pair):
-        raise ValueError(f"expected an int ≥ {minimum} or a pair of them, got {value!r}")
+        raise ValueError(
+            f"BinaryConv2d: {field} must be an int ≥ {minimum} or a pair of them, got {value!r}"
+        )
     return pair  # type: ignore[return-value]
 
 
