@@ -1,0 +1,70 @@
+"""``python -m service`` / ``bnn-serve``: validate the settings, then serve until SIGTERM.
+
+A bad setting prints one line naming it and exits with status 2. On SIGTERM (or Ctrl-C) the
+server stops accepting connections and reports not ready, lets in-flight requests finish (at
+most ``BNN_GRACEFUL_SHUTDOWN_S``), drains the batchers and exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.logs import configure_logging
+from service.settings import Settings, describe_validation_error
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, also flipping readiness to false the moment a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_stop) -> None:
+        super().__init__(config)
+        self._on_stop = on_stop
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_stop()
+        super().handle_exit(sig, frame)
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    # uvicorn re-raises the stop signal once it has shut down; a drained stop is a success.
+    sys.exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv if argv is not None else sys.argv[1:]:
+        print(
+            "bnn-serve takes no arguments; configure it with BNN_* environment variables "
+            "(see docs/api.md)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"bnn-serve: {describe_validation_error(exc)}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        lifespan="on",
+    )
+    server = GracefulServer(config, on_stop=lambda: setattr(app.state.dataplane, "draining", True))
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    server.run()
+    return 0 if server.started else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The protocol-agnostic data plane: find the model, check it is ready, validate the input
+against its spec, run it through the batcher, and derive the requested outputs.
+
+Routes of both protocols call into here with decoded :class:`~service.tensors.Tensor` objects
+and encode what comes back; nothing here knows about HTTP or JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from model.errors import BnnError, InvalidInputError
+from service.errors import ShuttingDownError, status_for
+from service.metrics import ServiceMetrics
+from service.registry import ModelRegistry, ServedModel
+from service.settings import Settings
+from service.tensors import Tensor, check_output_names, derive_outputs, output_signatures
+
+SERVER_NAME = "bnnserve"
+SERVER_VERSION = "0.1.0"
+PLATFORM = "bnnserve_packed"
+EXTENSIONS = ("binary_tensor_data", "model_repository")
+# Datatypes whose values convert to the engine's float32 input exactly enough to accept.
+ACCEPTED_INPUT_DATATYPES = (
+    "FP32", "FP16", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    model_name: str
+    model_version: str
+    outputs: list[Tensor]
+    labels: tuple[str, ...]
+
+
+class DataPlane:
+    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: ServiceMetrics):
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.draining = False  # set on SIGTERM: readiness false, in-flight work still finishes
+
+    # --- health and metadata -------------------------------------------------------------
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
+
+    def is_ready(self) -> bool:
+        return not self.draining and self.registry.is_ready()
+
+    async def model(self, name: str, version: int | None = None) -> ServedModel:
+        return await self.registry.get_or_load(name, version)
+
+    def model_metadata(self, served: ServedModel) -> dict[str, Any]:
+        spec = served.input_spec
+        classes = len(served.labels)
+        return {
+            "name": served.name,
+            "versions": [str(v) for v in self.registry.versions(served.name)],
+            "platform": PLATFORM,
+            "inputs": [{"name": spec.name, "datatype": spec.datatype, "shape": [-1, *spec.shape]}],
+            "outputs": [
+                {"name": name, "datatype": datatype, "shape": shape}
+                for name, datatype, shape in output_signatures(served.logits_name, classes)
+            ],
+            "parameters": {
+                "version": str(served.version),
+                "labels": list(served.labels),
+                "device": str(getattr(served.engine, "device", "")),
+                "backend": str(getattr(served.engine, "backend", "")),
+                "value_range": list(spec.value_range) if spec.value_range else None,
+                "accepted_input_datatypes": list(ACCEPTED_INPUT_DATATYPES),
+            },
+        }
+
+    def model_config(self, served: ServedModel) -> dict[str, Any]:
+        """Triton-style model configuration: limits and batching policy."""
+        settings = self.settings
+        metadata = self.model_metadata(served)
+        return {
+            "name": served.name,
+            "version": str(served.version),
+            "platform": PLATFORM,
+            "backend": metadata["parameters"]["backend"],
+            "max_batch_size": settings.max_batch_size,
+            "input": [
+                {"name": t["name"], "data_type": f"TYPE_{t['datatype']}", "dims": t["shape"][1:]}
+                for t in metadata["inputs"]
+            ],
+            "output": [
+                {"name": t["name"], "data_type": f"TYPE_{t['datatype']}", "dims": t["shape"][1:]}
+                for t in metadata["outputs"]
+            ],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": round(settings.max_queue_delay_ms * 1000),
+                "default_queue_policy": {
+                    "max_queue_size": settings.max_queue_size,
+                    "default_timeout_microseconds": round(settings.request_timeout_s * 1e6),
+                },
+            },
+            "parameters": {
+                "device": metadata["parameters"]["device"],
+                "labels": metadata["parameters"]["labels"],
+                "max_request_batch": settings.max_request_batch,
+            },
+        }
+
+    # --- repository ----------------------------------------------------------------------
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        return self.registry.index(ready_only)
+
+    async def load(self, name: str) -> ServedModel:
+        return await self.registry.load(name)
+
+    async def unload(self, name: str) -> None:
+        await self.registry.unload(name)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Each model with its published versions, the one serving by default, and states."""
+        by_name: dict[str, dict[str, Any]] = {}
+        for row in self.registry.index():
+            model = by_name.setdefault(
+                row["name"], {"name": row["name"], "versions": [], "serving_version": None}
+            )
+            model["versions"].append({k: row[k] for k in ("version", "state", "reason")})
+        for name, model in by_name.items():
+            with contextlib.suppress(BnnError):
+                model["serving_version"] = str(self.registry.get(name).version)
+        return list(by_name.values())
+
+    # --- inference -----------------------------------------------------------------------
+    async def infer(
+        self,
+        name: str,
+        version: int | None,
+        inputs: Sequence[Tensor],
+        outputs: Sequence[str] | None,
+        protocol: str,
+    ) -> InferenceResult:
+        """Validate ``inputs`` against the model, batch them, derive ``outputs`` (None = all)."""
+        started = time.perf_counter()
+        model_label, version_label, status = name, "", 500
+        try:
+            if self.draining:
+                raise ShuttingDownError("the server is shutting down")
+            # No suspension between finding the model and queueing on its batcher when the
+            # version is loaded, so a hot swap can never hand this request a retired batcher.
+            served = await self.registry.get_or_load(name, version)
+            version_label = str(served.version)
+            rows = conform_input(inputs, served.input_spec, self.settings.max_request_batch)
+            check_output_names(outputs, served.logits_name)
+            logits = await served.batcher.submit(rows)  # (n, classes) float32
+            tensors = derive_outputs(outputs, logits, served.labels, served.logits_name)
+            status = 200
+            self.metrics.inference_latency.labels(name, version_label).observe(
+                time.perf_counter() - started
+            )
+            return InferenceResult(served.name, version_label, tensors, served.labels)
+        except Exception as exc:
+            status = status_for(exc)
+            if status == 404:
+                model_label = "<unknown>"  # do not let arbitrary names create series
+            raise
+        finally:
+            self.metrics.inference_requests.labels(
+                model_label, version_label, protocol, str(status)
+            ).inc()
+
+
+def conform_input(inputs: Sequence[Tensor], spec: Any, max_rows: int) -> np.ndarray:
+    """The one input tensor as float32 (batch, *spec.shape), or InvalidInputError naming what is
+    wrong: the name, the shape (per instance, or flattened), the datatype, the batch size, or
+    NaN/infinity in an instance."""
+    expected_shape = [-1, *spec.shape]
+    if len(inputs) != 1:
+        names = [tensor.name for tensor in inputs]
+        raise InvalidInputError(f"expected exactly one input {spec.name!r}, got {names}")
+    tensor = inputs[0]
+    if tensor.name is not None and tensor.name != spec.name:
+        raise InvalidInputError(
+            f"unknown input {tensor.name!r}; this model's input is {spec.name!r}"
+        )
+    if tensor.datatype not in ACCEPTED_INPUT_DATATYPES:
+        raise InvalidInputError(
+            f"input {spec.name!r}: expected datatype {spec.datatype} (or another numeric type: "
+            f"{', '.join(ACCEPTED_INPUT_DATATYPES)}), got {tensor.datatype}"
+        )
+    shape = tensor.array.shape
+    per_instance = math.prod(spec.shape)
+    if len(shape) < 2 or (
+        tuple(shape[1:]) != tuple(spec.shape) and math.prod(shape[1:]) != per_instance
+    ):
+        raise InvalidInputError(
+            f"input {spec.name!r}: expected shape {expected_shape} (or [-1, {per_instance}]), "
+            f"got {list(shape)}"
+        )
+    batch = shape[0]
+    if batch == 0:
+        raise InvalidInputError(f"input {spec.name!r}: the batch is empty (shape {list(shape)})")
+    if batch > max_rows:
+        raise InvalidInputError(
+            f"input {spec.name!r}: batch of {batch} instances exceeds the limit of {max_rows} "
+            "(BNN_MAX_REQUEST_BATCH)"
+        )
+    rows = tensor.array.reshape(batch, *spec.shape).astype(np.float32, copy=False)
+    finite = np.isfinite(rows.reshape(batch, -1)).all(axis=1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        raise InvalidInputError(f"input {spec.name!r}: instance {row} contains NaN or infinity")
+    return rows

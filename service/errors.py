@@ -1,0 +1,184 @@
+"""The service's own errors, and the one table that maps every domain error to an HTTP status.
+
+Routes and the data plane raise domain errors (these, or those of :mod:`model.errors`); the
+handlers installed by :func:`install_error_handlers` turn them into ``{"error": "..."}`` with the
+status from :data:`STATUS_BY_ERROR`. Anything not in the table is a bug: 500, logged with its
+traceback, and the body names only the request id.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.errors import (
+    ArtifactError,
+    BnnError,
+    DeviceUnavailableError,
+    InvalidInputError,
+    InvalidModelNameError,
+    ManifestError,
+    ModelNotFoundError,
+)
+
+log = logging.getLogger("service.errors")
+
+
+class ServiceError(BnnError):
+    """Base class of the errors the serving layer raises itself."""
+
+
+class BadRequestError(ServiceError):
+    """The request body or its framing is malformed (bad JSON, missing field, bad header)."""
+
+
+class UnauthorizedError(ServiceError):
+    """The API key is missing or wrong."""
+
+
+class PayloadTooLargeError(ServiceError):
+    """The request body exceeds BNN_MAX_BODY_BYTES."""
+
+
+class ModelNotReadyError(ServiceError):
+    """The model exists but is loading, unloaded or failed to load."""
+
+    retry_after_s = 1
+
+
+class ModelLoadError(ServiceError):
+    """An explicit load was refused: the version is corrupt or invalid (the old one keeps serving)."""
+
+
+class OverloadedError(ServiceError):
+    """The model's queue is full; the client should retry after ``retry_after_s``."""
+
+    retry_after_s = 1
+
+
+class RequestTimeoutError(ServiceError):
+    """The request did not finish within BNN_REQUEST_TIMEOUT_S."""
+
+
+class ShuttingDownError(ServiceError):
+    """The server is draining after SIGTERM and takes no new inference work."""
+
+    retry_after_s = 1
+
+
+# The one table. Lookup walks the exception's MRO, so subclasses inherit their parent's status.
+STATUS_BY_ERROR: dict[type[BaseException], int] = {
+    BadRequestError: 400,
+    InvalidInputError: 400,
+    InvalidModelNameError: 400,
+    ModelLoadError: 400,
+    UnauthorizedError: 401,
+    ModelNotFoundError: 404,
+    PayloadTooLargeError: 413,
+    ModelNotReadyError: 503,
+    OverloadedError: 503,
+    ShuttingDownError: 503,
+    # A version that cannot be loaded makes its model unavailable, not the request wrong.
+    ArtifactError: 503,
+    ManifestError: 503,
+    DeviceUnavailableError: 503,
+    RequestTimeoutError: 504,
+}
+
+
+def status_for(exc: BaseException) -> int:
+    """The HTTP status of ``exc`` from the table; 500 for anything unexpected."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+def error_headers(exc: BaseException) -> dict[str, str]:
+    """Extra response headers an error calls for (Retry-After, WWW-Authenticate)."""
+    headers = {}
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if isinstance(exc, UnauthorizedError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
+
+
+def error_response(exc: BaseException, request_id: str | None = None) -> JSONResponse:
+    """``{"error": "..."}`` with the table's status; a bug's message is not leaked."""
+    status = status_for(exc)
+    if status == 500:
+        message = (
+            f"internal server error (request id {request_id})"
+            if request_id
+            else ("internal server error")
+        )
+    else:
+        message = str(exc) or type(exc).__name__
+    return JSONResponse({"error": message}, status_code=status, headers=error_headers(exc))
+
+
+# Statuses of the documented error bodies, for the OpenAPI schema of each route.
+ERROR_DESCRIPTIONS = {
+    400: "Bad input: malformed body, wrong tensor name, shape, datatype, NaN or infinity",
+    401: "Missing or wrong API key (only when BNN_API_KEY is set)",
+    404: "Unknown model or version",
+    413: "Request body larger than BNN_MAX_BODY_BYTES",
+    503: "Model not ready, server draining, or queue full (with Retry-After)",
+    504: "Request exceeded BNN_REQUEST_TIMEOUT_S",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` entries documenting the ``{"error": "..."}`` body."""
+    schema = {
+        "type": "object",
+        "properties": {"error": {"type": "string"}},
+        "required": ["error"],
+    }
+    return {
+        status: {
+            "description": ERROR_DESCRIPTIONS[status],
+            "content": {"application/json": {"schema": schema}},
+        }
+        for status in statuses
+    }
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error through the table so that each body is ``{"error": "..."}``."""
+
+    async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", None)
+        if status_for(exc) == 500:
+            log.exception("unhandled error", exc_info=exc)
+        return error_response(exc, request_id)
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": describe_request_errors(exc.errors())}, status_code=400)
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    app.add_exception_handler(Exception, domain_error)
+    app.add_exception_handler(BnnError, domain_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def describe_request_errors(errors: list[dict]) -> str:
+    """pydantic's error list as one line: ``inputs.0.shape: Field required; ...``."""
+    parts = []
+    for error in errors[:5]:
+        location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        parts.append(f"{location}: {error.get('msg')}" if location else str(error.get("msg")))
+    if len(errors) > 5:
+        parts.append(f"... and {len(errors) - 5} more")
+    return "; ".join(parts)

@@ -1,0 +1,118 @@
+"""Pure ASGI middleware: request context (id, access log, HTTP metrics, last-resort 500) and the
+request body limit. Pure ASGI rather than ``BaseHTTPMiddleware``: no extra task per request, and
+the body is never buffered here."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import PayloadTooLargeError, error_response
+from service.logs import request_id_from, request_id_var
+from service.metrics import ServiceMetrics
+
+access_log = logging.getLogger("service.access")
+log = logging.getLogger("service.errors")
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (``X-Request-ID`` in, echoed out), logs one access line, counts
+    it by route template and status, and turns an unexpected exception into a logged 500."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, access_log_enabled: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log_enabled = access_log_enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_from(_header(scope, b"x-request-id"))
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not response_started:
+                await error_response(exc, request_id)(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "<unmatched>")
+            self.metrics.http_requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.http_latency.labels(route).observe(elapsed)
+            if self.access_log_enabled:
+                access_log.info(
+                    "%s %s %d",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    extra={"status": status, "duration_ms": round(elapsed * 1000, 3)},
+                )
+            request_id_var.reset(token)
+
+
+class BodySizeLimitMiddleware:
+    """413 for bodies over ``max_body_bytes``: at once from Content-Length, or as soon as a
+    chunked body's running total passes the limit — never reading more than that."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._reject(int(declared), scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise PayloadTooLargeError(self._message(f"more than {self.max_body_bytes}"))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _reject(self, size: int, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(PayloadTooLargeError(self._message(str(size))))
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+    def _message(self, size: str) -> str:
+        return (
+            f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes "
+            "(BNN_MAX_BODY_BYTES)"
+        )
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None

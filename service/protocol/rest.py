@@ -1,0 +1,65 @@
+"""The simple REST protocol for people: ``{"instances": [...]}`` in, ``{"predictions": [...]}`` out.
+
+Each instance is one input: nested in the model's per-instance shape (e.g. 8×8) or flat.
+Each prediction is ``{"label", "class_index", "probabilities": {label: p, ...}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from service.errors import BadRequestError, describe_request_errors
+from service.protocol.codec import array_from_json
+from service.tensors import Tensor
+
+OUTPUTS = ("label", "predicted_class", "probabilities")
+
+
+class PredictRequest(BaseModel):
+    """``{"instances": [instance, ...]}``, each instance a nested or flat list of numbers."""
+
+    instances: list[Any] = Field(min_length=1)
+
+
+class Prediction(BaseModel):
+    label: str
+    class_index: int
+    probabilities: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    model_name: str
+    model_version: str
+    predictions: list[Prediction]
+
+
+def decode_predict_request(body: bytes) -> Tensor:
+    """The instances as one FP64 tensor (batch, ...); the model's input takes it by position."""
+    try:
+        request = PredictRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise BadRequestError(
+            f"malformed predict request: {describe_request_errors(exc.errors())}"
+        ) from None
+    return Tensor(None, "FP64", array_from_json(request.instances, "FP64", "instances"))
+
+
+def encode_predictions(
+    model_name: str, model_version: str, outputs: list[Tensor], labels: tuple[str, ...]
+) -> dict[str, Any]:
+    by_name = {tensor.name: tensor.array for tensor in outputs}
+    probabilities: np.ndarray = by_name["probabilities"]
+    predictions = [
+        {
+            "label": label.decode(),
+            "class_index": int(index),
+            "probabilities": dict(zip(labels, row.tolist(), strict=True)),
+        }
+        for label, index, row in zip(
+            by_name["label"], by_name["predicted_class"], probabilities, strict=True
+        )
+    ]
+    return {"model_name": model_name, "model_version": model_version, "predictions": predictions}

@@ -1,0 +1,1 @@
+"""HTTP routes, one router per resource; each only decodes, calls the data plane, encodes."""

@@ -1,0 +1,55 @@
+"""Open Inference Protocol model repository extension: index, load, unload.
+
+POST /v2/repository/index                  {"ready": bool}? → [{"name", "version", "state", "reason"}]
+POST /v2/repository/models/{name}/load     → 200 once the newest version serves
+POST /v2/repository/models/{name}/unload   → 200; queued requests still finish
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+
+from service.auth import ApiKey
+from service.dependencies import DataPlaneDep
+from service.errors import BadRequestError, describe_request_errors, error_responses
+from service.openapi import raw_body
+from service.protocol.v2 import RepositoryIndexEntry, RepositoryIndexRequest
+
+router = APIRouter(prefix="/v2/repository", tags=["v2 repository"])
+
+
+@router.post(
+    "/index",
+    response_model=list[RepositoryIndexEntry],
+    responses=error_responses(400, 401),
+    openapi_extra=raw_body(RepositoryIndexRequest, required=False),
+    summary="Every model version in the repository, with state and reason",
+)
+async def repository_index(request: Request, dataplane: DataPlaneDep, _: ApiKey) -> list[dict]:
+    body = await request.body()
+    try:
+        query = RepositoryIndexRequest.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        raise BadRequestError(describe_request_errors(exc.errors())) from None
+    return dataplane.repository_index(ready_only=query.ready)
+
+
+@router.post(
+    "/models/{name}/load",
+    responses=error_responses(400, 401, 404),
+    summary="Load (or retry) the newest version; the old one serves until the switch",
+)
+async def load_model(name: str, dataplane: DataPlaneDep, _: ApiKey) -> dict:
+    served = await dataplane.load(name)
+    return {"name": served.name, "version": str(served.version), "state": "READY"}
+
+
+@router.post(
+    "/models/{name}/unload",
+    responses=error_responses(400, 401, 404),
+    summary="Stop serving every version of a model",
+)
+async def unload_model(name: str, dataplane: DataPlaneDep, _: ApiKey) -> dict:
+    await dataplane.unload(name)
+    return {"name": name, "state": "UNAVAILABLE"}

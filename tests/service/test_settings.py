@@ -1,0 +1,102 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.__main__ import main
+from service.settings import Settings, describe_validation_error
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def settings_from(monkeypatch, **env) -> Settings:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Settings(_env_file=None)
+
+
+def test_defaults_serve_the_whole_repo_on_port_8000(monkeypatch):
+    for key in list(__import__("os").environ):
+        if key.startswith("BNN_"):
+            monkeypatch.delenv(key)
+    settings = Settings(_env_file=None)
+    assert (settings.host, settings.port, settings.device) == ("0.0.0.0", 8000, "auto")
+    assert settings.model_repo == Path("models")
+    assert settings.models == ()
+    assert settings.api_key is None
+
+
+def test_environment_values_are_parsed_and_normalised(monkeypatch):
+    settings = settings_from(
+        monkeypatch,
+        BNN_PORT="9001",
+        BNN_MODELS="digits-mlp, digits-cnn",
+        BNN_DEVICE="CUDA:1",
+        BNN_LOG_LEVEL="DEBUG",
+        BNN_API_KEY="s3cret",
+        BNN_MAX_QUEUE_DELAY_MS="2.5",
+    )
+    assert settings.port == 9001
+    assert settings.models == ("digits-mlp", "digits-cnn")
+    assert settings.device == "cuda:1"
+    assert settings.log_level == "debug"
+    assert settings.api_key.get_secret_value() == "s3cret"
+    assert settings.max_queue_delay_s == pytest.approx(0.0025)
+
+
+def test_empty_api_key_means_no_key(monkeypatch):
+    assert settings_from(monkeypatch, BNN_API_KEY="  ").api_key is None
+
+
+def test_dotenv_file_is_read(tmp_path):
+    env = tmp_path / ".env"
+    env.write_text("BNN_PORT=8123\nBNN_MAX_BATCH_SIZE=7\n")
+    settings = Settings(_env_file=env)
+    assert (settings.port, settings.max_batch_size) == (8123, 7)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("BNN_PORT", "eighty", "BNN_PORT='eighty': Input should be a valid integer"),
+        ("BNN_PORT", "70000", "BNN_PORT='70000': Input should be less than or equal to 65535"),
+        ("BNN_DEVICE", "tpu", "BNN_DEVICE='tpu': expected auto, cpu, cuda or cuda:N"),
+        ("BNN_MAX_BATCH_SIZE", "0", "BNN_MAX_BATCH_SIZE='0': Input should be greater than"),
+        ("BNN_MODELS", "ok,../etc", "BNN_MODELS='ok,../etc': invalid model name '../etc'"),
+        ("BNN_LOG_LEVEL", "loud", "BNN_LOG_LEVEL='loud': Input should be 'debug'"),
+        ("BNN_REQUEST_TIMEOUT_S", "-1", "BNN_REQUEST_TIMEOUT_S='-1': Input should be greater"),
+    ],
+)
+def test_bad_values_are_named_in_one_line(monkeypatch, key, value, fragment):
+    monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError) as info:
+        Settings(_env_file=None)
+    message = describe_validation_error(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_main_exits_2_with_one_line_on_a_bad_value(monkeypatch, capsys):
+    monkeypatch.setenv("BNN_MAX_QUEUE_SIZE", "lots")
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "BNN_MAX_QUEUE_SIZE='lots'" in err
+
+
+def test_python_dash_m_service_exits_2_on_a_bad_value():
+    result = subprocess.run(
+        [sys.executable, "-m", "service"],
+        env={"BNN_PORT": "not-a-port", "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "bnn-serve: invalid setting BNN_PORT='not-a-port': Input should be a valid integer, "
+        "unable to parse string as an integer"
+    ]
