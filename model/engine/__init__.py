@@ -1,0 +1,210 @@
+"""The inference engine: load an artifact, compile it, predict.
+
+::
+
+    from model import load_model
+    m = load_model("models/digits-mlp/1/model.safetensors", device="cpu")
+    logits = m.predict(x)          # x: (batch, *input.shape) or (batch, prod(input.shape))
+
+``device``: "cpu" (numba kernels, no torch), "cuda" / "cuda:N" (the torch backend), or "auto"
+(CUDA when torch is importable and a GPU is present, else "cpu"). ``backend``: "auto",
+"numba" (CPU only) or "torch" (any torch device; with ``device="cpu"`` it runs the torch
+backend on the CPU, which is how CI tests it). Only :mod:`model.engine.torch_backend` imports
+torch, and only when that backend is chosen (or "auto" finds a GPU driver).
+
+Loading compiles the graph once (:mod:`model.engine.program`): BatchNorm + binarizer pairs fold
+into integer thresholds, weights stay packed at 1 bit each. ``predict`` is thread-safe.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from model.artifact import ARTIFACT_FILENAME, read_artifact
+from model.engine.program import Program, compile_program
+from model.errors import DeviceUnavailableError, InvalidInputError
+from model.spec import InputSpec, ModelSpec
+
+__all__ = ["BACKENDS", "CompiledModel", "Executor", "load_model", "resolve_device"]
+
+BACKENDS = ("auto", "numba", "torch")
+
+
+class Executor(Protocol):
+    name: str
+
+    @property
+    def memory_bytes(self) -> int: ...
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class CompiledModel:
+    """A loaded, compiled model: ``predict(x) -> logits`` plus its specification."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        program: Program,
+        executor: Executor,
+        device: str,
+        load_seconds: float,
+    ) -> None:
+        self.spec = spec
+        self.program = program
+        self._executor = executor
+        self.device = device
+        self.load_seconds = load_seconds
+        self.warmup_seconds = 0.0
+        self._flat_features = math.prod(spec.input.shape)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.spec.labels
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.spec.input
+
+    @property
+    def backend(self) -> str:
+        return self._executor.name
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the compiled model's arrays (packed weights, thresholds, masks)."""
+        return self._executor.memory_bytes
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Logits, float32 (batch, classes). InvalidInputError for a wrong shape or dtype, NaN
+        or infinity."""
+        batch = self.check_input(x)
+        if batch.shape[0] == 0:
+            return np.zeros((0, len(self.labels)), np.float32)
+        return self._executor.run(batch)
+
+    def check_input(self, x: Any) -> np.ndarray:
+        """Validate ``x`` and return it as float32 (batch, *input.shape)."""
+        name, shape = self.spec.input.name, tuple(self.spec.input.shape)
+        expected = f"[-1, {', '.join(map(str, shape))}]"
+        if len(shape) > 1:
+            expected += f" or [-1, {self._flat_features}]"
+        if not isinstance(x, np.ndarray):
+            raise InvalidInputError(
+                f"input {name!r}: expected a numpy array, got {type(x).__name__}"
+            )
+        if x.dtype.kind not in "biuf":
+            raise InvalidInputError(
+                f"input {name!r}: expected a real numeric dtype (bool, int, uint, float), "
+                f"got {x.dtype}"
+            )
+        if x.ndim == 1 + len(shape) and tuple(x.shape[1:]) == shape:
+            batch = x
+        elif x.ndim == 2 and x.shape[1] == self._flat_features:
+            batch = x.reshape(x.shape[0], *shape)
+        else:
+            raise InvalidInputError(
+                f"input {name!r}: expected shape {expected}, got {list(x.shape)}"
+            )
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if x.dtype.kind == "f":
+            finite = np.isfinite(batch)
+            if not finite.all():
+                bad = batch[~finite][0]
+                where = np.argwhere(~finite)[0].tolist()
+                raise InvalidInputError(
+                    f"input {name!r}: values must be finite, got {bad} at index {where}"
+                    + (" (out of float32 range)" if np.isfinite(x[tuple(where)]) else "")
+                )
+        return batch
+
+    def warmup(self, batch_sizes: Iterable[int] = (1, 64)) -> float:
+        """Compile (or load cached) kernels and run each batch size once; returns seconds."""
+        start = time.perf_counter()
+        rng = np.random.default_rng(0)
+        low, high = self.spec.input.value_range or (0.0, 1.0)
+        for size in batch_sizes:
+            shape = (int(size), *self.spec.input.shape)
+            if self.spec.input.integer_valued:
+                x = rng.integers(int(low), int(high) + 1, size=shape).astype(np.float32)
+            else:
+                x = rng.uniform(low, high, size=shape).astype(np.float32)
+            self.predict(x)
+        self.warmup_seconds = time.perf_counter() - start
+        return self.warmup_seconds
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledModel({self.spec.name!r}, device={self.device!r}, "
+            f"backend={self.backend!r}, memory_bytes={self.memory_bytes})"
+        )
+
+
+def load_model(
+    path: str | os.PathLike[str], device: str = "cpu", backend: str = "auto"
+) -> CompiledModel:
+    """Read an artifact (a file, or a version directory holding ``model.safetensors``), compile
+    it for ``device`` and return the :class:`CompiledModel`."""
+    start = time.perf_counter()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    resolved = resolve_device(device, backend)
+    path = Path(path)
+    if path.is_dir():
+        path = path / ARTIFACT_FILENAME
+    artifact = read_artifact(path)
+    program = compile_program(artifact.spec, artifact.tensors)
+    if resolved == "cpu" and backend in ("auto", "numba"):
+        from model.engine.cpu import NumbaExecutor
+
+        executor: Executor = NumbaExecutor(program)
+    else:
+        from model.engine.torch_backend import TorchExecutor
+
+        executor = TorchExecutor(program, resolved)
+    return CompiledModel(artifact.spec, program, executor, resolved, time.perf_counter() - start)
+
+
+def resolve_device(device: str, backend: str = "auto") -> str:
+    """ "cpu", "cuda", "cuda:N" or "auto" → the device string the model runs on."""
+    if device == "auto":
+        if backend != "numba" and _gpu_driver_present() and _torch_importable():
+            from model.engine.torch_backend import cuda_device
+
+            try:
+                return cuda_device("cuda")
+            except DeviceUnavailableError:
+                pass
+        return "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if backend == "numba":
+            raise ValueError(
+                f"backend 'numba' runs on the CPU only; device {device!r} needs 'torch'"
+            )
+        if not _torch_importable():
+            raise DeviceUnavailableError(
+                f"device {device!r} needs torch, which is not installed; use device='cpu'"
+            )
+        from model.engine.torch_backend import cuda_device
+
+        return cuda_device(device)
+    raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+
+
+def _torch_importable() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def _gpu_driver_present() -> bool:
+    """A cheap check that avoids importing torch on machines without an NVIDIA driver."""
+    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/nvidia0")

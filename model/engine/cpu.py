@@ -1,0 +1,260 @@
+"""The numba CPU backend: runs a :class:`~model.engine.program.Program` on numpy arrays.
+
+Binary layers go through the packed kernels of :mod:`model.engine.kernels`; real-valued layers
+(the full-precision first convolution and output layer) through numpy's BLAS with float64
+accumulation. Every call allocates its own buffers, so concurrent calls share nothing mutable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from model.engine import kernels
+from model.engine.floatmath import F32, F64, affine_f32, fma_f32
+from model.engine.program import (
+    MAX_PLANE_VALUE,
+    BinaryConv,
+    BinaryDense,
+    Bits,
+    Decide,
+    FloatConv,
+    FloatDense,
+    Op,
+    PlanesDense,
+    Program,
+    Quantize,
+    RealBatchNorm,
+    RealFlatten,
+    RealMaxPool,
+    ToReal,
+    Unpack,
+)
+from model.engine.runtime import kernel_guard
+from model.packing import unpack_signs, words_for
+
+ROW_CHUNK = 64
+# Rows of a packed weight matrix unpacked at once on the float path (bounded scratch memory).
+UNPACK_TILE_ROWS = 512
+
+
+class NumbaExecutor:
+    """Executes a program with numba kernels; ``run`` is safe to call from several threads."""
+
+    name = "numba"
+
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        self._handlers = {
+            BinaryDense: self._binary_dense,
+            BinaryConv: self._binary_conv,
+            PlanesDense: self._planes_dense,
+            FloatDense: self._float_dense,
+            FloatConv: self._float_conv,
+            Quantize: self._quantize,
+            Unpack: self._unpack,
+            RealBatchNorm: self._batchnorm,
+            RealMaxPool: self._maxpool,
+            RealFlatten: self._flatten,
+        }
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.program.arrays_bytes
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """x: float32 (batch, *input_shape) → logits float32 (batch, classes)."""
+        value = x
+        with kernel_guard():
+            for op in self.program.ops:
+                value = self._handlers[type(op)](op, value)
+        return np.ascontiguousarray(value, dtype=F32)
+
+    # --- binary layers ----------------------------------------------------------------------------
+    def _binary_dense(self, op: BinaryDense, words: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(words.reshape(words.shape[0], -1))
+        return self._binary_rows(op, a, op.features)
+
+    def _binary_conv(self, op: BinaryConv, words: np.ndarray) -> np.ndarray:
+        n = words.shape[0]
+        (kh, kw), (sh, sw), (ph, pw) = op.kernel, op.stride, op.padding
+        oh, ow = op.out_hw
+        patches = np.empty((n * oh * ow, op.weight.shape[1]), np.uint64)
+        kernels.im2col_bits(words, kh, kw, sh, sw, ph, pw, op.pad_words, patches)
+        out = self._binary_rows(op, patches, op.features)
+        if isinstance(op.epilogue, ToReal):
+            return out.reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
+        return self._pools(op.epilogue, out.reshape(n, oh, ow, -1))
+
+    def _binary_rows(self, op: BinaryDense | BinaryConv, a: np.ndarray, k: int) -> np.ndarray:
+        ep = op.epilogue
+        if isinstance(ep, Decide):
+            out = np.empty((a.shape[0], words_for(op.weight.shape[0])), np.uint64)
+            kernels.dense_threshold_pack(a, op.weight, ep.cut, ep.invert, out, ROW_CHUNK)
+            return out
+        p = np.empty((a.shape[0], op.weight.shape[0]), np.int32)
+        kernels.xor_popcount_gemm(a, op.weight, p)
+        acc = k - 2 * p.astype(np.int64) if op.input.binarizer.kind == "sign" else p - op.pcw
+        return _to_real(ep, acc.astype(F32))
+
+    def _planes_dense(self, op: PlanesDense, x: np.ndarray) -> np.ndarray:
+        x = x.reshape(x.shape[0], -1)
+        planes = integer_bit_planes(x)
+        ep = op.epilogue
+        if planes is None:  # not integers in range: exact-as-possible float path
+            raw = _packed_matmul(x, op.weight, op.features).astype(F32)
+            return _decide_or_real(ep, raw)
+        if isinstance(ep, Decide):
+            out = np.empty((x.shape[0], words_for(op.weight.shape[0])), np.uint64)
+            kernels.planes_dense_threshold_pack(planes, op.weight, op.pcw, ep.cut, ep.invert, out)
+            return out
+        acc = np.empty((x.shape[0], op.weight.shape[0]), np.int64)
+        kernels.planes_dense_acc(planes, op.weight, op.pcw, acc)
+        return _to_real(ep, acc.astype(F32))
+
+    # --- real-valued layers -----------------------------------------------------------------------
+    def _float_dense(self, op: FloatDense, x: np.ndarray) -> np.ndarray:
+        x = x.reshape(x.shape[0], -1)
+        if op.weight.dtype == np.uint64:
+            raw64 = _packed_matmul(x, op.weight, op.features)
+        else:
+            raw64 = x.astype(F64) @ op.weight.astype(F64).T
+        if op.bias_in_raw is not None:
+            raw64 += op.bias_in_raw
+        return _decide_or_real(op.epilogue, raw64.astype(F32))
+
+    def _float_conv(self, op: FloatConv, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        oh, ow = op.out_hw
+        cols = real_im2col(x, op.kernel, op.stride, op.padding, op.pad_value)
+        if op.weight.dtype == np.uint64:
+            c = op.in_shape[0]
+            signs = unpack_signs(op.weight, c, axis=1, dtype=F64)  # (O, C, kh, kw), transient
+            w = signs.transpose(0, 2, 3, 1).reshape(signs.shape[0], -1)
+        else:
+            w = op.weight.astype(F64)
+        raw64 = cols @ w.T  # (N·OH·OW, O)
+        if op.bias_in_raw is not None:
+            raw64 += op.bias_in_raw
+        raw = raw64.astype(F32)
+        ep = op.epilogue
+        if isinstance(ep, ToReal):
+            return _to_real(ep, raw).reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
+        return self._pools(ep, _threshold_rows(ep, raw).reshape(n, oh, ow, -1))
+
+    def _quantize(self, op: Quantize, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 4:
+            n, c, h, w = x.shape
+            rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(n * h * w, c)
+            return _threshold_rows(op.decide, rows).reshape(n, h, w, -1)
+        return _threshold_rows(op.decide, x.reshape(x.shape[0], -1))
+
+    def _unpack(self, op: Unpack, words: np.ndarray) -> np.ndarray:
+        return unpack_bits(words, op.input)
+
+    def _batchnorm(self, op: RealBatchNorm, x: np.ndarray) -> np.ndarray:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return fma_f32(x, op.alpha.reshape(shape), op.beta.reshape(shape))
+
+    def _maxpool(self, op: RealMaxPool, x: np.ndarray) -> np.ndarray:
+        return real_maxpool(x, op.kernel, op.stride)
+
+    def _flatten(self, op: RealFlatten, x: np.ndarray) -> np.ndarray:
+        return x.reshape(x.shape[0], -1)
+
+    def _pools(self, ep: Decide, bits: np.ndarray) -> np.ndarray:
+        for pool in ep.pools:
+            n, h, w, wc = bits.shape
+            (kh, kw), (sh, sw) = pool.kernel, pool.stride
+            out = np.empty((n, (h - kh) // sh + 1, (w - kw) // sw + 1, wc), np.uint64)
+            kernels.pool_bits(bits, kh, kw, sh, sw, pool.and_words, out)
+            bits = out
+        return bits
+
+
+# --- shared helpers (also used by tests as references) --------------------------------------------
+def integer_bit_planes(x: np.ndarray) -> np.ndarray | None:
+    """(M, F) values → (M, B, ⌈F/64⌉) uint64 bit-planes, or None unless every value is an
+    integer in [0, MAX_PLANE_VALUE]. B = bit length of the largest value (at least 1)."""
+    if x.size == 0:
+        return np.zeros((x.shape[0], 1, words_for(x.shape[1])), np.uint64)
+    low, high = x.min(), x.max()
+    if low < 0 or high > MAX_PLANE_VALUE or not np.array_equal(x, np.floor(x)):
+        return None
+    values = x.astype(np.uint16)
+    n_planes = max(1, int(high).bit_length())
+    m, f = values.shape
+    width = words_for(f) * 64
+    bits = np.zeros((m, n_planes, width), np.uint8)
+    for b in range(n_planes):
+        bits[:, b, :f] = (values >> b) & 1
+    packed = np.packbits(bits, axis=-1, bitorder="little")
+    return np.ascontiguousarray(packed).view(np.uint64).reshape(m, n_planes, -1)
+
+
+def unpack_bits(words: np.ndarray, bits: Bits) -> np.ndarray:
+    """Packed decisions → float32 values (±1 for sign, {0, 1} for step) in the spec's layout."""
+    n = words.shape[0]
+    if bits.layout == "flat":
+        as_bytes = np.ascontiguousarray(words).view(np.uint8).reshape(n, -1)
+        b = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, : bits.features]
+    else:
+        c, h, w = bits.shape
+        grid = np.ascontiguousarray(words).reshape(n, h, w, -1).view(np.uint8)
+        b = np.unpackbits(grid, axis=-1, bitorder="little")[..., :c].transpose(0, 3, 1, 2)
+        if bits.layout == "hwc":
+            b = b.reshape(n, -1)
+    values = b.astype(F32)
+    return 1 - 2 * values if bits.binarizer.kind == "sign" else values
+
+
+def real_im2col(
+    x: np.ndarray,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    pad_value: float,
+) -> np.ndarray:
+    """(N, C, H, W) → (N·OH·OW, kh·kw·C) float64 patches in (dy, dx, c) order."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    padded = np.full((n, h + 2 * ph, w + 2 * pw, c), pad_value, F64)
+    padded[:, ph : ph + h, pw : pw + w, :] = x.transpose(0, 2, 3, 1)
+    windows = sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
+    # (N, OH, OW, C, kh, kw) → (N, OH, OW, kh, kw, C)
+    return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3)).reshape(-1, kh * kw * c)
+
+
+def real_maxpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
+    windows = sliding_window_view(x, kernel, axis=(2, 3))[:, :, :: stride[0], :: stride[1]]
+    return windows.max(axis=(-2, -1))
+
+
+def _packed_matmul(x: np.ndarray, weight: np.ndarray, features: int) -> np.ndarray:
+    """x (M, F) · unpack(weight)ᵀ in float64, unpacking UNPACK_TILE_ROWS weight rows at a time."""
+    x64 = x.astype(F64)
+    out = np.empty((x.shape[0], weight.shape[0]), F64)
+    for r in range(0, weight.shape[0], UNPACK_TILE_ROWS):
+        tile = unpack_signs(weight[r : r + UNPACK_TILE_ROWS], features, dtype=F64)
+        out[:, r : r + tile.shape[0]] = x64 @ tile.T
+    return out
+
+
+def _threshold_rows(ep: Decide, rows: np.ndarray) -> np.ndarray:
+    rows = np.ascontiguousarray(rows, dtype=F32)
+    out = np.empty((rows.shape[0], words_for(rows.shape[1])), np.uint64)
+    kernels.threshold_pack_rows(rows, ep.cut, ep.invert, out)
+    return out
+
+
+def _decide_or_real(ep: Decide | ToReal, raw: np.ndarray) -> np.ndarray:
+    return _threshold_rows(ep, raw) if isinstance(ep, Decide) else _to_real(ep, raw)
+
+
+def _to_real(ep: ToReal, raw: np.ndarray) -> np.ndarray:
+    if ep.affine is None:
+        return raw
+    return affine_f32(raw, ep.affine.scale, ep.affine.bias)
+
+
+__all__ = ["NumbaExecutor", "Op"]

@@ -1,0 +1,188 @@
+"""numba kernels of the CPU engine: XNOR-popcount products on packed bits.
+
+Conventions (shared with :mod:`model.packing`): a ±1 value is one bit, 1 ⇔ −1; a {0, 1} value
+(``step`` activations) is one bit, 1 ⇔ 1; bits are little-endian in uint64 words; unused high
+bits of a last word are 0 in both operands, so they never count.
+
+For rows ``a`` and ``w`` of ``L`` words the kernels compute ``P = popcount(a XOR w)`` and decide
+``bit = (P ≥ cut) XOR invert`` per output channel (the folded BatchNorm + binarizer, see
+:mod:`model.engine.folding`):
+
+* ±1 inputs, K logical bits:  a·w = K − 2P
+* {0, 1} inputs:              a·w = P − popcount(w)
+* integer inputs as bit-planes x = Σ_b 2^b x_b:  a·w = Σ_b 2^b (P_b − popcount(w))
+
+``popcount`` is LLVM's ``ctpop``; on AVX-512 VPOPCNTDQ machines the word loops vectorize to
+``vpopcntq`` on zmm registers (``tests/model/engine/test_kernels.py`` checks the assembly).
+All kernels release the GIL; the parallel ones split work with ``prange``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir  # noqa: F401  (llvmlite is numba's dependency; ctpop comes from its builder)
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from model.engine import runtime  # noqa: F401  (cache directory and threading layer first)
+
+WORD = 64
+_JIT = {"nogil": True, "cache": True, "fastmath": True}
+_PAR = {**_JIT, "parallel": True}
+
+
+@intrinsic
+def popcount(typingctx, x):
+    """Number of set bits of an integer (LLVM ``ctpop``)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.ctpop(args[0])
+
+    return x(x), codegen
+
+
+@njit(**_JIT, inline="always")
+def _xor_popcount(a, w, m, o):
+    s = np.int64(0)
+    for k in range(a.shape[1]):
+        s += np.int64(popcount(a[m, k] ^ w[o, k]))
+    return s
+
+
+@njit(**_PAR)
+def xor_popcount_gemm(a, w, out):
+    """out[m, o] = popcount(a[m] XOR w[o]) for a (M, L), w (O, L) uint64; out (M, O) int32."""
+    m_rows, o_rows = a.shape[0], w.shape[0]
+    blocks = (o_rows + WORD - 1) // WORD
+    for t in prange(m_rows * blocks):
+        m, b = t // blocks, t % blocks
+        for o in range(b * WORD, min(o_rows, (b + 1) * WORD)):
+            out[m, o] = _xor_popcount(a, w, m, o)
+
+
+@njit(**_PAR)
+def dense_threshold_pack(a, w, cut, invert, out, row_chunk):
+    """Binary layer with folded thresholds, output packed.
+
+    a (M, L) uint64, w (O, L) uint64, cut (O,) int64 on P = popcount(a XOR w), invert (O,)
+    uint8; out (M, ⌈O/64⌉) uint64 gets bit o of row m = (P ≥ cut[o]) XOR invert[o].
+    Work items are (chunk of ``row_chunk`` rows) × (64 output channels): the 64 weight rows
+    stay in cache while the chunk's rows stream past them.
+    """
+    m_rows, o_rows = a.shape[0], w.shape[0]
+    words = out.shape[1]
+    chunks = (m_rows + row_chunk - 1) // row_chunk
+    for t in prange(chunks * words):
+        c, j = t // words, t % words
+        o0, o1 = j * WORD, min(o_rows, (j + 1) * WORD)
+        for m in range(c * row_chunk, min(m_rows, (c + 1) * row_chunk)):
+            word = np.uint64(0)
+            for o in range(o0, o1):
+                p = _xor_popcount(a, w, m, o)
+                bit = np.uint64((p >= cut[o]) ^ np.bool_(invert[o]))
+                word |= bit << np.uint64(o - o0)
+            out[m, j] = word
+
+
+@njit(**_JIT, inline="always")
+def _planes_acc(planes, w, pcw, m, o):
+    n_planes, length = planes.shape[1], planes.shape[2]
+    acc = np.int64(0)
+    for b in range(n_planes):
+        s = np.int64(0)
+        for k in range(length):
+            s += np.int64(popcount(planes[m, b, k] ^ w[o, k]))
+        acc += (s - pcw[o]) << np.int64(b)
+    return acc
+
+
+@njit(**_PAR)
+def planes_dense_acc(planes, w, pcw, out):
+    """Integer input × ±1 weights, exactly: planes (M, B, L) uint64 bit-planes of the input
+    (bit b of every value), w (O, L), pcw (O,) int64 = popcount(w); out (M, O) int64 = x·w."""
+    m_rows, o_rows = planes.shape[0], w.shape[0]
+    blocks = (o_rows + WORD - 1) // WORD
+    for t in prange(m_rows * blocks):
+        m, b = t // blocks, t % blocks
+        for o in range(b * WORD, min(o_rows, (b + 1) * WORD)):
+            out[m, o] = _planes_acc(planes, w, pcw, m, o)
+
+
+@njit(**_PAR)
+def planes_dense_threshold_pack(planes, w, pcw, cut, invert, out):
+    """:func:`planes_dense_acc` then bit o = (float(acc) ≥ cut[o]) XOR invert[o], packed;
+    cut (O,) float64 (a float32 threshold: exact for integer accumulators)."""
+    m_rows, o_rows = planes.shape[0], w.shape[0]
+    words = out.shape[1]
+    for t in prange(words * m_rows):
+        j, m = t // m_rows, t % m_rows
+        o0, o1 = j * WORD, min(o_rows, (j + 1) * WORD)
+        word = np.uint64(0)
+        for o in range(o0, o1):
+            acc = np.float64(_planes_acc(planes, w, pcw, m, o))
+            bit = np.uint64((acc >= cut[o]) ^ np.bool_(invert[o]))
+            word |= bit << np.uint64(o - o0)
+        out[m, j] = word
+
+
+@njit(**_PAR)
+def threshold_pack_rows(y, cut, invert, out):
+    """Real values to packed bits: y (M, O) float, cut (O,) float64, invert (O,) uint8;
+    out (M, ⌈O/64⌉) uint64, bit o = (y[m, o] ≥ cut[o]) XOR invert[o]."""
+    m_rows, o_rows = y.shape
+    words = out.shape[1]
+    for m in prange(m_rows):
+        for j in range(words):
+            word = np.uint64(0)
+            for o in range(j * WORD, min(o_rows, (j + 1) * WORD)):
+                bit = np.uint64((np.float64(y[m, o]) >= cut[o]) ^ np.bool_(invert[o]))
+                word |= bit << np.uint64(o - j * WORD)
+            out[m, j] = word
+
+
+@njit(**_PAR)
+def im2col_bits(x, kh, kw, sh, sw, ph, pw, pad, out):
+    """Patches of channel-packed NHWC bits: x (N, H, W, Wc) uint64, pad (Wc,) the words of one
+    padded position; out (N·OH·OW, kh·kw·Wc) with row (n, y, x) = the words of positions
+    (y·sh + dy − ph, x·sw + dx − pw) for dy < kh, dx < kw, in (dy, dx, word) order."""
+    n, h, w, wc = x.shape
+    oh = (h + 2 * ph - kh) // sh + 1
+    ow = (w + 2 * pw - kw) // sw + 1
+    for r in prange(n * oh):
+        i, oy = r // oh, r % oh
+        for ox in range(ow):
+            row = (i * oh + oy) * ow + ox
+            col = 0
+            for dy in range(kh):
+                yy = oy * sh + dy - ph
+                for dx in range(kw):
+                    xx = ox * sw + dx - pw
+                    if 0 <= yy < h and 0 <= xx < w:
+                        for k in range(wc):
+                            out[row, col + k] = x[i, yy, xx, k]
+                    else:
+                        for k in range(wc):
+                            out[row, col + k] = pad[k]
+                    col += wc
+
+
+@njit(**_PAR)
+def pool_bits(x, kh, kw, sh, sw, and_mask, out):
+    """Max-pool of packed decisions: x (N, H, W, Wc), out (N, OH, OW, Wc); per bit, the AND of
+    the window where ``and_mask`` is set, else the OR (see :func:`folding.pool_and_mask`)."""
+    n, _, _, wc = x.shape
+    oh, ow = out.shape[1], out.shape[2]
+    for r in prange(n * oh):
+        i, oy = r // oh, r % oh
+        for ox in range(ow):
+            for k in range(wc):
+                all_set = ~np.uint64(0)
+                any_set = np.uint64(0)
+                for dy in range(kh):
+                    for dx in range(kw):
+                        v = x[i, oy * sh + dy, ox * sw + dx, k]
+                        all_set &= v
+                        any_set |= v
+                out[i, oy, ox, k] = (all_set & and_mask[k]) | (any_set & ~and_mask[k])

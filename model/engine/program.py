@@ -1,0 +1,562 @@
+"""Compile an artifact's layer graph into a program of backend-independent operations.
+
+The program is what both backends run (:mod:`model.engine.cpu` with numba, and
+:mod:`model.engine.torch_backend`). Values between operations are either
+
+* **real**: float32 arrays in the spec's layout, (batch, C, H, W) or (batch, F), or
+* **bits**: packed decisions of the next layer's input quantizer, one bit per value (``sign``:
+  1 ⇔ −1; ``step``: 1 ⇔ 1), channels packed into uint64 words: (batch, ⌈F/64⌉) for flat values,
+  (batch, H, W, ⌈C/64⌉) for images ("nhwc"), and a flattened image keeps that word layout
+  (batch, H·W·⌈C/64⌉) ("hwc") — the consuming dense layer's weights are permuted to match at
+  compile time.
+
+A dense or conv layer followed (through BatchNorm, max-pool and flatten layers) by a layer with
+an input quantizer ends in a :class:`Decide` epilogue: thresholds folded from the whole chain
+(:mod:`model.engine.folding`) and max-pools applied to the packed decisions. Otherwise it ends
+in :class:`ToReal` and the following layers run on real values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.engine.folding import (
+    AffineStep,
+    BatchNormStep,
+    Step,
+    Thresholds,
+    bit_invert,
+    fold_batchnorm_into_thresholds,
+    pool_and_mask,
+)
+from model.packing import pack_signs, unpack_signs, words_for
+from model.quantizers import SIGN, Binarizer, binarizer_for
+from model.spec import BatchNorm, Conv2d, Dense, Flatten, Layer, MaxPool2d, ModelSpec
+
+Shape = tuple[int, ...]
+# Largest input value for which integer bit-planes are used (16 planes).
+MAX_PLANE_VALUE = 2**16 - 1
+
+
+# --- values ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bits:
+    """Packed decisions. ``layout``: "flat" (F,), "nhwc" (C, H, W), "hwc" (flattened (C, H, W))."""
+
+    binarizer: Binarizer
+    shape: Shape  # logical per-instance shape; (C, H, W) for nhwc and hwc
+    layout: str
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def features(self) -> int:
+        return int(np.prod(self.shape))
+
+    def word_shape(self) -> Shape:
+        if self.layout == "flat":
+            return (words_for(self.shape[0]),)
+        c, h, w = self.shape
+        return (h, w, words_for(c)) if self.layout == "nhwc" else (h * w * words_for(c),)
+
+
+@dataclass(frozen=True)
+class Real:
+    shape: Shape
+
+
+# --- epilogues ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BitPool:
+    """Max-pool on packed decisions: AND of the window where ``and_words`` has a bit, else OR."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    and_words: np.ndarray  # (⌈C/64⌉,) uint64
+
+
+@dataclass(frozen=True)
+class Decide:
+    """bit = (raw ≥ cut) XOR invert per channel, then the pools, in order.
+
+    ``cut`` is int64 on the popcount P for binary-input layers, float64 (float32 values) on the
+    raw float32 value (or integer accumulator) for real-input layers.
+    """
+
+    cut: np.ndarray
+    invert: np.ndarray  # (C,) uint8
+    pools: tuple[BitPool, ...]
+    out: Bits
+
+
+@dataclass(frozen=True)
+class ToReal:
+    """raw → fl(fl(raw·scale) + bias) (the layer's affine part, when it was not folded into raw)."""
+
+    affine: AffineStep | None
+    out: Real
+
+
+Epilogue = Decide | ToReal
+
+
+# --- operations -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BinaryDense:
+    """Bits × packed ±1 weights. raw = a·w = K − 2P (sign input) or P − pcw (step input)."""
+
+    name: str
+    weight: np.ndarray  # (O, L) uint64, L = words of the input layout
+    pcw: np.ndarray  # (O,) int64: popcount of each weight row (its −1s)
+    features: int  # K
+    input: Bits
+    epilogue: Epilogue
+
+
+@dataclass(frozen=True)
+class BinaryConv:
+    """Bits (nhwc) ⋆ packed ±1 weights; patches padded with ``pad_words``."""
+
+    name: str
+    weight: np.ndarray  # (O, kh·kw·Wc) uint64 in (dy, dx, word) order
+    pcw: np.ndarray  # (O,) int64
+    features: int  # K = C·kh·kw
+    input: Bits
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    pad_words: np.ndarray  # (Wc,) uint64
+    out_hw: tuple[int, int]
+    epilogue: Epilogue
+
+
+@dataclass(frozen=True)
+class PlanesDense:
+    """Real (integer-valued) model input × packed ±1 weights, exactly, through bit-planes:
+    x·w = Σ_b 2^b (popcount(x_b XOR w) − pcw). Inputs that are not integers in
+    [0, MAX_PLANE_VALUE] take a float path that unpacks weight tiles transiently."""
+
+    name: str
+    weight: np.ndarray  # (O, ⌈F/64⌉) uint64
+    pcw: np.ndarray
+    features: int
+    epilogue: Epilogue
+
+
+@dataclass(frozen=True)
+class FloatDense:
+    """Real input × weights through BLAS (float64 accumulation). ``weight`` is float32 (O, F), or
+    packed ±1 (O, ⌈F/64⌉) uint64 unpacked in row tiles per call. raw = fl(x·W) (+ bias when it
+    is not part of the epilogue's affine)."""
+
+    name: str
+    weight: np.ndarray
+    features: int
+    bias_in_raw: np.ndarray | None
+    epilogue: Epilogue
+
+
+@dataclass(frozen=True)
+class FloatConv:
+    """Real (N, C, H, W) input, padded with ``pad_value``, ⋆ weights via im2col + BLAS.
+    ``weight`` is float32 (O, kh·kw·C) in (dy, dx, c) order, or packed ±1 (O, C, kh, kw)
+    words as stored (unpacked per call)."""
+
+    name: str
+    weight: np.ndarray
+    in_shape: Shape
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    pad_value: float
+    out_hw: tuple[int, int]
+    bias_in_raw: np.ndarray | None
+    epilogue: Epilogue
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """Real → bits with the consumer's binarizer (a threshold at 0)."""
+
+    decide: Decide
+
+
+@dataclass(frozen=True)
+class Unpack:
+    """Bits → real ±1 (sign) or {0, 1} (step) in the spec's layout."""
+
+    input: Bits
+    out: Real
+
+
+@dataclass(frozen=True)
+class RealBatchNorm:
+    alpha: np.ndarray
+    beta: np.ndarray
+
+
+@dataclass(frozen=True)
+class RealMaxPool:
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class RealFlatten:
+    out: Real
+
+
+Op = (
+    BinaryDense
+    | BinaryConv
+    | PlanesDense
+    | FloatDense
+    | FloatConv
+    | Quantize
+    | Unpack
+    | RealBatchNorm
+    | RealMaxPool
+    | RealFlatten
+)
+
+
+@dataclass(frozen=True)
+class Program:
+    ops: tuple[Op, ...]
+    input_shape: Shape
+    output_classes: int
+    integer_input: bool  # the first op is PlanesDense
+    arrays_bytes: int = field(default=0)
+
+
+# --- compiler -------------------------------------------------------------------------------------
+def compile_program(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> Program:
+    """Turn a validated spec and its tensors into a :class:`Program`."""
+    layers = spec.layers
+    shapes = spec.layer_shapes()
+    ops: list[Op] = []
+    state: Bits | Real = Real(tuple(spec.input.shape))
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if not isinstance(layer, Dense | Conv2d):
+            ops.append(_real_op(layer, tensors, shapes[i][1]))
+            state = Real(shapes[i][1])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(layers) and not isinstance(layers[j], Dense | Conv2d):
+            j += 1
+        tail, consumer = layers[i + 1 : j], (layers[j] if j < len(layers) else None)
+        state, prepared = _prepare_input(state, layer)
+        ops.extend(prepared)
+        first = i == 0
+        out_shape = shapes[i][1]
+        quantizer = None if consumer is None else consumer.input_quantizer
+        foldable = quantizer is not None and _foldable(tail, out_shape)
+        producer = _producer(layer, state, tensors, out_shape, first, spec)
+        if foldable:
+            binarizer = binarizer_for(quantizer)
+            spatial = out_shape
+            for k in range(i + 1, j):
+                if not isinstance(layers[k], Flatten):
+                    spatial = shapes[k][1]
+            epilogue = _decide(producer, tail, tensors, binarizer, spatial, layer)
+            ops.append(producer.build(epilogue))
+            state = epilogue.out
+        else:
+            epilogue = ToReal(affine=producer.affine, out=Real(out_shape))
+            ops.append(producer.build(epilogue))
+            state = Real(out_shape)
+            for k, tail_layer in enumerate(tail, start=i + 1):
+                ops.append(_real_op(tail_layer, tensors, shapes[k][1]))
+                state = Real(shapes[k][1])
+        i = j
+    if not isinstance(state, Real):  # pragma: no cover - bits exist only before a consumer
+        raise AssertionError("the program must end on real values")
+    program = Program(
+        ops=tuple(ops),
+        input_shape=tuple(spec.input.shape),
+        output_classes=len(spec.labels),
+        integer_input=bool(ops) and isinstance(ops[0], PlanesDense),
+    )
+    return Program(**{**program.__dict__, "arrays_bytes": program_nbytes(program)})
+
+
+def program_nbytes(program: Program) -> int:
+    """Bytes held by the program's arrays (weights, thresholds, masks)."""
+    total = 0
+    seen: set[int] = set()
+
+    def visit(value: object) -> None:
+        nonlocal total
+        if isinstance(value, np.ndarray):
+            if id(value) not in seen:
+                seen.add(id(value))
+                total += value.nbytes
+        elif hasattr(value, "__dataclass_fields__"):
+            for name in value.__dataclass_fields__:
+                visit(getattr(value, name))
+        elif isinstance(value, tuple):
+            for item in value:
+                visit(item)
+
+    for op in program.ops:
+        visit(op)
+    return total
+
+
+# --- helpers: inputs and producers ----------------------------------------------------------------
+def _prepare_input(state: Bits | Real, layer: Dense | Conv2d) -> tuple[Bits | Real, list[Op]]:
+    """Bring ``state`` to what ``layer`` consumes: bits for a quantized input, real otherwise."""
+    if layer.input_quantizer is not None and isinstance(state, Real):
+        binarizer = binarizer_for(layer.input_quantizer)
+        channels = state.shape[0]
+        bits = Bits(binarizer, state.shape, "nhwc" if len(state.shape) == 3 else "flat")
+        thresholds = fold_batchnorm_into_thresholds([], binarizer, 1, integer=False)
+        cut = np.full(channels, thresholds.cut[0], np.float64)
+        invert = np.full(channels, bit_invert(thresholds, binarizer)[0], np.uint8)
+        return bits, [Quantize(Decide(cut=cut, invert=invert, pools=(), out=bits))]
+    if layer.input_quantizer is None and isinstance(state, Bits):  # pragma: no cover
+        raise AssertionError("bits are only produced for a quantizing consumer")
+    if isinstance(state, Bits) and layer.kernel_quantizer is None:
+        real = Real(_real_shape(state))
+        return real, [Unpack(input=state, out=real)]
+    return state, []
+
+
+def _real_shape(bits: Bits) -> Shape:
+    return bits.shape if bits.layout == "nhwc" else (bits.features,)
+
+
+@dataclass
+class _Producer:
+    """What a dense/conv layer contributes before its epilogue is known."""
+
+    build_fn: object
+    integer: bool  # raw is an exact integer accumulator compared in the popcount domain
+    steps: list[Step]  # per-channel float steps from raw to the layer's output
+    affine: AffineStep | None
+    channels: int
+    popcount_domain: tuple[str, int, np.ndarray] | None  # (binarizer kind, K, pcw) for bits input
+
+    def build(self, epilogue: Epilogue) -> Op:
+        return self.build_fn(epilogue)  # type: ignore[operator]
+
+
+def _layer_vectors(layer: Dense | Conv2d, tensors: Mapping[str, np.ndarray]):
+    bias = np.array(tensors[f"{layer.name}.bias"], np.float32) if layer.bias else None
+    scale = np.array(tensors[f"{layer.name}.scale"], np.float32) if layer.scale else None
+    return bias, scale
+
+
+def _producer(
+    layer: Dense | Conv2d,
+    state: Bits | Real,
+    tensors: Mapping[str, np.ndarray],
+    out_shape: Shape,
+    first: bool,
+    spec: ModelSpec,
+) -> _Producer:
+    bias, scale = _layer_vectors(layer, tensors)
+    weight = np.asarray(tensors[f"{layer.name}.weight"])
+    channels = out_shape[0]
+    binary = layer.kernel_quantizer is not None
+    # raw = x∗W, then fl(fl(raw·scale) + bias). A conv without α adds its bias inside the
+    # convolution (F.conv2d(x, w, bias)); with an exact integer raw that is the same rounding.
+    affine = AffineStep(scale, bias) if (scale is not None or bias is not None) else None
+    steps = [affine] if affine is not None else []
+
+    if isinstance(state, Bits):
+        assert binary, "bits feed binary layers; full-precision ones get unpacked values"
+        if isinstance(layer, Dense):
+            w = _dense_weight_for(weight, layer.in_features, state)
+            pcw = _popcounts(w)
+            k = layer.in_features
+
+            def build(ep: Epilogue) -> Op:
+                return BinaryDense(layer.name, w, pcw, k, state, ep)
+        else:
+            c, (kh, kw) = layer.in_channels, layer.kernel_size
+            wc = words_for(c)
+            # stored (O, kh, kw, Wc) → (O, kh·kw·Wc), the im2col word order
+            w = np.ascontiguousarray(weight.reshape(layer.out_channels, kh * kw * wc))
+            pcw = _popcounts(w)
+            k = c * kh * kw
+            pad_words = _pad_words(layer.pad_value, state.binarizer, c)
+
+            def build(ep: Epilogue) -> Op:
+                return BinaryConv(
+                    layer.name, w, pcw, k, state, layer.kernel_size, layer.stride,
+                    layer.padding, pad_words, out_shape[1:], ep,
+                )  # fmt: skip
+
+        domain = (state.binarizer.kind, k, pcw)
+        return _Producer(build, True, steps, affine, channels, domain)
+
+    # real input
+    planes = (
+        first
+        and binary
+        and isinstance(layer, Dense)
+        and spec.input.integer_valued
+        and _plane_range_ok(spec)
+    )
+    if planes:
+        w = np.ascontiguousarray(weight)
+        pcw = _popcounts(w)
+
+        def build(ep: Epilogue) -> Op:
+            return PlanesDense(layer.name, w, pcw, layer.in_features, ep)
+
+        return _Producer(build, False, steps, affine, channels, None)
+
+    if isinstance(layer, Dense):
+        w = np.ascontiguousarray(weight if binary else weight.astype(np.float32))
+
+        def build(ep: Epilogue) -> Op:
+            return FloatDense(layer.name, w, layer.in_features, None, ep)
+
+        return _Producer(build, False, steps, affine, channels, None)
+
+    # Conv2d on real values: without α the bias goes into raw (as F.conv2d adds it).
+    bias_in_raw = bias if scale is None else None
+    if scale is None:
+        affine, steps = None, []
+    if binary:
+        w = np.ascontiguousarray(weight)
+    else:
+        w = np.ascontiguousarray(
+            weight.astype(np.float32).transpose(0, 2, 3, 1).reshape(layer.out_channels, -1)
+        )
+
+    def build(ep: Epilogue) -> Op:
+        return FloatConv(
+            layer.name, w, tuple(state.shape), layer.kernel_size, layer.stride, layer.padding,
+            float(layer.pad_value), out_shape[1:], bias_in_raw, ep,
+        )  # fmt: skip
+
+    return _Producer(build, False, steps, affine, channels, None)
+
+
+def _plane_range_ok(spec: ModelSpec) -> bool:
+    value_range = spec.input.value_range
+    return value_range is None or (value_range[0] >= 0 and value_range[1] <= MAX_PLANE_VALUE)
+
+
+def _dense_weight_for(weight: np.ndarray, features: int, bits: Bits) -> np.ndarray:
+    """Packed dense weights in the word layout of the incoming bits."""
+    if bits.layout != "hwc":
+        return np.ascontiguousarray(weight)
+    c, h, w = bits.shape
+    signs = unpack_signs(weight, features, axis=1, dtype=np.int8)  # (O, C·H·W)
+    signs = signs.reshape(-1, c, h, w).transpose(0, 2, 3, 1)  # (O, H, W, C)
+    return np.ascontiguousarray(pack_signs(signs, axis=-1).reshape(signs.shape[0], -1))
+
+
+def _popcounts(words: np.ndarray) -> np.ndarray:
+    as_bytes = np.ascontiguousarray(words).view(np.uint8).reshape(words.shape[0], -1)
+    return np.unpackbits(as_bytes, axis=1).sum(axis=1, dtype=np.int64)
+
+
+def _pad_words(pad_value: float, binarizer: Binarizer, channels: int) -> np.ndarray:
+    """The words of one padded position: every channel bit set iff pad_value encodes as 1."""
+    bit_set = pad_value < 0 if binarizer is SIGN else pad_value > 0
+    bits = np.full(channels, -1.0 if bit_set else 1.0, np.float32)
+    return pack_signs(bits)
+
+
+# --- helpers: epilogues ---------------------------------------------------------------------------
+def _foldable(tail: tuple[Layer, ...], out_shape: Shape) -> bool:
+    """BatchNorm / max-pool / flatten in the producer's channel space fold into thresholds."""
+    flattened = False
+    for layer in tail:
+        if isinstance(layer, Flatten):
+            flattened = flattened or len(out_shape) == 3
+            continue
+        per_channel = isinstance(layer, BatchNorm | MaxPool2d) and not flattened
+        if not per_channel:
+            return False
+    return True
+
+
+def _decide(
+    producer: _Producer,
+    tail: tuple[Layer, ...],
+    tensors: Mapping[str, np.ndarray],
+    binarizer: Binarizer,
+    spatial_shape: Shape,
+    layer: Dense | Conv2d,
+) -> Decide:
+    """Fold the tail into thresholds (and bit pools); ``spatial_shape`` is the shape before any
+    flatten in the tail."""
+    channels = producer.channels
+    steps = list(producer.steps)
+    pool_specs: list[tuple[MaxPool2d, int]] = []
+    flattened = False
+    for tail_layer in tail:
+        if isinstance(tail_layer, BatchNorm):
+            steps.append(_bn_step(tail_layer, tensors))
+        elif isinstance(tail_layer, MaxPool2d):
+            pool_specs.append((tail_layer, len(steps)))
+        else:
+            flattened = flattened or isinstance(layer, Conv2d)
+    integer = producer.popcount_domain is not None
+    thresholds = fold_batchnorm_into_thresholds(steps, binarizer, channels, integer=integer)
+    invert = bit_invert(thresholds, binarizer)
+    cut: np.ndarray
+    if integer:
+        cut, invert = _to_popcount_domain(thresholds, invert, producer.popcount_domain)
+    else:
+        cut = thresholds.cut.astype(np.float64)
+    pools = tuple(
+        BitPool(
+            pool.kernel_size,
+            pool.stride,
+            pack_signs(np.where(pool_and_mask(steps[at:], channels, binarizer), -1.0, 1.0)),
+        )
+        for pool, at in pool_specs
+    )
+    if isinstance(layer, Conv2d):
+        out = Bits(binarizer, spatial_shape, "hwc" if flattened else "nhwc")
+    else:
+        out = Bits(binarizer, (channels,), "flat")
+    return Decide(cut=cut, invert=invert.astype(np.uint8), pools=pools, out=out)
+
+
+def _to_popcount_domain(
+    thresholds: Thresholds, invert: np.ndarray, domain: tuple[str, int, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """acc ≥ U as a compare on P = popcount(a XOR w).
+
+    sign input: acc = K − 2P ≥ U ⇔ P ≤ ⌊(K − U)/2⌋ ⇔ NOT (P ≥ ⌊(K − U)/2⌋ + 1).
+    step input: acc = P − pcw ≥ U ⇔ P ≥ U + pcw.
+    """
+    kind, k, pcw = domain
+    u = thresholds.cut.astype(np.int64)
+    if kind == "sign":
+        return (k - u) // 2 + 1, ~invert.astype(bool)
+    return u + pcw, invert.astype(bool)
+
+
+def _bn_step(layer: BatchNorm, tensors: Mapping[str, np.ndarray]) -> BatchNormStep:
+    t = {s: tensors[f"{layer.name}.{s}"] for s in ("weight", "bias", "running_mean", "running_var")}
+    return BatchNormStep.from_stats(
+        t["weight"], t["bias"], t["running_mean"], t["running_var"], layer.eps
+    )
+
+
+def _real_op(layer: Layer, tensors: Mapping[str, np.ndarray], out_shape: Shape) -> Op:
+    if isinstance(layer, BatchNorm):
+        step = _bn_step(layer, tensors)
+        return RealBatchNorm(step.alpha, step.beta)
+    if isinstance(layer, MaxPool2d):
+        return RealMaxPool(layer.kernel_size, layer.stride)
+    if isinstance(layer, Flatten):
+        return RealFlatten(Real(out_shape))
+    raise AssertionError(f"unexpected layer {layer!r}")  # pragma: no cover
