@@ -255,7 +255,7 @@ def compile_program(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> Progr
         tail, consumer = layers[i + 1 : j], (layers[j] if j < len(layers) else None)
         state, prepared = _prepare_input(state, layer)
         ops.extend(prepared)
-        first = i == 0
+        first = all(isinstance(earlier, Flatten) for earlier in layers[:i])  # sees raw input
         out_shape = shapes[i][1]
         quantizer = None if consumer is None else consumer.input_quantizer
         foldable = quantizer is not None and _foldable(tail, out_shape)
