@@ -114,16 +114,19 @@ class CompiledModel:
             raise InvalidInputError(
                 f"input {name!r}: expected shape {expected}, got {list(x.shape)}"
             )
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if x.dtype.kind == "f":
-            finite = np.isfinite(batch)
-            if not finite.all():
-                bad = batch[~finite][0]
-                where = np.argwhere(~finite)[0].tolist()
-                raise InvalidInputError(
-                    f"input {name!r}: values must be finite, got {bad} at index {where}"
-                    + (" (out of float32 range)" if np.isfinite(x[tuple(where)]) else "")
-                )
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            where = np.argwhere(~np.isfinite(x))[0].tolist()
+            raise InvalidInputError(
+                f"input {name!r}: values must be finite, got {x[tuple(where)]} at index {where}"
+            )
+        with np.errstate(over="ignore"):
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if x.dtype.kind == "f" and not np.isfinite(batch).all():
+            where = np.argwhere(~np.isfinite(batch.reshape(x.shape)))[0].tolist()
+            raise InvalidInputError(
+                f"input {name!r}: values must be finite in float32, got {x[tuple(where)]} at "
+                f"index {where} (out of float32 range)"
+            )
         return batch
 
     def warmup(self, batch_sizes: Iterable[int] = (1, 64)) -> float:

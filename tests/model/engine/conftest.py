@@ -74,21 +74,21 @@ def artifact_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def compiled(artifact_dir) -> Callable[..., tuple[CompiledModel, object]]:
-    """(config, input_spec, backend) → (compiled model, eager module), cached per session."""
+    """(config, input_spec, backend, device) → (compiled model, eager module), cached."""
     from training.export import module_from_artifact
 
     cache: dict = {}
 
-    def get(config, input_spec: InputSpec, backend: str = "numba", seed: int = 0):
+    def get(config, input_spec: InputSpec, backend="numba", device="cpu", seed=0):
         key = (config, input_spec, seed)
         if key not in cache:
             path = artifact_dir / f"model{len(cache)}.safetensors"
             export_random_model(config, path, input_spec, seed)
             cache[key] = (path, module_from_artifact(path), {})
         path, eager, models = cache[key]
-        if backend not in models:
-            models[backend] = load_model(path, device="cpu", backend=backend)
-        return models[backend], eager
+        if (backend, device) not in models:
+            models[backend, device] = load_model(path, device=device, backend=backend)
+        return models[backend, device], eager
 
     return get
 
