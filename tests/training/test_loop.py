@@ -1,0 +1,124 @@
+"""The training loop on tiny models: outputs, reproducibility, best epoch, clipping, Bop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from training.architectures import CNNConfig, MLPConfig
+from training.config import ConfigError, TrainConfig
+from training.layers import binary_parameters
+from training.loop import evaluate, random_shift, train
+
+TINY_MLP = MLPConfig(hidden=(32,))
+
+
+def tiny(**overrides) -> TrainConfig:
+    options = {"arch": "mlp", "model": TINY_MLP, "epochs": 2, "progress": False} | overrides
+    return TrainConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    return train(tiny(epochs=3, out_dir=tmp_path_factory.mktemp("run")))
+
+
+def test_result_model_metrics_and_files(result):
+    assert not result.model.training
+    assert [e.epoch for e in result.history] == [1, 2, 3]
+    metrics = result.metrics
+    assert metrics["test_size"] == 360 and metrics["dataset"] == "digits"
+    assert metrics["test_accuracy"] > 0.5  # chance is 0.1
+    assert metrics["train_seconds"] > 0 and 1 <= metrics["best_epoch"] <= 3
+    # The reported test accuracy is the returned model's.
+    test = evaluate(result.model, result.data.test.x, result.data.test.y)
+    assert test.accuracy == metrics["test_accuracy"]
+    doc = json.loads(result.files["metrics.json"].read_text())
+    assert doc["metrics"] == pytest.approx(metrics)
+    assert len(doc["history"]) == 3 and doc["config"]["model"]["hidden"] == [32]
+    assert result.files["curves.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_best_validation_epoch_is_restored(result):
+    best = result.metrics["best_epoch"]
+    accuracies = [e.val_accuracy for e in result.history]
+    assert accuracies[best - 1] == max(accuracies)
+    val = evaluate(result.model, result.data.val.x, result.data.val.y)
+    assert val.accuracy == result.history[best - 1].val_accuracy
+    assert val.loss == pytest.approx(result.history[best - 1].val_loss, rel=1e-5)
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    a, b, c = train(tiny(seed=7)), train(tiny(seed=7)), train(tiny(seed=8))
+    state_a, state_b, state_c = (r.model.state_dict() for r in (a, b, c))
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert [e.train_loss for e in a.history] == [e.train_loss for e in b.history]
+    assert not torch.equal(state_a["layers.dense1.weight"], state_c["layers.dense1.weight"])
+
+
+def test_latent_weights_stay_clipped_even_with_a_huge_learning_rate():
+    # Adam moves each weight by ~lr per step: without clipping they would leave [−1, 1] at once.
+    model = train(tiny(epochs=1, lr=0.5, lr_schedule="constant")).model
+    weights = torch.cat([w.detach().flatten() for w in binary_parameters(model)])
+    assert weights.abs().max() <= 1.0
+    assert (weights.abs() == 1.0).float().mean() > 0.3  # many would have left
+
+
+def test_bop_run_keeps_binary_weights_exactly_plus_minus_one():
+    result = train(tiny(epochs=1, optimizer="bop", bop_gamma=1e-3))
+    for weight in binary_parameters(result.model):
+        assert set(weight.detach().unique().tolist()) <= {-1.0, 1.0}
+    assert result.metrics["test_accuracy"] > 0.2
+
+
+def test_tiny_cnn_trains():
+    config = TrainConfig(
+        arch="cnn",
+        model=CNNConfig(stem_channels=4, channels=(8,), pool=(True,)),
+        epochs=1,
+        progress=False,
+    )
+    result = train(config)
+    assert result.metrics["arch"] == "cnn" and result.metrics["test_accuracy"] > 0.2
+
+
+def test_random_shift_moves_each_image_by_at_most_the_shift():
+    x = torch.zeros(64, 2, 5, 5)
+    x[:, 0, 2, 2], x[:, 1, 2, 2] = 1.0, 2.0  # one bright pixel per channel, at the centre
+    shifted = random_shift(x, 1, torch.Generator().manual_seed(0))
+    offsets = set()
+    for image in shifted:
+        (row, col), = torch.nonzero(image[0]).tolist()  # fmt: skip
+        assert image[1, row, col] == 2.0 and image.sum() == 3.0  # both channels move together
+        offsets.add((row - 2, col - 2))
+    assert offsets == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+
+
+def test_evaluate_counts_and_restores_the_mode():
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))  # predicts the larger coordinate
+    model.train()
+    x = np.array([[1, 0], [0, 1], [1, 0], [3, 2]], dtype=np.float32)
+    result = evaluate(model, x, np.array([0, 1, 1, 1]))
+    assert result.accuracy == 0.5 and result.count == 4
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"optimizer": "sgd"}, "optimizer must be one of adam, bop; got 'sgd'"),
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction \\+ test_fraction must be < 1"),
+        ({"arch": "cnn"}, "arch='cnn' needs a CNNConfig as model, got MLPConfig"),
+        ({"dataset": "imagenet"}, "dataset must be one of"),
+    ],
+)
+def test_config_errors_name_the_option(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(**overrides)

@@ -1,0 +1,458 @@
+"""``python -m training`` / ``bnn-train``: train and publish, evaluate, summarize.
+
+    bnn-train train --arch mlp --dataset digits --repo models --name digits-mlp
+    bnn-train evaluate --repo models --name digits-mlp            # newest version, its test split
+    bnn-train summary --arch cnn --channels 32,64 --pool 0,1
+
+``train`` prints the model summary and the metrics, and the published version's directory as the
+last line of stdout (the progress bar goes to stderr). Every usage or validation error is one line
+on stderr and exit status 2; a failure of the artifact or repository is one line and status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from model.errors import BnnError, InvalidModelNameError, InvalidSpecError, ModelNotFoundError
+from model.quantizers import INFERENCE_BINARIZERS, SIGN
+from training.config import (
+    ARCHITECTURE_NAMES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    ConfigError,
+    TrainConfig,
+)
+from training.data import DATASETS, DataError
+
+# Parsing and --help import neither torch nor scikit-learn; the commands import what they use.
+USAGE_ERRORS = (ConfigError, DataError, InvalidSpecError, InvalidModelNameError, ModelNotFoundError)
+QUANTIZER_NAMES = tuple(INFERENCE_BINARIZERS)
+KERNEL_QUANTIZER_NAMES = tuple(n for n, b in INFERENCE_BINARIZERS.items() if b is SIGN)
+DEFAULTS = TrainConfig()
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``prog: error: ...``) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except USAGE_ERRORS as exc:
+        args.parser.error(_one_line(exc))
+    except BnnError as exc:
+        print(f"{args.parser.prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog="bnn-train",
+        description="Train binarized neural networks, publish them as 1-bit packed artifacts, "
+        "evaluate and summarize them. Nothing is downloaded: data sets are read from local disk.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train, evaluate on the test split and publish a new model version",
+        description="Train a model, keep its best validation epoch, evaluate it on the test "
+        "split and publish it into a model repository (REPO/NAME/VERSION/). The published "
+        "directory is the last line of stdout.",
+    )
+    _add_data_options(train)
+    _add_model_options(train)
+    _add_training_options(train)
+    out = train.add_argument_group("output")
+    out.add_argument(
+        "--repo",
+        type=Path,
+        default=Path(os.environ.get("BNN_MODEL_REPO", "models")),
+        help="model repository to publish into (default: $BNN_MODEL_REPO or ./models)",
+    )
+    out.add_argument("--name", help="model name to publish as (default: DATASET-ARCH)")
+    out.add_argument("--no-publish", action="store_true", help="train and evaluate only")
+    out.add_argument("--out", type=Path, help="also write metrics.json and curves.png here")
+    out.add_argument(
+        "--no-progress", action="store_true", help="no progress bar on stderr (default: shown)"
+    )
+    train.set_defaults(handler=run_train, parser=train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="accuracy of a published artifact on a data set split",
+        description="Rebuild the eager module from an artifact and report its accuracy. The "
+        "data set and split options default to those recorded in the artifact's provenance, so "
+        "'test' is the same test split the model was trained without.",
+    )
+    _add_artifact_options(evaluate)
+    data = evaluate.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, help="default: the artifact's data set")
+    data.add_argument("--data-dir", type=Path, help="IDX directory or .npz file")
+    data.add_argument("--split", choices=("test", "val", "train"), default="test")
+    data.add_argument("--split-seed", type=int, help="default: the artifact's split seed")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    evaluate.set_defaults(handler=run_evaluate, parser=evaluate)
+
+    summary = commands.add_parser(
+        "summary",
+        help="per-layer parameters, memory and MACs of an architecture or an artifact",
+        description="A Larq-style summary: per layer the output shape, binary and "
+        "full-precision parameters, memory and MACs; totals and the compression ratio against "
+        "float32. Give an artifact (--artifact or --repo/--name) or an architecture (--arch and "
+        "model options; the data set gives the input shape and the number of classes).",
+    )
+    _add_artifact_options(summary)
+    _add_data_options(summary)
+    _add_model_options(summary)
+    summary.add_argument("--json", action="store_true", help="print the summary as JSON")
+    summary.set_defaults(handler=run_summary, parser=summary)
+    return parser
+
+
+# --- commands ------------------------------------------------------------------------------------
+def run_train(args: argparse.Namespace) -> int:
+    from training.loop import train
+
+    config = TrainConfig(
+        arch=args.arch,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        model=_model_config(args),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        optimizer=args.optimizer,
+        bop_gamma=args.bop_gamma,
+        bop_threshold=args.bop_threshold,
+        label_smoothing=args.label_smoothing,
+        augment_shift=args.augment_shift,
+        seed=args.seed,
+        split_seed=args.split_seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        out_dir=args.out,
+        progress=not args.no_progress,
+        num_threads=args.threads,
+    )
+    name = args.name or f"{args.dataset}-{args.arch}"
+    if not args.no_publish:
+        from model.repository import validate_model_name
+
+        validate_model_name(name)  # fail before training, not after
+    result = train(config)
+    print(result.summary.to_text())
+    print()
+    print(result.data.describe())
+    m = result.metrics
+    print(
+        f"best epoch {m['best_epoch']}/{m['epochs']}: val accuracy {m['best_val_accuracy']:.4f}; "
+        f"test accuracy {m['test_accuracy']:.4f} (loss {m['test_loss']:.4f}); "
+        f"trained in {m['train_seconds']:.1f} s on {m['num_threads']} thread(s)"
+    )
+    for path in result.files.values():
+        print(f"wrote {path}")
+    if args.no_publish:
+        return 0
+    from training.publish import publish_result
+
+    version = publish_result(result, args.repo, name)
+    print(f"published {version.name} version {version.version}")
+    print(version.path)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.artifact import read_artifact
+    from training.data import load_dataset
+    from training.export import module_from_artifact
+    from training.loop import evaluate
+
+    torch.set_num_threads(args.threads)
+    path = _artifact_path(args)
+    artifact = read_artifact(path)
+    recorded = artifact.spec.provenance.get("config", {})
+    dataset = args.dataset or artifact.spec.provenance.get("dataset") or "digits"
+    if dataset not in DATASETS:  # e.g. an npz file's stem; its config names the loader
+        dataset = recorded.get("dataset", "digits")
+    data_dir = args.data_dir or recorded.get("data_dir")
+    data = load_dataset(
+        dataset,
+        data_dir,
+        val_fraction=recorded.get("val_fraction", DEFAULTS.val_fraction),
+        test_fraction=recorded.get("test_fraction", DEFAULTS.test_fraction),
+        seed=args.split_seed if args.split_seed is not None else recorded.get("split_seed", 0),
+    )
+    if data.input_shape != tuple(artifact.spec.input.shape):
+        raise DataError(
+            f"{data.name} inputs are {list(data.input_shape)} but the artifact expects "
+            f"{list(artifact.spec.input.shape)}"
+        )
+    split = getattr(data, args.split)
+    model = module_from_artifact(artifact)
+    result = evaluate(model, split.x, split.y)
+    if args.json:
+        doc = {"artifact": str(path), "dataset": data.name, "split": args.split}
+        print(
+            json.dumps(
+                doc | {"accuracy": result.accuracy, "loss": result.loss, "count": result.count}
+            )
+        )
+    else:
+        print(
+            f"{path}: accuracy {result.accuracy:.4f} (loss {result.loss:.4f}) on "
+            f"{result.count} {args.split} instances of {data.name}"
+        )
+    return 0
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    from training.summary import summarize_model, summarize_spec
+
+    if args.artifact or args.name:
+        from model.artifact import read_artifact
+
+        summary = summarize_spec(read_artifact(_artifact_path(args)).spec)
+    else:
+        from training.architectures import build_model
+        from training.data import load_dataset
+
+        data = load_dataset(args.dataset, args.data_dir)
+        model = build_model(_model_config(args), data.input_shape, data.num_classes)
+        summary = summarize_model(model, name=f"{args.dataset}-{args.arch}")
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.to_text())
+    return 0
+
+
+# --- options -------------------------------------------------------------------------------------
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=DEFAULTS.dataset,
+        help="digits: scikit-learn's bundled 8x8 scans; mnist/fashion: IDX files in --data-dir; "
+        "npz: a .npz file with x and y (default: %(default)s)",
+    )
+    group.add_argument(
+        "--data-dir", type=Path, help="directory with the IDX files, or the .npz file"
+    )
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "model", "architecture options; unset ones take the data set's defaults"
+    )
+    group.add_argument("--arch", choices=ARCHITECTURE_NAMES, default=DEFAULTS.arch)
+    group.add_argument("--hidden", type=_widths, metavar="W[,W...]", help="hidden dense widths")
+    group.add_argument("--channels", type=_widths, metavar="C[,C...]", help="cnn: block widths")
+    group.add_argument("--stem-channels", type=_positive_int, help="cnn: first conv's width")
+    group.add_argument(
+        "--pool",
+        type=_flags,
+        metavar="0|1[,...]",
+        help="cnn: whether each block max-pools 2x2 (default with --channels: the last two do)",
+    )
+    group.add_argument(
+        "--kernel-quantizer", choices=KERNEL_QUANTIZER_NAMES, help="binarizer of the weights"
+    )
+    group.add_argument(
+        "--input-quantizer",
+        choices=QUANTIZER_NAMES,
+        help="binarizer of the hidden activations (input of every binary layer)",
+    )
+    group.add_argument(
+        "--scale",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="XNOR-Net per-channel scale alpha = mean|W| in binary layers",
+    )
+    group.add_argument(
+        "--pad-value",
+        type=float,
+        choices=(1.0, -1.0, 0.0),
+        help="cnn: value that binary convolutions pad with (+1 or -1; 0 only for {0,1} inputs)",
+    )
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    group = parser.add_argument_group("training")
+    group.add_argument(
+        "--epochs", type=_positive_int, default=d.epochs, help="(default: %(default)s)"
+    )
+    group.add_argument(
+        "--batch-size", type=_positive_int, default=d.batch_size, help="(default: %(default)s)"
+    )
+    group.add_argument(
+        "--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)"
+    )
+    group.add_argument(
+        "--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule, help="(default: %(default)s)"
+    )
+    group.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=d.optimizer,
+        help="adam: Adam on latent weights; bop: Bop flips binary weights, Adam for the rest "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--bop-gamma",
+        type=float,
+        default=d.bop_gamma,
+        help="Bop adaptivity rate (default: %(default)s)",
+    )
+    group.add_argument(
+        "--bop-threshold",
+        type=float,
+        default=d.bop_threshold,
+        help="Bop flip threshold tau (default: %(default)s)",
+    )
+    group.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=d.label_smoothing,
+        help="cross-entropy label smoothing (default: %(default)s)",
+    )
+    group.add_argument(
+        "--augment-shift",
+        type=int,
+        default=d.augment_shift,
+        help="random image shift in pixels per training sample, 0 = off (default: %(default)s)",
+    )
+    group.add_argument(
+        "--seed", type=int, default=d.seed, help="training seed (default: %(default)s)"
+    )
+    group.add_argument(
+        "--split-seed",
+        type=int,
+        default=d.split_seed,
+        help="data split seed (default: %(default)s)",
+    )
+    group.add_argument(
+        "--val-fraction", type=float, default=d.val_fraction, help="(default: %(default)s)"
+    )
+    group.add_argument(
+        "--test-fraction",
+        type=float,
+        default=d.test_fraction,
+        help="used where the data set has no test split of its own (default: %(default)s)",
+    )
+    group.add_argument("--threads", type=_positive_int, default=d.num_threads, help="torch threads (default: %(default)s)")  # fmt: skip
+
+
+def _add_artifact_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "artifact", "an artifact file, or a published version: --repo and --name [--version]"
+    )
+    group.add_argument("--artifact", type=Path, help="path to a model.safetensors file")
+    group.add_argument(
+        "--repo", type=Path, default=Path(os.environ.get("BNN_MODEL_REPO", "models")),
+        help="model repository (default: $BNN_MODEL_REPO or ./models)",
+    )  # fmt: skip
+    group.add_argument("--name", help="published model name")
+    group.add_argument("--version", type=_positive_int, help="version (default: the newest)")
+
+
+def _model_config(args: argparse.Namespace) -> Any:
+    from training.config import model_config_from_options
+
+    options = {
+        "hidden": args.hidden,
+        "channels": args.channels,
+        "stem_channels": args.stem_channels,
+        "pool": args.pool,
+        "kernel_quantizer": args.kernel_quantizer,
+        "activation_quantizer": args.input_quantizer,
+        "scale": args.scale,
+        "pad_value": args.pad_value,
+    }
+    given = {key: value for key, value in options.items() if value is not None}
+    if not given:
+        return None
+    fields = _fields_of(args.arch)
+    unknown = [_flag(key) for key in given if key not in fields]
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)} does not apply to --arch {args.arch}")
+    if "channels" in given and "pool" not in given:  # pool in the last two blocks
+        n = len(given["channels"])
+        given["pool"] = (False,) * max(0, n - 2) + (True,) * min(2, n)
+    return model_config_from_options(args.arch, args.dataset, **given)
+
+
+def _flag(field: str) -> str:
+    return (
+        "--input-quantizer" if field == "activation_quantizer" else "--" + field.replace("_", "-")
+    )
+
+
+def _fields_of(arch: str) -> set[str]:
+    from dataclasses import fields
+
+    from training.architectures import ARCHITECTURES
+
+    return {f.name for f in fields(ARCHITECTURES[arch])}
+
+
+def _artifact_path(args: argparse.Namespace) -> Path:
+    if args.artifact is not None:
+        if args.name is not None:
+            raise ConfigError("give either --artifact or --name, not both")
+        if not args.artifact.is_file():
+            raise ModelNotFoundError(f"no artifact file at {args.artifact}")
+        return args.artifact
+    if args.name is None:
+        raise ConfigError("give --artifact PATH or --name NAME (with --repo, --version)")
+    from model.repository import resolve
+
+    return resolve(args.repo, args.name, args.version).artifact_path
+
+
+# --- argument types ------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(_positive_int(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers like 512,512, got {text!r}"
+        ) from None
+
+
+def _flags(text: str) -> tuple[bool, ...]:
+    table = {"1": True, "0": False, "true": True, "false": False, "yes": True, "no": False}
+    try:
+        return tuple(table[part.strip().lower()] for part in text.split(","))
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated 0/1 flags like 0,1,1, got {text!r}"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

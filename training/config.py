@@ -1,0 +1,186 @@
+"""The typed configuration of one training run, validated when it is built.
+
+``TrainConfig(arch="mlp", dataset="digits")`` is a complete run: every other field has a default
+that meets the project's accuracy targets on digits. ``model=None`` means the data set's default
+architecture config (:func:`training.architectures.default_config`); :meth:`TrainConfig.model_config`
+resolves it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from training.data import DATASETS
+
+if TYPE_CHECKING:
+    from training.architectures import ArchitectureConfig
+
+# training.architectures.ARCHITECTURES, named here so that the CLI parses without importing torch.
+ARCHITECTURE_NAMES = ("mlp", "cnn")
+OPTIMIZERS = ("adam", "bop")
+LR_SCHEDULES = ("cosine", "step", "constant")
+
+
+class ConfigError(ValueError):
+    """A training option is out of range or inconsistent; the message names it."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    Optimizer: ``adam`` updates every parameter (the binary layers' latent weights included) with
+    Adam at ``lr``; ``bop`` flips binary weights with Bop (``bop_gamma``, ``bop_threshold``;
+    Helwegen et al. 2019) and uses Adam at ``lr`` for the rest. The schedule scales Adam's ``lr``
+    per step: ``cosine`` anneals to 0 over the run, ``step`` multiplies by ``lr_gamma`` every
+    ``lr_step_epochs`` epochs, ``constant`` keeps it.
+
+    ``augment_shift`` (pixels) shifts each training image by a random offset in
+    [−shift, shift]² per epoch, filling with 0 (the background); 0 turns it off and it is ignored
+    for flat (non-image) inputs. ``label_smoothing`` is cross-entropy's (0 = none).
+
+    ``num_threads`` sets ``torch.set_num_threads`` for the run (None: leave torch's default).
+    The default is 1: these models are small enough that a second thread mostly adds
+    synchronisation, and on a shared machine it contends with everything else.
+    """
+
+    arch: str = "mlp"
+    dataset: str = "digits"
+    data_dir: Path | None = None
+    model: ArchitectureConfig | None = None
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-2
+    lr_schedule: str = "cosine"
+    lr_step_epochs: int = 10
+    lr_gamma: float = 0.5
+    optimizer: str = "adam"
+    bop_gamma: float = 1e-4
+    bop_threshold: float = 1e-8
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    augment_shift: int = 1
+    seed: int = 0
+    split_seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    out_dir: Path | None = None
+    progress: bool = True
+    num_threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.out_dir is not None:
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
+        _one_of("arch", self.arch, ARCHITECTURE_NAMES)
+        _one_of("dataset", self.dataset, DATASETS)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for name in ("epochs", "batch_size", "lr_step_epochs"):
+            _positive_int(name, getattr(self, name))
+        for name in ("lr", "bop_gamma", "bop_threshold"):
+            _positive_float(name, getattr(self, name))
+        _in_range("lr_gamma", self.lr_gamma, 0.0, 1.0, low_open=True)
+        _in_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        _in_range("bop_gamma", self.bop_gamma, 0.0, 1.0, low_open=True)
+        _in_range("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        _in_range("test_fraction", self.test_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"val_fraction + test_fraction must be < 1, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
+        if not _is_int(self.augment_shift) or self.augment_shift < 0:
+            raise ConfigError(f"augment_shift must be an integer ≥ 0, got {self.augment_shift!r}")
+        if not _is_int(self.seed) or not _is_int(self.split_seed):
+            raise ConfigError(f"seeds must be integers, got {self.seed!r}, {self.split_seed!r}")
+        if self.num_threads is not None:
+            _positive_int("num_threads", self.num_threads)
+        if self.model is not None:
+            from training.architectures import ARCHITECTURES
+
+            expected = ARCHITECTURES[self.arch]
+            if not isinstance(self.model, expected):
+                raise ConfigError(
+                    f"arch={self.arch!r} needs a {expected.__name__} as model, "
+                    f"got {type(self.model).__name__}"
+                )
+
+    def model_config(self) -> ArchitectureConfig:
+        """``model``, or the data set's default config of ``arch`` when it is None."""
+        from training.architectures import default_config
+
+        return self.model if self.model is not None else default_config(self.arch, self.dataset)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: paths as strings, the resolved model config under ``model``."""
+        doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        for key in ("data_dir", "out_dir"):
+            doc[key] = None if doc[key] is None else str(doc[key])
+        from training.architectures import config_to_dict
+
+        doc["model"] = config_to_dict(self.model_config())
+        return doc
+
+
+def model_config_from_options(arch: str, dataset: str, **overrides: Any) -> ArchitectureConfig:
+    """The default config of ``arch`` for ``dataset`` with ``overrides`` (None = keep default);
+    an unknown field or invalid value is a :class:`ConfigError` naming it."""
+    from training.architectures import default_config
+
+    base = default_config(arch, dataset)
+    known = {f.name for f in fields(base)}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(f"arch {arch!r} has no option(s) {unknown}; it has {sorted(known)}")
+    try:
+        return type(base)(**(asdict(base) | given))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid {arch} config: {exc}") from None
+
+
+# --- checks --------------------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if not _is_number(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def _in_range(
+    name: str,
+    value: float,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (_is_number(value) and above and below):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must lie in {interval}, got {value!r}")

@@ -1,0 +1,260 @@
+"""The training loop: one call, :func:`train`, from a :class:`TrainConfig` to a trained model.
+
+Per step: (optionally) shift the batch's images by a random pixel offset, forward, cross-entropy,
+backward, optimizer step(s), schedule step, then clip the binary layers' latent weights to
+[−1, 1] (:func:`training.layers.clip_latent_weights`). After each epoch the model is evaluated
+on the validation split; the epoch with the best validation accuracy (ties: lower validation
+loss) is kept and restored at the end, and the test split is evaluated once, on that state.
+
+Reproducibility: ``config.seed`` seeds the weight initialisation, the shuffling, the augmentation
+and any stochastic quantizer; the same config on the same machine and thread count gives the same
+weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.architectures import ArchitectureConfig, BinaryNet, build_model
+from training.config import TrainConfig
+from training.data import DataBundle, load_dataset
+from training.layers import clip_latent_weights
+from training.optim import build_optimizers, build_scheduler
+from training.plots import render_curves
+from training.summary import ModelSummary, summarize_model
+
+METRICS_FILENAME = "metrics.json"
+CURVES_FILENAME = "curves.png"
+EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float
+    count: int
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int  # 1-based
+    lr: float  # Adam's learning rate at the start of the epoch
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """A finished run: the model (eval mode, best epoch restored) and everything about it."""
+
+    model: BinaryNet
+    config: TrainConfig
+    model_config: ArchitectureConfig
+    data: DataBundle
+    history: list[EpochStats]
+    metrics: dict[str, Any]
+    summary: ModelSummary
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def metrics_document(self) -> dict[str, Any]:
+        """What ``metrics.json`` holds: the metrics, the per-epoch history and the config."""
+        return {
+            "metrics": self.metrics,
+            "history": [asdict(epoch) for epoch in self.history],
+            "config": self.config.to_dict(),
+        }
+
+    def metrics_json(self) -> bytes:
+        return json.dumps(self.metrics_document(), indent=2).encode()
+
+    @cached_property
+    def curves_png(self) -> bytes:
+        return render_curves([asdict(e) for e in self.history], self.metrics["best_epoch"])
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train, keep the best validation epoch, evaluate on test, write the output files."""
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    data = load_dataset(
+        config.dataset,
+        config.data_dir,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.split_seed,
+    )
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model_config = config.model_config()
+    model = build_model(model_config, data.input_shape, data.num_classes)
+    x_train, y_train = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
+    steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
+    optimizers = build_optimizers(model, config)
+    scheduler = build_scheduler(optimizers[0], steps_per_epoch, config)
+    shift = config.augment_shift if len(data.input_shape) == 3 else 0
+
+    history: list[EpochStats] = []
+    best: tuple[float, float] = (-1.0, math.inf)  # (val accuracy, −) and val loss
+    best_state: dict[str, Tensor] = {}
+    best_epoch = 0
+    progress = _progress_bar(config, steps_per_epoch)
+    started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        lr = optimizers[0].param_groups[0]["lr"]
+        model.train()
+        order = torch.randperm(len(y_train), generator=generator)
+        loss_sum, correct, seen = 0.0, 0, 0
+        progress.set_description(f"epoch {epoch}/{config.epochs}")
+        for begin in range(0, len(order), config.batch_size):
+            index = order[begin : begin + config.batch_size]
+            x, y = x_train[index], y_train[index]
+            if shift:
+                x = random_shift(x, shift, generator)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            scheduler.step()
+            clip_latent_weights(model)
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(dim=1) == y).sum())
+            seen += len(y)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        val = evaluate(model, data.val.x, data.val.y)
+        history.append(
+            EpochStats(
+                epoch=epoch,
+                lr=lr,
+                train_loss=loss_sum / seen,
+                train_accuracy=correct / seen,
+                val_loss=val.loss,
+                val_accuracy=val.accuracy,
+                seconds=time.perf_counter() - epoch_started,
+            )
+        )
+        if (val.accuracy, -val.loss) > (best[0], -best[1]):
+            best, best_epoch = (val.accuracy, val.loss), epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        progress.set_postfix(
+            loss=f"{loss_sum / seen:.4f}",
+            acc=f"{correct / seen:.4f}",
+            val_acc=f"{val.accuracy:.4f}",
+        )
+    progress.close()
+    train_seconds = time.perf_counter() - started
+
+    model.load_state_dict(best_state)
+    model.eval()
+    test = evaluate(model, data.test.x, data.test.y)
+    summary = summarize_model(model)
+    metrics = {
+        "arch": model_config.arch,
+        "dataset": data.name,
+        "test_accuracy": test.accuracy,
+        "test_loss": test.loss,
+        "best_epoch": best_epoch,
+        "best_val_accuracy": best[0],
+        "best_val_loss": best[1],
+        "epochs": config.epochs,
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": train_seconds / config.epochs,
+        "train_size": len(data.train),
+        "val_size": len(data.val),
+        "test_size": len(data.test),
+        "binary_params": summary.binary_params,
+        "float_params": summary.float_params,
+        "compression_ratio": summary.compression_ratio,
+        "num_threads": torch.get_num_threads(),
+    }
+    result = TrainResult(
+        model=model,
+        config=config,
+        model_config=model_config,
+        data=data,
+        history=history,
+        metrics=metrics,
+        summary=summary,
+    )
+    if config.out_dir is not None:
+        result.files = write_outputs(result, config.out_dir)
+    return result
+
+
+def evaluate(
+    model: nn.Module, x: np.ndarray | Tensor, y: np.ndarray | Tensor, batch_size: int = EVAL_BATCH
+) -> Evaluation:
+    """Mean cross-entropy and accuracy of ``model`` in eval mode on (x, y); restores the mode."""
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.int64)
+    if len(x) != len(y) or len(y) == 0:
+        raise ValueError(f"evaluate: expected equal, non-zero numbers of inputs and labels, "
+                         f"got {len(x)} and {len(y)}")  # fmt: skip
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for begin in range(0, len(y), batch_size):
+            logits = model(x[begin : begin + batch_size])
+            target = y[begin : begin + batch_size]
+            loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == target).sum())
+    model.train(was_training)
+    return Evaluation(loss=loss_sum / len(y), accuracy=correct / len(y), count=len(y))
+
+
+def random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Shift each image of ``x`` (batch, C, H, W) by its own random offset in
+    [−max_shift, max_shift]² pixels, filling the uncovered border with 0."""
+    n, c, h, w = x.shape
+    s = max_shift
+    padded = F.pad(x, (s, s, s, s))  # (n, c, h + 2s, w + 2s)
+    dy = torch.randint(0, 2 * s + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * s + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (n, 1, h, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (n, 1, 1, w)
+    batch = torch.arange(n)[:, None, None, None]
+    channel = torch.arange(c)[None, :, None, None]
+    return padded[batch, channel, rows, cols]  # (n, c, h, w)
+
+
+def write_outputs(result: TrainResult, out_dir: Path) -> dict[str, Path]:
+    """Write ``metrics.json`` and ``curves.png`` into ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        METRICS_FILENAME: (out_dir / METRICS_FILENAME, result.metrics_json()),
+        CURVES_FILENAME: (out_dir / CURVES_FILENAME, result.curves_png),
+    }
+    for path, content in files.values():
+        path.write_bytes(content)
+    return {name: path for name, (path, _) in files.items()}
+
+
+def _progress_bar(config: TrainConfig, steps_per_epoch: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=config.epochs * steps_per_epoch,
+        unit="batch",
+        disable=not config.progress,
+        dynamic_ncols=True,
+        leave=True,
+    )
