@@ -99,7 +99,7 @@ class NumbaExecutor:
 
     def _planes_dense(self, op: PlanesDense, x: np.ndarray) -> np.ndarray:
         x = x.reshape(x.shape[0], -1)
-        planes = integer_bit_planes(x)
+        planes = integer_bit_planes(x, op.weight.shape[1])
         ep = op.epilogue
         if planes is None:  # not integers in range: exact-as-possible float path
             raw = _packed_matmul(x, op.weight, op.features).astype(F32)
@@ -173,23 +173,24 @@ class NumbaExecutor:
 
 
 # --- shared helpers (also used by tests as references) --------------------------------------------
-def integer_bit_planes(x: np.ndarray) -> np.ndarray | None:
-    """(M, F) values → (M, B, ⌈F/64⌉) uint64 bit-planes, or None unless every value is an
-    integer in [0, MAX_PLANE_VALUE]. B = bit length of the largest value (at least 1)."""
+def integer_bit_planes(x: np.ndarray, words: int | None = None) -> np.ndarray | None:
+    """(M, F) values → (B, M, words) uint64 bit-planes (zero words after ⌈F/64⌉), or None
+    unless every value is an integer in [0, MAX_PLANE_VALUE]. B = bit length of the largest
+    value (at least 1)."""
+    m, f = x.shape
+    words = words_for(f) if words is None else words
     if x.size == 0:
-        return np.zeros((x.shape[0], 1, words_for(x.shape[1])), np.uint64)
+        return np.zeros((1, m, words), np.uint64)
     low, high = x.min(), x.max()
     if low < 0 or high > MAX_PLANE_VALUE or not np.array_equal(x, np.floor(x)):
         return None
     values = x.astype(np.uint16)
     n_planes = max(1, int(high).bit_length())
-    m, f = values.shape
-    width = words_for(f) * 64
-    bits = np.zeros((m, n_planes, width), np.uint8)
+    bits = np.zeros((n_planes, m, words * 64), np.uint8)
     for b in range(n_planes):
-        bits[:, b, :f] = (values >> b) & 1
+        bits[b, :, :f] = (values >> b) & 1
     packed = np.packbits(bits, axis=-1, bitorder="little")
-    return np.ascontiguousarray(packed).view(np.uint64).reshape(m, n_planes, -1)
+    return np.ascontiguousarray(packed).view(np.uint64).reshape(n_planes, m, words)
 
 
 def unpack_bits(words: np.ndarray, bits: Bits) -> np.ndarray:

@@ -41,6 +41,21 @@ Shape = tuple[int, ...]
 MAX_PLANE_VALUE = 2**16 - 1
 
 
+def row_words(words: int) -> int:
+    """Words per row in the kernels' layout: rows of ≥ 8 words are padded with zero words to a
+    multiple of 8 (whole 512-bit vectors) when that adds at most half; zeros never count."""
+    padded = -(-words // 8) * 8
+    return padded if words >= 8 and 2 * (padded - words) <= words else words
+
+
+def pad_rows(words: np.ndarray) -> np.ndarray:
+    """(O, L) uint64 → (O, row_words(L)) with zero words appended."""
+    width = row_words(words.shape[1])
+    out = np.zeros((words.shape[0], width), np.uint64)
+    out[:, : words.shape[1]] = words
+    return out
+
+
 # --- values ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Bits:
@@ -123,7 +138,7 @@ class BinaryConv:
     """Bits (nhwc) ⋆ packed ±1 weights; patches padded with ``pad_words``."""
 
     name: str
-    weight: np.ndarray  # (O, kh·kw·Wc) uint64 in (dy, dx, word) order
+    weight: np.ndarray  # (O, row_words(kh·kw·Wc)) uint64 in (dy, dx, word) order, zero-padded
     pcw: np.ndarray  # (O,) int64
     features: int  # K = C·kh·kw
     input: Bits
@@ -142,7 +157,7 @@ class PlanesDense:
     [0, MAX_PLANE_VALUE] take a float path that unpacks weight tiles transiently."""
 
     name: str
-    weight: np.ndarray  # (O, ⌈F/64⌉) uint64
+    weight: np.ndarray  # (O, row_words(⌈F/64⌉)) uint64, zero-padded
     pcw: np.ndarray
     features: int
     epilogue: Epilogue
@@ -385,7 +400,7 @@ def _producer(
             c, (kh, kw) = layer.in_channels, layer.kernel_size
             wc = words_for(c)
             # stored (O, kh, kw, Wc) → (O, kh·kw·Wc), the im2col word order
-            w = np.ascontiguousarray(weight.reshape(layer.out_channels, kh * kw * wc))
+            w = pad_rows(weight.reshape(layer.out_channels, kh * kw * wc))
             pcw = _popcounts(w)
             k = c * kh * kw
             pad_words = _pad_words(layer.pad_value, state.binarizer, c)
@@ -408,7 +423,7 @@ def _producer(
         and _plane_range_ok(spec)
     )
     if planes:
-        w = np.ascontiguousarray(weight)
+        w = pad_rows(weight)
         pcw = _popcounts(w)
 
         def build(ep: Epilogue) -> Op:

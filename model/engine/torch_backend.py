@@ -189,7 +189,8 @@ class TorchExecutor:
         padded[:, :, ph : ph + h, pw : pw + w] = x
         cols = F.unfold(padded, (kh, kw), stride=op.stride)  # (N, 64·Wc·kh·kw, OH·OW), (c, dy, dx)
         a = cols.transpose(1, 2).reshape(n * oh * ow, -1)
-        weight = self._bits(self._t(op.weight).reshape(-1, kh, kw, wc))  # (O, kh, kw, 64·Wc)
+        words = self._t(op.weight)[:, : kh * kw * wc]  # drop the kernels' zero padding
+        weight = self._bits(words.reshape(-1, kh, kw, wc))  # (O, kh, kw, 64·Wc)
         w_bits = weight.permute(0, 3, 1, 2).reshape(weight.shape[0], -1)
         out = self._binary_epilogue(op, self._popcounts(a, op, w_bits))  # (N·OH·OW, O)
         out = out.reshape(n, oh, ow, -1)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from model.engine import kernels
 from model.engine.cpu import integer_bit_planes, unpack_bits
-from model.engine.program import Bits
+from model.engine.program import Bits, pad_rows, row_words
 from model.packing import pack_signs, unpack_signs, words_for
 from model.quantizers import SIGN, STEP
 
@@ -79,8 +79,9 @@ def test_planes_dense(seed, m, o, f, high):
     rng = np.random.default_rng(seed)
     x = rng.integers(0, high + 1, size=(m, f)).astype(np.float32)
     w, signs = random_words(rng, (o,), f)
-    planes = integer_bit_planes(x)
-    assert planes.shape == (m, max(1, int(x.max()).bit_length()), words_for(f))
+    w = pad_rows(w)  # the kernels' row layout: zero words up to a multiple of 8 (when ≥ 8)
+    planes = integer_bit_planes(x, w.shape[1])
+    assert planes.shape == (max(1, int(x.max()).bit_length()), m, row_words(words_for(f)))
     pcw = np.bitwise_count(w).sum(axis=1).astype(np.int64)
     acc = np.empty((m, o), np.int64)
     kernels.planes_dense_acc(planes, w, pcw, acc)
@@ -97,7 +98,7 @@ def test_integer_bit_planes_refuses_non_integers_and_out_of_range():
     assert integer_bit_planes(np.array([[0.5, 1.0]], np.float32)) is None
     assert integer_bit_planes(np.array([[-1.0, 1.0]], np.float32)) is None
     assert integer_bit_planes(np.array([[70000.0]], np.float32)) is None
-    assert integer_bit_planes(np.zeros((2, 3), np.float32)).shape == (2, 1, 1)
+    assert integer_bit_planes(np.zeros((2, 3), np.float32)).shape == (1, 2, 1)
 
 
 @SETTINGS
@@ -135,8 +136,11 @@ def test_im2col_bits(seed, n, c, hw, kernel, stride, padding, pad_negative):
     x, signs = random_words(rng, (n, h, w), c)  # (N, H, W, Wc), signs (N, H, W, C)
     pad = pack_signs(np.full(c, -1.0 if pad_negative else 1.0))
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    out = np.empty((n * oh * ow, kh * kw * words_for(c)), np.uint64)
+    width = kh * kw * words_for(c)
+    out = np.full((n * oh * ow, row_words(width)), 12345, np.uint64)
     kernels.im2col_bits(x, kh, kw, sh, sw, ph, pw, pad, out)
+    assert not out[:, width:].any()  # the row padding is zeros
+    out = out[:, :width]
     padded = np.full((n, h + 2 * ph, w + 2 * pw, c), -1.0 if pad_negative else 1.0)
     padded[:, ph : ph + h, pw : pw + w] = signs
     want = np.stack(
