@@ -122,3 +122,13 @@ def test_evaluate_counts_and_restores_the_mode():
 def test_config_errors_name_the_option(overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny(**overrides)
+
+
+def test_package_reexports_the_training_api():
+    import training
+    from training import loop, publish
+
+    assert training.train is train and training.TrainConfig is TrainConfig
+    assert training.publish_result is publish.publish_result and training.evaluate is loop.evaluate
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = training.nope
