@@ -27,6 +27,7 @@ from model.engine.program import (
     RealBatchNorm,
     RealFlatten,
     RealMaxPool,
+    SignedDense,
     ToReal,
     Unpack,
 )
@@ -50,6 +51,7 @@ class NumbaExecutor:
             BinaryConv: self._binary_conv,
             PlanesDense: self._planes_dense,
             FloatDense: self._float_dense,
+            SignedDense: self._signed_dense,
             FloatConv: self._float_conv,
             Quantize: self._quantize,
             Unpack: self._unpack,
@@ -123,21 +125,38 @@ class NumbaExecutor:
             raw64 += op.bias_in_raw
         return _decide_or_real(op.epilogue, raw64.astype(F32))
 
+    def _signed_dense(self, op: SignedDense, words: np.ndarray) -> np.ndarray:
+        bits = np.ascontiguousarray(words.reshape(words.shape[0], -1))
+        raw64 = np.empty((bits.shape[0], op.weight_t.shape[1]), F64)
+        kernels.signed_dense(bits, op.weight_t, op.base, op.coef, raw64)
+        return _decide_or_real(op.epilogue, raw64.astype(F32))
+
     def _float_conv(self, op: FloatConv, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
         oh, ow = op.out_hw
+        ep = op.epilogue
+        if isinstance(ep, Decide) and op.weight.dtype != np.uint64:
+            out = np.empty((n, oh, ow, words_for(op.weight.shape[1])), np.uint64)
+            (kh, kw), (sh, sw) = op.kernel, op.stride
+            padded = pad_nhwc(x, op.padding, op.pad_value)
+            bias = np.zeros(op.weight.shape[1], F64)
+            if op.bias_in_raw is not None:
+                bias[:] = op.bias_in_raw
+            kernels.real_conv_threshold_pack(
+                padded, op.weight, bias, kh, kw, sh, sw, ep.cut, ep.invert, out
+            )
+            return self._pools(ep, out)
         cols = real_im2col(x, op.kernel, op.stride, op.padding, op.pad_value)
         if op.weight.dtype == np.uint64:
             c = op.in_shape[0]
             signs = unpack_signs(op.weight, c, axis=1, dtype=F64)  # (O, C, kh, kw), transient
-            w = signs.transpose(0, 2, 3, 1).reshape(signs.shape[0], -1)
+            w = signs.transpose(2, 3, 1, 0).reshape(-1, signs.shape[0])
         else:
             w = op.weight.astype(F64)
-        raw64 = cols @ w.T  # (N·OH·OW, O)
+        raw64 = cols @ w  # (N·OH·OW, O)
         if op.bias_in_raw is not None:
             raw64 += op.bias_in_raw
         raw = raw64.astype(F32)
-        ep = op.epilogue
         if isinstance(ep, ToReal):
             return _to_real(ep, raw).reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
         return self._pools(ep, _threshold_rows(ep, raw).reshape(n, oh, ow, -1))
@@ -209,6 +228,15 @@ def unpack_bits(words: np.ndarray, bits: Bits) -> np.ndarray:
     return 1 - 2 * values if bits.binarizer.kind == "sign" else values
 
 
+def pad_nhwc(x: np.ndarray, padding: tuple[int, int], pad_value: float) -> np.ndarray:
+    """(N, C, H, W) → (N, H + 2·ph, W + 2·pw, C) float32 filled with ``pad_value`` around."""
+    n, c, h, w = x.shape
+    ph, pw = padding
+    padded = np.full((n, h + 2 * ph, w + 2 * pw, c), pad_value, F32)
+    padded[:, ph : ph + h, pw : pw + w, :] = x.transpose(0, 2, 3, 1)
+    return padded
+
+
 def real_im2col(
     x: np.ndarray,
     kernel: tuple[int, int],
@@ -217,10 +245,9 @@ def real_im2col(
     pad_value: float,
 ) -> np.ndarray:
     """(N, C, H, W) → (N·OH·OW, kh·kw·C) float64 patches in (dy, dx, c) order."""
-    n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    padded = np.full((n, h + 2 * ph, w + 2 * pw, c), pad_value, F64)
-    padded[:, ph : ph + h, pw : pw + w, :] = x.transpose(0, 2, 3, 1)
+    c = x.shape[1]
+    (kh, kw), (sh, sw) = kernel, stride
+    padded = pad_nhwc(x, padding, pad_value).astype(F64)
     windows = sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
     # (N, OH, OW, C, kh, kw) → (N, OH, OW, kh, kw, C)
     return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3)).reshape(-1, kh * kw * c)

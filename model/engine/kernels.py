@@ -20,7 +20,7 @@ All kernels release the GIL; the parallel ones split work with ``prange``.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir  # noqa: F401  (llvmlite is numba's dependency; ctpop comes from its builder)
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
@@ -29,6 +29,8 @@ from model.engine import runtime  # noqa: F401  (cache directory and threading l
 WORD = 64
 _JIT = {"nogil": True, "cache": True, "fastmath": True}
 _PAR = {**_JIT, "parallel": True}
+# Float kernels keep IEEE semantics: no reassociation, no contraction of float64 → float32 casts.
+_PAR_EXACT = {"nogil": True, "cache": True, "parallel": True}
 
 
 @intrinsic
@@ -39,6 +41,18 @@ def popcount(typingctx, x):
 
     def codegen(context, builder, sig, args):
         return builder.ctpop(args[0])
+
+    return x(x), codegen
+
+
+@intrinsic
+def trailing_zeros(typingctx, x):
+    """Index of the lowest set bit (LLVM ``cttz``; x must not be 0)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
 
     return x(x), codegen
 
@@ -207,6 +221,58 @@ def threshold_pack_rows(y, cut, invert, out):
                 bit = np.uint64((np.float64(y[m, o]) >= cut[o]) ^ np.bool_(invert[o]))
                 word |= bit << np.uint64(o - j * WORD)
             out[m, j] = word
+
+
+@njit(**_PAR_EXACT)
+def signed_dense(bits, w_t, base, coef, out):
+    """Full-precision weights on packed binary input: out[m, o] = base[o] + coef ·
+    Σ_{bit i of bits[m] set} w_t[i, o], in float64. bits (M, L) uint64, w_t (64·L, O)."""
+    m_rows, words = bits.shape
+    o_rows = w_t.shape[1]
+    for m in prange(m_rows):
+        for o in range(o_rows):
+            out[m, o] = 0.0
+        for k in range(words):
+            word = bits[m, k]
+            while word != 0:
+                i = k * WORD + trailing_zeros(word)
+                for o in range(o_rows):
+                    out[m, o] += np.float64(w_t[i, o])
+                word &= word - np.uint64(1)
+        for o in range(o_rows):
+            out[m, o] = base[o] + coef * out[m, o]
+
+
+@njit(**_PAR_EXACT)
+def real_conv_threshold_pack(x, w, bias, kh, kw, sh, sw, cut, invert, out):
+    """Full-precision conv with folded thresholds, output packed (the stem conv).
+
+    x (N, Hp, Wp, C) float32, already padded; w (kh·kw·C, O) float32, rows in (dy, dx, c)
+    order; bias (O,) float64 added inside the sum (as F.conv2d does); out (N, OH, OW, ⌈O/64⌉)
+    gets bit o = (fl32(bias + Σ x·w) ≥ cut[o]) XOR invert[o]; sums in float64.
+    """
+    n, _, _, c = x.shape
+    oh, ow, words = out.shape[1], out.shape[2], out.shape[3]
+    o_rows = w.shape[1]
+    for r in prange(n * oh):
+        i, oy = r // oh, r % oh
+        acc = np.empty(o_rows, np.float64)
+        for ox in range(ow):
+            for o in range(o_rows):
+                acc[o] = bias[o]
+            for dy in range(kh):
+                for dx in range(kw):
+                    row = (dy * kw + dx) * c
+                    for ch in range(c):
+                        v = np.float64(x[i, oy * sh + dy, ox * sw + dx, ch])
+                        for o in range(o_rows):
+                            acc[o] += v * np.float64(w[row + ch, o])
+            for j in range(words):
+                word = np.uint64(0)
+                for o in range(j * WORD, min(o_rows, (j + 1) * WORD)):
+                    raw = np.float64(np.float32(acc[o]))
+                    word |= _decide(raw, cut, invert, o, j * WORD)
+                out[i, oy, ox, j] = word
 
 
 @njit(**_PAR)

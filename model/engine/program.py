@@ -177,10 +177,24 @@ class FloatDense:
 
 
 @dataclass(frozen=True)
+class SignedDense:
+    """Bits × float32 weights (the full-precision output layer), straight from the packed bits:
+    raw = fl(Σ_i v_i·W[o, i]) with v = ±1 (sign) or {0, 1} (step), accumulated in float64 as
+    ``base + coef · Σ_{bit i set} weight_t[i]`` (sign: base = Σ_i W[o, i], coef = −2)."""
+
+    name: str
+    weight_t: np.ndarray  # (64·L, O) float32: Wᵀ in the bits' word layout, zero rows at padding
+    base: np.ndarray  # (O,) float64
+    coef: float
+    input: Bits
+    epilogue: Epilogue
+
+
+@dataclass(frozen=True)
 class FloatConv:
-    """Real (N, C, H, W) input, padded with ``pad_value``, ⋆ weights via im2col + BLAS.
-    ``weight`` is float32 (O, kh·kw·C) in (dy, dx, c) order, or packed ±1 (O, C, kh, kw)
-    words as stored (unpacked per call)."""
+    """Real (N, C, H, W) input, padded with ``pad_value``, ⋆ weights, accumulated in float64.
+    ``weight`` is float32 (kh·kw·C, O) with rows in (dy, dx, c) order, or packed ±1
+    (O, kh, kw, ⌈C/64⌉) words as stored (unpacked per call)."""
 
     name: str
     weight: np.ndarray
@@ -231,6 +245,7 @@ Op = (
     | BinaryConv
     | PlanesDense
     | FloatDense
+    | SignedDense
     | FloatConv
     | Quantize
     | Unpack
@@ -339,7 +354,7 @@ def _prepare_input(state: Bits | Real, layer: Dense | Conv2d) -> tuple[Bits | Re
         return bits, [Quantize(Decide(cut=cut, invert=invert, pools=(), out=bits))]
     if layer.input_quantizer is None and isinstance(state, Bits):  # pragma: no cover
         raise AssertionError("bits are only produced for a quantizing consumer")
-    if isinstance(state, Bits) and layer.kernel_quantizer is None:
+    if isinstance(state, Bits) and layer.kernel_quantizer is None and isinstance(layer, Conv2d):
         real = Real(_real_shape(state))
         return real, [Unpack(input=state, out=real)]
     return state, []
@@ -387,8 +402,15 @@ def _producer(
     affine = AffineStep(scale, bias) if (scale is not None or bias is not None) else None
     steps = [affine] if affine is not None else []
 
+    if isinstance(state, Bits) and not binary:  # full-precision dense on binary input
+        w_t, base, coef = _signed_weights(weight, state)
+
+        def build(ep: Epilogue) -> Op:
+            return SignedDense(layer.name, w_t, base, coef, state, ep)
+
+        return _Producer(build, False, steps, affine, channels, None)
+
     if isinstance(state, Bits):
-        assert binary, "bits feed binary layers; full-precision ones get unpacked values"
         if isinstance(layer, Dense):
             w = _dense_weight_for(weight, layer.in_features, state)
             pcw = _popcounts(w)
@@ -447,8 +469,8 @@ def _producer(
         w = np.ascontiguousarray(weight)
     else:
         w = np.ascontiguousarray(
-            weight.astype(np.float32).transpose(0, 2, 3, 1).reshape(layer.out_channels, -1)
-        )
+            weight.astype(np.float32).transpose(2, 3, 1, 0).reshape(-1, layer.out_channels)
+        )  # (kh·kw·C, O), rows in (dy, dx, c) order
 
     def build(ep: Epilogue) -> Op:
         return FloatConv(
@@ -472,6 +494,23 @@ def _dense_weight_for(weight: np.ndarray, features: int, bits: Bits) -> np.ndarr
     signs = unpack_signs(weight, features, axis=1, dtype=np.int8)  # (O, C·H·W)
     signs = signs.reshape(-1, c, h, w).transpose(0, 2, 3, 1)  # (O, H, W, C)
     return np.ascontiguousarray(pack_signs(signs, axis=-1).reshape(signs.shape[0], -1))
+
+
+def _signed_weights(weight: np.ndarray, bits: Bits) -> tuple[np.ndarray, np.ndarray, float]:
+    """Float weights (O, F) → (Wᵀ in the bits' word layout, base, coef) for SignedDense."""
+    w = np.asarray(weight, np.float32)
+    o = w.shape[0]
+    if bits.layout == "hwc":
+        c, h, wd = bits.shape
+        grid = np.zeros((h, wd, words_for(c) * 64, o), np.float32)
+        grid[:, :, :c, :] = w.reshape(o, c, h, wd).transpose(2, 3, 1, 0)
+        w_t = grid.reshape(-1, o)
+    else:
+        w_t = np.zeros((words_for(bits.features) * 64, o), np.float32)
+        w_t[: bits.features] = w.T
+    if bits.binarizer is SIGN:  # Σ ±1·W = ΣW − 2·Σ_{−1} W
+        return w_t, w.astype(np.float64).sum(axis=1), -2.0
+    return w_t, np.zeros(o, np.float64), 1.0
 
 
 def _popcounts(words: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ from model.engine.program import (
     RealBatchNorm,
     RealFlatten,
     RealMaxPool,
+    SignedDense,
     ToReal,
     Unpack,
 )
@@ -73,6 +74,7 @@ class TorchExecutor:
             BinaryConv: self._binary_conv,
             PlanesDense: self._planes_dense,
             FloatDense: self._float_dense,
+            SignedDense: self._signed_dense,
             FloatConv: self._float_conv,
             Quantize: self._quantize,
             Unpack: self._unpack,
@@ -220,6 +222,13 @@ class TorchExecutor:
             raw64 = raw64 + self._t(op.bias_in_raw).to(torch.float64)
         return self._decide_or_real(op.epilogue, raw64.to(torch.float32))
 
+    def _signed_dense(self, op: SignedDense, words: torch.Tensor) -> torch.Tensor:
+        bits = self._bits(words.reshape(words.shape[0], -1)).to(torch.float64)
+        values = 1 - 2 * bits if op.input.binarizer.kind == "sign" else bits
+        # padding bits read as +1 (sign) but meet zero rows of weight_t
+        raw64 = values @ self._t(op.weight_t).to(torch.float64)
+        return self._decide_or_real(op.epilogue, raw64.to(torch.float32))
+
     def _float_conv(self, op: FloatConv, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         (kh, kw), (ph, pw) = op.kernel, op.padding
@@ -231,9 +240,9 @@ class TorchExecutor:
         if op.weight.dtype == np.uint64:  # packed ±1 (O, kh, kw, Wc), unpacked for this call
             bits = self._bits(self._t(op.weight))[..., :c].to(torch.float64)
             w = (1 - 2 * bits).permute(0, 3, 1, 2).reshape(bits.shape[0], -1)
-        else:  # float32 (O, kh·kw·C) in (dy, dx, c) order → unfold's (c, dy, dx)
-            w = self._t(op.weight).to(torch.float64)
-            w = w.reshape(-1, kh, kw, c).permute(0, 3, 1, 2).reshape(w.shape[0], -1)
+        else:  # float32 (kh·kw·C, O) rows in (dy, dx, c) order → unfold's (c, dy, dx)
+            w = self._t(op.weight).to(torch.float64).reshape(kh, kw, c, -1)
+            w = w.permute(3, 2, 0, 1).reshape(w.shape[-1], -1)
         raw64 = a @ w.T
         if op.bias_in_raw is not None:
             raw64 = raw64 + self._t(op.bias_in_raw).to(torch.float64)

@@ -220,3 +220,57 @@ def test_popcount_loops_vectorize_to_vpopcntq():
     gemm(a, w, np.empty((1, 8), np.int32))
     asm = "\n".join(gemm.inspect_asm().values())
     assert re.search(r"vpopcntq\s+%zmm", asm), "expected vpopcntq on zmm registers"
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**31),
+    m=st.integers(1, 9),
+    f=st.integers(1, 300),
+    o=st.integers(1, 12),
+    step=st.booleans(),
+)
+def test_signed_dense(seed, m, f, o, step):
+    rng = np.random.default_rng(seed)
+    words, signs = random_words(rng, (m,), f)
+    w = rng.normal(size=(o, f)).astype(np.float32)
+    w_t = np.zeros((words.shape[1] * 64, o), np.float32)
+    w_t[:f] = w.T
+    values = (signs < 0).astype(np.float64) if step else signs.astype(np.float64)
+    base = np.zeros(o) if step else w.astype(np.float64).sum(axis=1)
+    out = np.empty((m, o), np.float64)
+    kernels.signed_dense(words, w_t, base, 1.0 if step else -2.0, out)
+    np.testing.assert_allclose(out, values @ w.T.astype(np.float64), rtol=1e-12, atol=1e-9)
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**31),
+    c=st.integers(1, 4),
+    o=st.integers(1, 70),
+    hw=st.integers(3, 7),
+    stride=st.sampled_from([(1, 1), (2, 2)]),
+)
+def test_real_conv_threshold_pack(seed, c, o, hw, stride):
+    rng = np.random.default_rng(seed)
+    (kh, kw), (sh, sw) = (3, 3), stride
+    x = rng.integers(0, 256, size=(2, hw + 2, hw + 2, c)).astype(np.float32)  # padded NHWC
+    w = rng.normal(size=(kh * kw * c, o)).astype(np.float32)
+    bias = rng.normal(size=o)
+    oh = (hw + 2 - kh) // sh + 1
+    windows = np.stack(
+        [
+            x[:, oy * sh : oy * sh + kh, ox * sw : ox * sw + kw].reshape(2, -1)
+            for oy in range(oh)
+            for ox in range(oh)
+        ],
+        axis=1,
+    )  # (N, OH·OW, kh·kw·C) in (dy, dx, c) order
+    raw = (windows.astype(np.float64) @ w.astype(np.float64) + bias).astype(np.float32)
+    cut = np.median(raw.reshape(-1, o), axis=0).astype(np.float32).astype(np.float64)
+    invert = rng.integers(0, 2, size=o).astype(np.uint8)
+    out = np.empty((2, oh, oh, words_for(o)), np.uint64)
+    kernels.real_conv_threshold_pack(x, w, bias, kh, kw, sh, sw, cut, invert, out)
+    want = ref_pack(((raw >= cut) ^ invert.astype(bool)).reshape(-1, o)).reshape(out.shape)
+    # float64 sums in another order may round to a neighbouring float32 exactly at the cut
+    assert (out != want).mean() <= 0.01
