@@ -1,0 +1,44 @@
+"""``python -m bench [engine|service] [options]``: run one benchmark, or every available one.
+
+Each subcommand is a module of this package with a ``main(argv) -> int``; with no subcommand
+all of them run in turn with their default options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+BENCHMARKS = {
+    "engine": "bench.engine",  # packed inference engine vs eager torch
+    "service": "bench.service",  # HTTP serving
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    available = {n: m for n, m in BENCHMARKS.items() if importlib.util.find_spec(m) is not None}
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print(f"available: {', '.join(available)}")
+        return 0
+    if argv:
+        name, rest = argv[0], argv[1:]
+        if name not in available:
+            print(
+                f"python -m bench: unknown benchmark {name!r}; expected one of: "
+                f"{', '.join(available)}",
+                file=sys.stderr,
+            )
+            return 2
+        return importlib.import_module(available[name]).main(rest)
+    status = 0
+    for name, module in available.items():
+        print(f"== bench {name} ==", flush=True)
+        status = importlib.import_module(module).main([]) or status
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
