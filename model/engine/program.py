@@ -489,7 +489,9 @@ def _plane_range_ok(spec: ModelSpec) -> bool:
 def _dense_weight_for(weight: np.ndarray, features: int, bits: Bits) -> np.ndarray:
     """Packed dense weights in the word layout of the incoming bits."""
     if bits.layout != "hwc":
-        return np.ascontiguousarray(weight)
+        # an owned, writable copy: artifact views are read-only, which numba would compile
+        # as a separate kernel signature
+        return np.array(weight, dtype=np.uint64, order="C", copy=True)
     c, h, w = bits.shape
     signs = unpack_signs(weight, features, axis=1, dtype=np.int8)  # (O, C·H·W)
     signs = signs.reshape(-1, c, h, w).transpose(0, 2, 3, 1)  # (O, H, W, C)
