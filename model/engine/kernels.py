@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from model.engine import runtime  # noqa: F401  (cache directory and threading layer first)
@@ -55,6 +56,92 @@ def trailing_zeros(typingctx, x):
         return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
 
     return x(x), codegen
+
+
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+_V8 = ir.VectorType(_I64, 8)
+
+
+def _shuffle_add(builder, x, y, lanes_a, lanes_b):
+    """x ⧺ y picked at ``lanes_a`` plus x ⧺ y picked at ``lanes_b`` (lane-wise)."""
+    pick = [
+        builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(_I32, 8), lanes))
+        for lanes in (lanes_a, lanes_b)
+    ]
+    return builder.add(*pick)
+
+
+def _transpose_sum8(builder, v):
+    """Eight <8 x i64> vectors → one whose lane j is the sum of v[j]'s lanes (3 shuffle-add
+    levels instead of eight horizontal reductions)."""
+    pairs = [
+        _shuffle_add(
+            builder,
+            v[2 * i],
+            v[2 * i + 1],
+            [0, 8, 2, 10, 4, 12, 6, 14],
+            [1, 9, 3, 11, 5, 13, 7, 15],
+        )
+        for i in range(4)
+    ]
+    quads = [
+        _shuffle_add(
+            builder,
+            pairs[2 * i],
+            pairs[2 * i + 1],
+            [0, 1, 8, 9, 4, 5, 12, 13],
+            [2, 3, 10, 11, 6, 7, 14, 15],
+        )
+        for i in range(2)
+    ]
+    return _shuffle_add(
+        builder, quads[0], quads[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    )
+
+
+@intrinsic
+def xor_popcount8(typingctx, a, w, m, o):
+    """popcount(a[m] XOR w[o + j]) for j < 8, as a tuple of 8 int64.
+
+    Hand-written vector IR: per 8-word step one <8 x i64> load of a[m], then for each weight row
+    a load, XOR, ``llvm.ctpop.v8i64`` (VPOPCNTQ zmm) and add into its own accumulator; the eight
+    accumulators are summed across lanes together by :func:`_transpose_sum8`. a and w must be
+    C-contiguous 2-D uint64 arrays of the same row length, a multiple of 8 words.
+    """
+    ok = all(
+        isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype == types.uint64
+        for t in (a, w)
+    )
+    if not ok or not isinstance(m, types.Integer) or not isinstance(o, types.Integer):
+        return None
+    sig = types.UniTuple(types.int64, 8)(a, w, types.int64, types.int64)
+
+    def codegen(context, builder, sig, args):
+        a_arr = context.make_array(sig.args[0])(context, builder, args[0])
+        w_arr = context.make_array(sig.args[1])(context, builder, args[1])
+        row, col = args[2], args[3]
+        length = builder.extract_value(a_arr.shape, 1)
+        ctpop = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V8, [_V8]), "llvm.ctpop.v8i64"
+        )
+        a_row = builder.gep(a_arr.data, [builder.mul(row, length)])
+        w_rows = [
+            builder.gep(w_arr.data, [builder.mul(builder.add(col, ir.Constant(_I64, j)), length)])
+            for j in range(8)
+        ]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8, [0] * 8)) for _ in range(8)]
+        eight = ir.Constant(_I64, 8)
+        with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), length, eight) as (k, _):
+            av = builder.load(builder.bitcast(builder.gep(a_row, [k]), _V8.as_pointer()), align=8)
+            for j in range(8):
+                ptr = builder.bitcast(builder.gep(w_rows[j], [k]), _V8.as_pointer())
+                counts = builder.call(ctpop, [builder.xor(av, builder.load(ptr, align=8))])
+                builder.store(builder.add(builder.load(accs[j]), counts), accs[j])
+        total = _transpose_sum8(builder, [builder.load(acc) for acc in accs])
+        items = [builder.extract_element(total, ir.Constant(_I32, j)) for j in range(8)]
+        return context.make_tuple(builder, sig.return_type, items)
+
+    return sig, codegen
 
 
 @njit(**_JIT, inline="always")
@@ -91,6 +178,12 @@ def xor_popcount_gemm(a, w, out):
     for t in prange(m_rows * blocks):
         b, m = t // m_rows, t % m_rows
         o, o1 = b * WORD, min(o_rows, (b + 1) * WORD)
+        if a.shape[1] % 8 == 0:
+            while o + 8 <= o1:
+                s = xor_popcount8(a, w, m, o)
+                for i in range(8):
+                    out[m, o + i] = s[i]
+                o += 8
         while o + 4 <= o1:
             s0, s1, s2, s3 = _xor_popcount4(a, w, m, o)
             out[m, o] = s0
@@ -127,6 +220,12 @@ def dense_threshold_pack(a, w, cut, invert, out, row_chunk):
         for m in range(c * row_chunk, min(m_rows, (c + 1) * row_chunk)):
             word = np.uint64(0)
             o = o0
+            if a.shape[1] % 8 == 0:
+                while o + 8 <= o1:
+                    s = xor_popcount8(a, w, m, o)
+                    for i in range(8):
+                        word |= _decide(s[i], cut, invert, o + i, o0)
+                    o += 8
             while o + 4 <= o1:
                 s0, s1, s2, s3 = _xor_popcount4(a, w, m, o)
                 word |= _decide(s0, cut, invert, o, o0) | _decide(s1, cut, invert, o + 1, o0)
@@ -156,6 +255,23 @@ def _planes_acc4(planes, w, pcw, m, o):
 
 
 @njit(**_JIT, inline="always")
+def _planes_acc8(planes, w, pcw, m, o):
+    """Like :func:`_planes_acc4` for eight weight rows (rows a multiple of 8 words)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.int64(0)
+    for b in range(planes.shape[0]):
+        s = xor_popcount8(planes[b], w, m, o)
+        a0 += (s[0] - pcw[o]) << np.int64(b)
+        a1 += (s[1] - pcw[o + 1]) << np.int64(b)
+        a2 += (s[2] - pcw[o + 2]) << np.int64(b)
+        a3 += (s[3] - pcw[o + 3]) << np.int64(b)
+        a4 += (s[4] - pcw[o + 4]) << np.int64(b)
+        a5 += (s[5] - pcw[o + 5]) << np.int64(b)
+        a6 += (s[6] - pcw[o + 6]) << np.int64(b)
+        a7 += (s[7] - pcw[o + 7]) << np.int64(b)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@njit(**_JIT, inline="always")
 def _planes_acc(planes, w, pcw, m, o):
     acc = np.int64(0)
     for b in range(planes.shape[0]):
@@ -172,6 +288,12 @@ def planes_dense_acc(planes, w, pcw, out):
     for t in prange(m_rows * blocks):
         b, m = t // m_rows, t % m_rows
         o, o1 = b * WORD, min(o_rows, (b + 1) * WORD)
+        if planes.shape[2] % 8 == 0:
+            while o + 8 <= o1:
+                acc = _planes_acc8(planes, w, pcw, m, o)
+                for i in range(8):
+                    out[m, o + i] = acc[i]
+                o += 8
         while o + 4 <= o1:
             s0, s1, s2, s3 = _planes_acc4(planes, w, pcw, m, o)
             out[m, o] = s0
@@ -195,6 +317,12 @@ def planes_dense_threshold_pack(planes, w, pcw, cut, invert, out):
         o0, o1 = j * WORD, min(o_rows, (j + 1) * WORD)
         word = np.uint64(0)
         o = o0
+        if planes.shape[2] % 8 == 0:
+            while o + 8 <= o1:
+                acc = _planes_acc8(planes, w, pcw, m, o)
+                for i in range(8):
+                    word |= _decide(np.float64(acc[i]), cut, invert, o + i, o0)
+                o += 8
         while o + 4 <= o1:
             s0, s1, s2, s3 = _planes_acc4(planes, w, pcw, m, o)
             word |= _decide(np.float64(s0), cut, invert, o, o0)

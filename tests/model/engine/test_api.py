@@ -40,9 +40,10 @@ def test_attributes(mlp, mlp_path):
     )
     assert (mlp.device, mlp.backend) == ("cpu", "numba")
     assert 0 < mlp.load_seconds < 60
-    # packed weights: 64→100→70 binary (⌈64/64⌉ and ⌈100/64⌉ words per row) + fp 70→10
+    # packed weights: 64→100→70 binary (⌈64/64⌉ and ⌈100/64⌉ words per row), then the fp
+    # 70→10 output layer transposed into the bits' layout (70 rows padded to 128)
     packed = 100 * 1 * 8 + 70 * 2 * 8
-    assert packed < mlp.memory_bytes < packed + 70 * 10 * 4 + 4096
+    assert packed + 128 * 10 * 4 < mlp.memory_bytes < packed + 128 * 10 * 4 + 4096
     seconds = mlp.warmup(batch_sizes=(1, 3))
     assert seconds == mlp.warmup_seconds > 0
     assert load_model(mlp_path.parent).spec == mlp.spec  # a version directory works too

@@ -53,7 +53,7 @@ def test_xor_popcount_gemm(seed, m, o, k):
     seed=st.integers(0, 2**31),
     m=st.integers(1, 70),
     o=st.integers(1, 200),
-    k=st.integers(1, 200),
+    k=st.one_of(st.integers(1, 1100), st.sampled_from([512, 1536])),
     chunk=st.sampled_from([1, 3, 64]),
 )
 def test_dense_threshold_pack(seed, m, o, k, chunk):
@@ -216,10 +216,17 @@ def test_popcount_loops_vectorize_to_vpopcntq():
         for o in prange(w.shape[0]):
             out[0, o] = kernels._xor_popcount(a, w, 0, o)
 
+    @njit(nogil=True)
+    def gemm8(a, w, out):  # the hand-written vector path
+        s = kernels.xor_popcount8(a, w, 0, 0)
+        for i in range(8):
+            out[0, i] = s[i]
+
     a, w = np.zeros((1, 64), np.uint64), np.zeros((8, 64), np.uint64)
-    gemm(a, w, np.empty((1, 8), np.int32))
-    asm = "\n".join(gemm.inspect_asm().values())
-    assert re.search(r"vpopcntq\s+%zmm", asm), "expected vpopcntq on zmm registers"
+    for fn in (gemm, gemm8):
+        fn(a, w, np.empty((1, 8), np.int32))
+        asm = "\n".join(fn.inspect_asm().values())
+        assert re.search(r"vpopcntq\s+%zmm", asm), "expected vpopcntq on zmm registers"
 
 
 @SETTINGS
