@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_REPO ?= models
 DEFAULT_MODEL ?= digits-mlp
 
-.PHONY: install run train test lint bench fixtures clean
+.PHONY: install run train test lint bench default-model docker-wheels docker-build docker-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,24 @@ lint: install
 
 bench: install
 	$(PY) -m bench
+
+# Regenerate the small default model shipped in the serving image (deploy/models, kept in git).
+default-model: install
+	rm -rf deploy/models/$(DEFAULT_MODEL)
+	$(PY) -m training train --arch mlp --dataset digits --seed 0 --repo deploy/models --name $(DEFAULT_MODEL) --no-progress
+
+# Put torch's CPU wheel where the trainer image looks first (from the local wheel cache or the
+# PyTorch CPU index), so that the image never pulls the multi-GB CUDA build.
+docker-wheels: install
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --dest deploy/wheels \
+		--extra-index-url https://download.pytorch.org/whl/cpu 'torch==2.13.0'
+
+docker-build: docker-wheels
+	docker compose --profile train build
+
+# The end-to-end deployment test alone (it is also part of `make test` where Docker runs).
+docker-test: docker-wheels
+	$(PY) -m pytest -q -s tests/test_deployment.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .numba_cache
