@@ -66,8 +66,12 @@ _THREAD_SAFE_LAYERS = frozenset({"omp", "tbb", "threadsafe", "safe"})
 
 
 def kernel_guard() -> contextlib.AbstractContextManager:
-    """A context to run kernels in: the global lock under ``workqueue``, else nothing."""
-    if REQUESTED_THREADING_LAYER in _THREAD_SAFE_LAYERS:
+    """A context to run kernels in: the global lock under ``workqueue``, else nothing.
+
+    Decided by the layer numba actually runs once it has started one (another library may have
+    launched a parallel region before this module set its choice), else by the requested one.
+    """
+    if threading_layer() in _THREAD_SAFE_LAYERS:
         return contextlib.nullcontext()
     return KERNEL_LOCK
 
