@@ -7,10 +7,10 @@ CPU kernels use, exactly, with a float32 matrix product of 0/1 values:
     P = popcount(a XOR w) = Σa + Σw − 2·(a·w)         (a, w ∈ {0, 1}; exact below 2**24)
 
 then the same folded thresholds and bit-pools, and packs its decisions into words again, so
-both backends agree bit for bit. Real-valued layers (first layer, full-precision output layer)
-run in float64 like the CPU backend. TF32 would break exactness: matrix products here run with
-``torch.backends.cuda.matmul.allow_tf32`` as torch defaults it (False) and convolutions are
-done as unfold + matmul (cuDNN's TF32 default does not apply).
+both backends agree bit for bit. The 0/1 operands are exact even in TF32 (which only shortens
+input mantissas) and the float32 accumulation is exact below 2**24, so no global precision
+setting can change a decision. Real-valued layers (first layer, full-precision output layer)
+run in float64 like the CPU backend; binary convolutions run as unfold + matmul.
 
 This is the only module of ``model`` that imports torch.
 """
