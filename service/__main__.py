@@ -7,6 +7,7 @@ most ``BNN_GRACEFUL_SHUTDOWN_S``), drains the batchers and exits 0.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -50,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bnn-serve: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_json)
+    # The engine's OpenMP workers share the cores with the event loop. Spinning while idle (the
+    # OpenMP default) steals the loop's time and, on a busy machine, stalls each parallel
+    # region for a scheduler tick; sleeping workers keep small requests fast. Set before the
+    # engine loads OpenMP; an explicit OMP_WAIT_POLICY in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app = create_app(settings)
     config = uvicorn.Config(
         app,

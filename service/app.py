@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.auth import protected_by_key
 from service.dataplane import SERVER_VERSION, DataPlane
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
@@ -68,7 +69,11 @@ def create_app(settings: Settings, *, loader: Loader | None = None) -> FastAPI:
     app.state.api_key = (
         settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
     )
-    for router in (health.router, metrics_routes.router, v2.router, repository.router, rest.router):
+    # Inference routes first: routing tries routes in order, and these are the hot ones.
+    protected = protected_by_key(app.state.api_key)
+    for router in (v2.router, rest.router, repository.router):
+        app.include_router(router, dependencies=protected)
+    for router in (health.router, metrics_routes.router):
         app.include_router(router)
     install_error_handlers(app)
     install_openapi(app, [InferenceRequest, RepositoryIndexRequest, PredictRequest])

@@ -8,7 +8,6 @@ Health, metrics and the docs never depend on this.
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
 
 from fastapi import Depends, Request
 
@@ -26,9 +25,12 @@ def check_api_key(expected: bytes | None, authorization: str | None) -> None:
         raise UnauthorizedError("invalid API key")
 
 
-def require_api_key(request: Request) -> None:
-    """FastAPI dependency enforcing the app's API key."""
+async def require_api_key(request: Request) -> None:
+    """FastAPI dependency enforcing the app's API key (async: no thread-pool hop)."""
     check_api_key(request.app.state.api_key, request.headers.get("authorization"))
 
 
-ApiKey = Annotated[None, Depends(require_api_key)]
+def protected_by_key(api_key: bytes | None) -> list:
+    """Router dependencies for endpoints behind the key: none at all when no key is set, so
+    that requests pay nothing for a check that cannot fail."""
+    return [Depends(require_api_key)] if api_key is not None else []

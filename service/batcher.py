@@ -8,6 +8,11 @@ model once, in a worker thread so the event loop keeps serving, and hands each r
 of the result. Requests that arrive while a batch runs form the next batch, so under load the
 batch size grows with the arrival rate even with no delay at all.
 
+A batch whose recent engine calls took less than ``inline_below_s`` runs on the event loop
+itself: for a small model the hop to a worker thread and back costs more than the model. Such a
+request that finds the queue empty and the engine idle (and no queue delay configured) runs at
+once, without a trip through the queue.
+
 A full queue rejects at once (:class:`OverloadedError`, 503 with Retry-After) instead of letting
 latency grow without bound; each request has a deadline (:class:`RequestTimeoutError`), after
 which it is dropped from the queue if it has not started.
@@ -60,6 +65,7 @@ class DynamicBatcher:
         executor: Executor | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         name: str = "model",
+        inline_below_s: float = 0.0,
     ) -> None:
         assert max_batch_size >= 1, f"max_batch_size must be >= 1, got {max_batch_size}"
         assert max_queue_size >= 1, f"max_queue_size must be >= 1, got {max_queue_size}"
@@ -76,6 +82,9 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
+        self.inline_below_s = inline_below_s
+        self._recent_compute_s = float("inf")  # moving average; unknown until the first call
+        self._busy = False  # an engine call is running in a worker thread
 
     @property
     def queue_length(self) -> int:
@@ -95,6 +104,16 @@ class DynamicBatcher:
                 f"model {self.name!r} is overloaded: {len(self._queue)} requests already "
                 f"queued (BNN_MAX_QUEUE_SIZE={self.max_queue_size}); retry later"
             )
+        if (
+            not self._queue
+            and not self._busy
+            and self.max_queue_delay_s == 0
+            and self._recent_compute_s < self.inline_below_s
+        ):
+            started = time.monotonic()
+            outputs = self._checked(self._predict(rows), rows)
+            self._record(started, len(rows), (0.0,))
+            return outputs
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run())
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
@@ -165,8 +184,13 @@ class DynamicBatcher:
         started = time.monotonic()
         inputs = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
         try:
-            loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
+            if self._recent_compute_s < self.inline_below_s:
+                outputs = self._checked(self._predict(inputs), inputs)
+            else:
+                self._busy = True
+                loop = asyncio.get_running_loop()
+                outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
+                outputs = self._checked(outputs, inputs)
         except BaseException as exc:
             for item in batch:
                 if not item.future.done():
@@ -174,24 +198,35 @@ class DynamicBatcher:
             if not isinstance(exc, Exception):
                 raise  # cancellation of the worker itself
             return
-        if len(outputs) != len(inputs):
-            error = RuntimeError(f"predict returned {len(outputs)} rows for {len(inputs)}")
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
-            return
+        finally:
+            self._busy = False
         offset = 0
         for item in batch:
             count = len(item.rows)
             if not item.future.done():
                 item.future.set_result(outputs[offset : offset + count])
             offset += count
+        self._record(started, len(inputs), tuple(started - p.enqueued_at for p in batch))
+
+    @staticmethod
+    def _checked(outputs: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+        if len(outputs) != len(inputs):
+            raise RuntimeError(f"predict returned {len(outputs)} rows for {len(inputs)}")
+        return outputs
+
+    def _record(self, started: float, rows: int, queue_seconds: tuple[float, ...]) -> None:
+        """Update the moving average of engine time and report the batch."""
+        compute_s = time.monotonic() - started
+        previous = self._recent_compute_s
+        self._recent_compute_s = (
+            compute_s if previous == float("inf") else 0.8 * previous + 0.2 * compute_s
+        )
         if self._on_batch is not None:
             self._on_batch(
                 BatchStats(
-                    rows=len(inputs),
-                    requests=len(batch),
-                    queue_seconds=tuple(started - p.enqueued_at for p in batch),
-                    compute_seconds=time.monotonic() - started,
+                    rows=rows,
+                    requests=len(queue_seconds),
+                    queue_seconds=queue_seconds,
+                    compute_seconds=compute_s,
                 )
             )

@@ -165,8 +165,8 @@ class DataPlane:
             return InferenceResult(served.name, version_label, tensors, served.labels)
         except Exception as exc:
             status = status_for(exc)
-            if status == 404:
-                model_label = "<unknown>"  # do not let arbitrary names create series
+            if not self.registry.knows(name):
+                model_label = "<unknown>"  # arbitrary names must not create metric series
             raise
         finally:
             self.metrics.inference_requests.labels(

@@ -10,11 +10,19 @@ from service.dataplane import DataPlane
 from service.metrics import ServiceMetrics
 
 
-def get_dataplane(request: Request) -> DataPlane:
+def dataplane_of(request: Request) -> DataPlane:
+    """The app's data plane. The inference routes call this directly instead of declaring a
+    dependency: solving one costs FastAPI tens of microseconds per request, a fair share of a
+    small model's whole request."""
     return request.app.state.dataplane
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+# async: FastAPI would run a plain ``def`` dependency in its thread pool, a hop per request.
+async def get_dataplane(request: Request) -> DataPlane:
+    return dataplane_of(request)
+
+
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import sys
-import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -25,7 +25,7 @@ def request_id_from(header: str | None) -> str:
     """The client's request id if it is a short printable token, else a new one."""
     if header and _SANE_REQUEST_ID.match(header):
         return header
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 class RequestIdFilter(logging.Filter):

@@ -18,8 +18,9 @@ log = logging.getLogger("service.errors")
 
 
 class RequestContextMiddleware:
-    """Gives each request an id (``X-Request-ID`` in, echoed out), logs one access line, counts
-    it by route template and status, and turns an unexpected exception into a logged 500."""
+    """Gives each request an id (``X-Request-ID`` in, echoed out), counts it by route template
+    and status, logs one access line (always for errors, for successes when enabled), and turns
+    an unexpected exception into a logged 500."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics, access_log_enabled: bool) -> None:
         self.app = app
@@ -58,9 +59,9 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "<unmatched>")
             self.metrics.http_requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.http_latency.labels(route).observe(elapsed)
-            if self.access_log_enabled:
-                access_log.info(
+            if self.access_log_enabled or status >= 400:
+                access_log.log(
+                    logging.WARNING if status >= 500 else logging.INFO,
                     "%s %s %d",
                     scope["method"],
                     scope["path"],

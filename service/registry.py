@@ -186,6 +186,10 @@ class ModelRegistry:
                 raise
         return await self.load_version(name, version)
 
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a model this registry has loaded or tried to."""
+        return name in self._models
+
     def versions(self, name: str) -> list[int]:
         return list_versions(self._repo, name)
 
@@ -333,6 +337,7 @@ class ModelRegistry:
             timeout_s=settings.request_timeout_s,
             on_batch=partial(self._metrics.observe_batch, name, str(version)),
             name=name,
+            inline_below_s=settings.inline_compute_ms / 1000.0,
         )
 
     def _switch_default(self, entry: _Model, served: ServedModel) -> None:

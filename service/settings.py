@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         256, ge=1, description="Requests waiting per model; beyond it 503 with Retry-After"
     )
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline (504)")
+    inline_compute_ms: float = Field(
+        0.2,
+        ge=0,
+        description="Engine calls that recently took less than this run on the event loop "
+        "instead of a worker thread (the hop costs more than a tiny model); 0 = never",
+    )
 
     # --- limits and security ---------------------------------------------------------------
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request body limit (413)")
@@ -70,7 +76,9 @@ class Settings(BaseSettings):
     # --- observability ---------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = Field(True, description="One JSON object per log line")
-    access_log: bool = Field(True, description="Log one line per request")
+    access_log: bool = Field(
+        False, description="Log a line per successful request too (errors are always logged)"
+    )
 
     @field_validator("models", mode="before")
     @classmethod

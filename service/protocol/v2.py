@@ -43,11 +43,11 @@ class ModelMetadataResponse(_Wire):
     "outputs": [$metadata_tensor, ...]}``"""
 
     name: str
-    versions: list[str] = []
+    versions: list[str] = Field(default_factory=list)
     platform: str
     inputs: list[MetadataTensor]
     outputs: list[MetadataTensor]
-    parameters: Parameters = {}
+    parameters: Parameters = Field(default_factory=dict)
 
 
 class ModelReadyResponse(_Wire):
@@ -69,7 +69,7 @@ class RequestInput(_Wire):
     name: str
     shape: list[int]
     datatype: str
-    parameters: Parameters = {}
+    parameters: Parameters = Field(default_factory=dict)
     data: Any = None
 
 
@@ -78,7 +78,7 @@ class RequestOutput(_Wire):
     ``parameters.binary_data: true`` asks for the output as binary data."""
 
     name: str
-    parameters: Parameters = {}
+    parameters: Parameters = Field(default_factory=dict)
 
 
 class InferenceRequest(_Wire):
@@ -90,7 +90,7 @@ class InferenceRequest(_Wire):
     """
 
     id: str | None = None
-    parameters: Parameters = {}
+    parameters: Parameters = Field(default_factory=dict)
     inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
 
@@ -102,7 +102,7 @@ class ResponseOutput(_Wire):
     name: str
     shape: list[int]
     datatype: str
-    parameters: Parameters = {}
+    parameters: Parameters = Field(default_factory=dict)
     data: list[Any] | None = None
 
 
@@ -113,7 +113,7 @@ class InferenceResponse(_Wire):
     model_name: str
     model_version: str | None = None
     id: str | None = None
-    parameters: Parameters = {}
+    parameters: Parameters = Field(default_factory=dict)
     outputs: list[ResponseOutput]
 
 
@@ -138,4 +138,4 @@ class RepositoryLoadRequest(_Wire):
     """``$repository_load_request = {"parameters": $parameters #optional}``;
     ``parameters.version`` picks a version (default: the newest)."""
 
-    parameters: Parameters = {}
+    parameters: Parameters = Field(default_factory=dict)

@@ -12,12 +12,12 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/v2", response_model=ServerMetadataResponse, summary="Server metadata")
-def server_metadata(dataplane: DataPlaneDep) -> dict:
+async def server_metadata(dataplane: DataPlaneDep) -> dict:
     return dataplane.server_metadata()
 
 
 @router.get("/v2/health/live", summary="Liveness: the process serves HTTP")
-def live() -> dict:
+async def live() -> dict:
     return {"live": True}
 
 
@@ -26,7 +26,7 @@ def live() -> dict:
     summary="Readiness: every configured model is loaded and warmed",
     responses=error_responses(503),
 )
-def ready(dataplane: DataPlaneDep) -> dict:
+async def ready(dataplane: DataPlaneDep) -> dict:
     if dataplane.draining:
         raise ModelNotReadyError("the server is shutting down")
     if not dataplane.is_ready():

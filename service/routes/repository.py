@@ -10,7 +10,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
-from service.auth import ApiKey
 from service.dependencies import DataPlaneDep
 from service.errors import BadRequestError, describe_request_errors, error_responses
 from service.openapi import raw_body
@@ -26,7 +25,7 @@ router = APIRouter(prefix="/v2/repository", tags=["v2 repository"])
     openapi_extra=raw_body(RepositoryIndexRequest, required=False),
     summary="Every model version in the repository, with state and reason",
 )
-async def repository_index(request: Request, dataplane: DataPlaneDep, _: ApiKey) -> list[dict]:
+async def repository_index(request: Request, dataplane: DataPlaneDep) -> list[dict]:
     body = await request.body()
     try:
         query = RepositoryIndexRequest.model_validate_json(body or b"{}")
@@ -40,7 +39,7 @@ async def repository_index(request: Request, dataplane: DataPlaneDep, _: ApiKey)
     responses=error_responses(400, 401, 404),
     summary="Load (or retry) the newest version; the old one serves until the switch",
 )
-async def load_model(name: str, dataplane: DataPlaneDep, _: ApiKey) -> dict:
+async def load_model(name: str, dataplane: DataPlaneDep) -> dict:
     served = await dataplane.load(name)
     return {"name": served.name, "version": str(served.version), "state": "READY"}
 
@@ -50,6 +49,6 @@ async def load_model(name: str, dataplane: DataPlaneDep, _: ApiKey) -> dict:
     responses=error_responses(400, 401, 404),
     summary="Stop serving every version of a model",
 )
-async def unload_model(name: str, dataplane: DataPlaneDep, _: ApiKey) -> dict:
+async def unload_model(name: str, dataplane: DataPlaneDep) -> dict:
     await dataplane.unload(name)
     return {"name": name, "state": "UNAVAILABLE"}

@@ -11,9 +11,8 @@ import json
 from fastapi import APIRouter, Request, Response
 
 from model.repository import parse_version
-from service.auth import ApiKey
 from service.dataplane import DataPlane
-from service.dependencies import DataPlaneDep
+from service.dependencies import DataPlaneDep, dataplane_of
 from service.errors import error_responses
 from service.openapi import raw_body
 from service.protocol.rest import (
@@ -29,7 +28,7 @@ _ERRORS = error_responses(400, 401, 404, 413, 503, 504)
 
 
 @router.get("/models", summary="Models, their versions and states", responses=error_responses(401))
-def list_models(dataplane: DataPlaneDep, _: ApiKey) -> dict:
+async def list_models(dataplane: DataPlaneDep) -> dict:
     return {"models": dataplane.list_models()}
 
 
@@ -49,8 +48,8 @@ async def _predict(dataplane: DataPlane, request: Request, name: str, version: i
     openapi_extra=raw_body(PredictRequest),
     summary="Predict labels and class probabilities (newest version)",
 )
-async def predict(name: str, request: Request, dataplane: DataPlaneDep, _: ApiKey) -> Response:
-    return await _predict(dataplane, request, name, None)
+async def predict(name: str, request: Request) -> Response:
+    return await _predict(dataplane_of(request), request, name, None)
 
 
 @router.post(
@@ -60,7 +59,5 @@ async def predict(name: str, request: Request, dataplane: DataPlaneDep, _: ApiKe
     openapi_extra=raw_body(PredictRequest),
     summary="Predict labels and class probabilities (one version)",
 )
-async def predict_version(
-    name: str, version: str, request: Request, dataplane: DataPlaneDep, _: ApiKey
-) -> Response:
-    return await _predict(dataplane, request, name, parse_version(version))
+async def predict_version(name: str, version: str, request: Request) -> Response:
+    return await _predict(dataplane_of(request), request, name, parse_version(version))

@@ -11,15 +11,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from model.repository import parse_version
-from service.auth import ApiKey
 from service.dataplane import DataPlane
-from service.dependencies import DataPlaneDep
+from service.dependencies import DataPlaneDep, dataplane_of
 from service.errors import error_responses
 from service.openapi import raw_body
 from service.protocol import codec
 from service.protocol.v2 import InferenceRequest, InferenceResponse, ModelMetadataResponse
 
-router = APIRouter(tags=["v2 models"], dependencies=[])
+router = APIRouter(tags=["v2 models"])
 _ERRORS = error_responses(400, 401, 404, 503)
 _INFER_ERRORS = error_responses(400, 401, 404, 413, 503, 504)
 _INFER_DOC = raw_body(InferenceRequest, binary=True)
@@ -27,54 +26,6 @@ _INFER_DOC = raw_body(InferenceRequest, binary=True)
 
 def _version(version: str | None) -> int | None:
     return None if version is None else parse_version(version)
-
-
-# --- metadata ------------------------------------------------------------------------------------
-async def _metadata(dataplane: DataPlane, name: str, version: str | None) -> dict:
-    return dataplane.model_metadata(await dataplane.model(name, _version(version)))
-
-
-@router.get("/v2/models/{name}", response_model=ModelMetadataResponse, responses=_ERRORS)
-async def model_metadata(name: str, dataplane: DataPlaneDep, _: ApiKey) -> dict:
-    return await _metadata(dataplane, name, None)
-
-
-@router.get(
-    "/v2/models/{name}/versions/{version}", response_model=ModelMetadataResponse, responses=_ERRORS
-)
-async def model_version_metadata(name: str, version: str, dataplane: DataPlaneDep, _: ApiKey):
-    return await _metadata(dataplane, name, version)
-
-
-# --- readiness -----------------------------------------------------------------------------------
-async def _ready(dataplane: DataPlane, name: str, version: str | None) -> dict:
-    served = await dataplane.model(name, _version(version))
-    return {"name": served.name, "ready": True}
-
-
-@router.get("/v2/models/{name}/ready", responses=_ERRORS, summary="200 when ready, else 503")
-async def model_ready(name: str, dataplane: DataPlaneDep, _: ApiKey) -> dict:
-    return await _ready(dataplane, name, None)
-
-
-@router.get("/v2/models/{name}/versions/{version}/ready", responses=_ERRORS)
-async def model_version_ready(name: str, version: str, dataplane: DataPlaneDep, _: ApiKey):
-    return await _ready(dataplane, name, version)
-
-
-# --- config --------------------------------------------------------------------------------------
-async def _config(dataplane: DataPlane, name: str, version: str | None) -> dict:
-    return dataplane.model_config(await dataplane.model(name, _version(version)))
-
-
-@router.get("/v2/models/{name}/config", responses=_ERRORS, summary="Model configuration")
-async def model_config(name: str, dataplane: DataPlaneDep, _: ApiKey) -> dict:
-    return await _config(dataplane, name, None)
-
-
-@router.get("/v2/models/{name}/versions/{version}/config", responses=_ERRORS)
-async def model_version_config(name: str, version: str, dataplane: DataPlaneDep, _: ApiKey):
-    return await _config(dataplane, name, version)
 
 
 # --- inference -----------------------------------------------------------------------------------
@@ -102,8 +53,8 @@ async def _infer(dataplane: DataPlane, request: Request, name: str, version: str
     openapi_extra=_INFER_DOC,
     summary="Inference (newest version)",
 )
-async def infer(name: str, request: Request, dataplane: DataPlaneDep, _: ApiKey) -> Response:
-    return await _infer(dataplane, request, name, None)
+async def infer(name: str, request: Request) -> Response:
+    return await _infer(dataplane_of(request), request, name, None)
 
 
 @router.post(
@@ -113,7 +64,53 @@ async def infer(name: str, request: Request, dataplane: DataPlaneDep, _: ApiKey)
     openapi_extra=_INFER_DOC,
     summary="Inference (one version)",
 )
-async def infer_version(
-    name: str, version: str, request: Request, dataplane: DataPlaneDep, _: ApiKey
-) -> Response:
-    return await _infer(dataplane, request, name, version)
+async def infer_version(name: str, version: str, request: Request) -> Response:
+    return await _infer(dataplane_of(request), request, name, version)
+
+
+# --- metadata ------------------------------------------------------------------------------------
+async def _metadata(dataplane: DataPlane, name: str, version: str | None) -> dict:
+    return dataplane.model_metadata(await dataplane.model(name, _version(version)))
+
+
+@router.get("/v2/models/{name}", response_model=ModelMetadataResponse, responses=_ERRORS)
+async def model_metadata(name: str, dataplane: DataPlaneDep) -> dict:
+    return await _metadata(dataplane, name, None)
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}", response_model=ModelMetadataResponse, responses=_ERRORS
+)
+async def model_version_metadata(name: str, version: str, dataplane: DataPlaneDep):
+    return await _metadata(dataplane, name, version)
+
+
+# --- readiness -----------------------------------------------------------------------------------
+async def _ready(dataplane: DataPlane, name: str, version: str | None) -> dict:
+    served = await dataplane.model(name, _version(version))
+    return {"name": served.name, "ready": True}
+
+
+@router.get("/v2/models/{name}/ready", responses=_ERRORS, summary="200 when ready, else 503")
+async def model_ready(name: str, dataplane: DataPlaneDep) -> dict:
+    return await _ready(dataplane, name, None)
+
+
+@router.get("/v2/models/{name}/versions/{version}/ready", responses=_ERRORS)
+async def model_version_ready(name: str, version: str, dataplane: DataPlaneDep):
+    return await _ready(dataplane, name, version)
+
+
+# --- config --------------------------------------------------------------------------------------
+async def _config(dataplane: DataPlane, name: str, version: str | None) -> dict:
+    return dataplane.model_config(await dataplane.model(name, _version(version)))
+
+
+@router.get("/v2/models/{name}/config", responses=_ERRORS, summary="Model configuration")
+async def model_config(name: str, dataplane: DataPlaneDep) -> dict:
+    return await _config(dataplane, name, None)
+
+
+@router.get("/v2/models/{name}/versions/{version}/config", responses=_ERRORS)
+async def model_version_config(name: str, version: str, dataplane: DataPlaneDep):
+    return await _config(dataplane, name, version)

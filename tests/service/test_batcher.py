@@ -206,3 +206,45 @@ def test_batch_statistics_are_reported():
     run(scenario())
     assert [(s.rows, s.requests) for s in stats] == [(1, 1), (6, 3)]
     assert all(q >= 0.01 for q in stats[1].queue_seconds)  # they waited for the first call
+
+
+def test_cheap_engine_runs_inline_on_the_event_loop_and_costly_one_in_a_thread():
+    threads: list[int] = []
+
+    def model(x):
+        threads.append(threading.get_ident())
+        return x * 2
+
+    async def scenario(inline_below_s):
+        threads.clear()
+        batcher = make(model, inline_below_s=inline_below_s)
+        loop_thread = threading.get_ident()
+        for i in range(3):
+            np.testing.assert_array_equal(await batcher.submit(rows(i)), rows(2 * i))
+        await batcher.close()
+        return loop_thread
+
+    loop_thread = run(scenario(inline_below_s=10.0))
+    # The first call measures the engine in a thread; once known to be cheap, calls run inline.
+    assert threads[0] != loop_thread and threads[1:] == [loop_thread, loop_thread]
+    loop_thread = run(scenario(inline_below_s=0.0))
+    assert loop_thread not in threads
+
+
+def test_inline_mode_still_batches_requests_that_queue_behind_a_running_call():
+    gate = threading.Event()
+    model = RecordingModel(gate=gate)
+
+    async def scenario():
+        batcher = make(model, max_batch_size=8, inline_below_s=0.0)
+        first = asyncio.ensure_future(batcher.submit(rows(0)))
+        await asyncio.sleep(0.05)
+        batcher.inline_below_s = 10.0  # cheap from now on, but the engine is busy
+        rest = [asyncio.ensure_future(batcher.submit(rows(i))) for i in range(1, 5)]
+        await asyncio.sleep(0.02)
+        gate.set()
+        await asyncio.gather(first, *rest)
+        await batcher.close()
+
+    run(scenario())
+    assert model.calls == [1, 4]

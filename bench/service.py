@@ -1,0 +1,425 @@
+"""Service benchmark: requests/s and latency of bnnserve over HTTP against two baselines.
+
+1. The digits ``mlp`` (default digits architecture, 64 → 512 → 512 → 10) over V2 JSON at
+   concurrency 1, 8 and 32, against a bare FastAPI endpoint on the same server stack (uvicorn,
+   one process) that parses the same JSON body and returns a constant. Target: ≥ 60 %.
+2. The 784 → 3×4096 ``mlp`` (random weights, exported through training's export path) at
+   concurrency 32: dynamic batching on (BNN_MAX_BATCH_SIZE=64) and off (=1), and a plain
+   FastAPI server that runs the eager float torch model per request. Target: ≥ 10×.
+
+Every server is a separate uvicorn process; the load generator is another process (a minimal
+keep-alive HTTP/1.1 client on asyncio, far cheaper per request than an HTTP library, so that
+more of the machine's cores go to the server under test). Both share the machine, which the
+report states.
+
+    python -m bench service [--duration 5] [--write-docs]
+    python -m bench.service ...     (the same)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request, Response
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "service.json"
+DOCS = ROOT / "docs" / "benchmarks.md"
+CONCURRENCY = (1, 8, 32)
+
+
+# --- load generator (runs in its own process) ----------------------------------------------------
+async def _one_connection(host, port, request, warm_until, stop_at, latencies, statuses):
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while True:
+            started = time.perf_counter()
+            if started >= stop_at:
+                return
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            await reader.readexactly(length)
+            if started >= warm_until:
+                latencies.append(time.perf_counter() - started)
+                statuses.append(status)
+            if re.search(rb"(?i)connection:\s*close", head):
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+    finally:
+        writer.close()
+
+
+async def _generate_load(url, path, body, concurrency, duration_s, warmup_s) -> dict[str, Any]:
+    host, port = url.removeprefix("http://").split(":")
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    now = time.perf_counter()
+    warm_until, stop_at = now + warmup_s, now + warmup_s + duration_s
+    latencies: list[float] = []
+    statuses: list[int] = []
+    await asyncio.gather(
+        *(
+            _one_connection(host, int(port), request, warm_until, stop_at, latencies, statuses)
+            for _ in range(concurrency)
+        )
+    )
+    lat = np.array(latencies) * 1000
+    return {
+        "requests": len(lat),
+        "errors": sum(1 for s in statuses if s != 200),
+        "rps": len(lat) / duration_s,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+    }
+
+
+def loadgen_main(args: argparse.Namespace) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    body = Path(args.body).read_bytes()
+    result = asyncio.run(
+        _generate_load(args.url, args.path, body, args.concurrency, args.duration, args.warmup)
+    )
+    print(json.dumps(result))
+
+
+def run_load(url, path, body, concurrency, duration_s, warmup_s=1.0) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as handle:
+        handle.write(body)
+        handle.flush()
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.service", "loadgen", "--url", url, "--path", path,
+             "--body", handle.name, "--concurrency", str(concurrency),
+             "--duration", str(duration_s), "--warmup", str(warmup_s)],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- baseline servers ------------------------------------------------------------------------------
+def bare_app():
+    """FastAPI, one route that parses the JSON body and returns a constant."""
+    app = FastAPI()
+    constant = json.dumps({"model_name": "bare", "outputs": []}).encode()
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request) -> Response:
+        json.loads(await request.body())
+        return Response(constant, media_type="application/json")
+
+    return app
+
+
+def eager_app(artifact: str):
+    """FastAPI running the eager float torch model (rebuilt from the artifact) per request."""
+    import torch
+    from fastapi import Body
+
+    from training.export import module_from_artifact
+
+    model = module_from_artifact(artifact).eval()
+    app = FastAPI()
+
+    @app.post("/v2/models/{name}/infer")
+    def infer(name: str, body: dict = Body(...)) -> dict:  # noqa: B008 (FastAPI's idiom)
+        tensor = body["inputs"][0]
+        x = torch.tensor(tensor["data"], dtype=torch.float32).reshape(tensor["shape"])
+        with torch.no_grad():
+            logits = model(x)
+        return {"model_name": name, "outputs": [{"name": "logits", "datatype": "FP32",
+                "shape": list(logits.shape), "data": logits.flatten().tolist()}]}  # fmt: skip
+
+    return app
+
+
+def serve_main(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    app = bare_app() if args.kind == "bare" else eager_app(args.artifact)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+# --- orchestration -------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, command: list[str], env: dict[str, str], ready_path: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("BNN_")}
+        full_env |= env | {"BNN_PORT": str(self.port), "BNN_HOST": "127.0.0.1"}
+        command = [c.replace("{port}", str(self.port)) for c in command]
+        # Logs to a file: a pipe nobody reads would fill and stall the server.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        try:
+            self._wait(ready_path)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _wait(self, path: str, timeout_s: float = 120) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read().decode()[-2000:]}")
+            try:
+                if httpx.get(self.url + path, timeout=1).status_code in (200, 405):
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server at {self.url} not ready after {timeout_s} s")
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def service_server(repo: Path, **settings: object) -> Server:
+    env = {"BNN_MODEL_REPO": str(repo), "BNN_POLL_INTERVAL_S": "0"}
+    env |= {f"BNN_{k.upper()}": str(v) for k, v in settings.items()}
+    return Server([sys.executable, "-m", "service"], env, "/v2/health/ready")
+
+
+def baseline_server(kind: str, artifact: Path | None = None) -> Server:
+    command = [sys.executable, "-m", "bench.service", "serve", kind, "--port", "{port}"]
+    if artifact is not None:
+        command += ["--artifact", str(artifact)]
+    return Server(command, {}, "/docs")
+
+
+def build_models(repo: Path) -> dict[str, Path]:
+    """Random-weight digits mlp (default architecture) and 784→3×4096 mlp, published."""
+    import torch
+
+    from model.artifact import encode_artifact
+    from model.repository import publish
+    from model.spec import InputSpec
+    from training.architectures import MLPConfig, build_model, default_config
+    from training.export import to_artifact_parts
+
+    shapes = {
+        "digits-mlp": (default_config("mlp", "digits"), (1, 8, 8), 16.0),
+        "mlp-4096": (MLPConfig(hidden=(4096, 4096, 4096)), (1, 28, 28), 255.0),
+    }
+    paths = {}
+    for name, (config, shape, high) in shapes.items():
+        torch.manual_seed(0)
+        model = build_model(config, shape, 10).eval()
+        input_spec = InputSpec(shape=shape, value_range=(0.0, high), integer_valued=True)
+        labels = [str(i) for i in range(10)]
+        spec, tensors = to_artifact_parts(model, name=name, input_spec=input_spec, labels=labels)
+        version = publish(repo, name, {"model.safetensors": encode_artifact(spec, tensors)})
+        paths[name] = version.artifact_path
+    return paths
+
+
+def infer_body(shape: tuple[int, ...], high: int, seed: int = 0) -> bytes:
+    x = np.random.default_rng(seed).integers(0, high + 1, (1, int(np.prod(shape))))
+    body = {
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                    "data": x.ravel().tolist()}],
+        "outputs": [{"name": "logits"}],
+    }  # fmt: skip
+    return json.dumps(body).encode()
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def run_benchmark(duration_s: float) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": machine(), "duration_s": duration_s}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "repo"
+        artifacts = build_models(repo)
+        digits = infer_body((64,), 16)
+        big = infer_body((784,), 255)
+        path = "/v2/models/{}/infer"
+
+        rows = []
+        with service_server(repo, models="digits-mlp") as service, baseline_server("bare") as bare:
+            for concurrency in CONCURRENCY:
+                ours = run_load(
+                    service.url, path.format("digits-mlp"), digits, concurrency, duration_s
+                )
+                base = run_load(
+                    bare.url, path.format("digits-mlp"), digits, concurrency, duration_s
+                )
+                rows.append({"concurrency": concurrency, "service": ours, "bare": base,
+                             "ratio": ours["rps"] / base["rps"]})  # fmt: skip
+                print(f"digits mlp c={concurrency}: {ours['rps']:.0f} vs bare {base['rps']:.0f} "
+                      f"req/s ({rows[-1]['ratio']:.0%})", file=sys.stderr)  # fmt: skip
+        results["digits_vs_bare"] = rows
+
+        big_rows = {}
+        for label, settings in (("batching on", {"max_batch_size": 64}),
+                                ("batching off", {"max_batch_size": 1})):  # fmt: skip
+            with service_server(repo, models="mlp-4096", **settings) as service:
+                big_rows[label] = run_load(
+                    service.url, path.format("mlp-4096"), big, 32, duration_s
+                )
+            print(f"mlp-4096 {label}: {big_rows[label]['rps']:.0f} req/s", file=sys.stderr)
+        with baseline_server("eager", artifacts["mlp-4096"]) as eager:
+            big_rows["eager torch"] = run_load(
+                eager.url, path.format("mlp-4096"), big, 32, duration_s
+            )
+        print(f"mlp-4096 eager torch: {big_rows['eager torch']['rps']:.0f} req/s", file=sys.stderr)
+        results["mlp4096_c32"] = big_rows
+        results["mlp4096_speedup_vs_eager"] = (
+            big_rows["batching on"]["rps"] / big_rows["eager torch"]["rps"]
+        )
+    return results
+
+
+# --- report --------------------------------------------------------------------------------------
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "## Service",
+        "",
+        "`python -m bench service` (bench/service.py). Each server is one uvicorn process; the",
+        "load generator is a separate process on the same machine (a minimal keep-alive HTTP/1.1",
+        "client on asyncio), so server and client share the cores. Every request is V2 JSON, one",
+        f"instance, asking for the logits; {results['duration_s']:g} s measured after 1 s of warm-up",
+        "per row. Models have random weights (same shapes and cost as trained ones).",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['platform']}; "
+        f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}.",
+        "",
+        "### Digits mlp vs a bare FastAPI endpoint (target ≥ 60 %)",
+        "",
+        "| concurrency | bnnserve req/s | p50 ms | p99 ms | bare req/s | p50 ms | p99 ms | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["digits_vs_bare"]:
+        s, b = row["service"], row["bare"]
+        lines.append(
+            f"| {row['concurrency']} | {s['rps']:.0f} | {_ms(s['p50_ms'])} | {_ms(s['p99_ms'])} "
+            f"| {b['rps']:.0f} | {_ms(b['p50_ms'])} | {_ms(b['p99_ms'])} | {row['ratio']:.0%} |"
+        )
+    lines += [
+        "",
+        "### 784→3×4096 mlp at concurrency 32 (target: ≥ 10× the eager torch server)",
+        "",
+        "| server | req/s | p50 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, r in results["mlp4096_c32"].items():
+        name = {"batching on": "bnnserve, dynamic batching on (max 64 rows)",
+                "batching off": "bnnserve, dynamic batching off (max 1 row)",
+                "eager torch": "plain FastAPI + eager float torch, per request"}[label]  # fmt: skip
+        lines.append(
+            f"| {name} | {r['rps']:.0f} | {_ms(r['p50_ms'])} | {_ms(r['p99_ms'])} | {r['errors']} |"
+        )
+    lines += ["", f"Speed-up of bnnserve (batching on) over the eager torch server: "
+              f"**{results['mlp4096_speedup_vs_eager']:.1f}×**.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_docs_section(markdown: str, path: Path = DOCS) -> None:
+    """Replace the '## Service' section of docs/benchmarks.md (or append it), leaving the others."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(r"^## Service\n.*?(?=^## |\Z)", re.S | re.M)
+    section = markdown.rstrip() + "\n\n"
+    text = (
+        pattern.sub(lambda _: section, text)
+        if pattern.search(text)
+        else (text.rstrip() + "\n\n" + section)
+    )
+    path.write_text(text.rstrip() + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench service", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command")
+    load = sub.add_parser("loadgen", help="(internal) generate load and print JSON")
+    load.add_argument("--url", required=True)
+    load.add_argument("--path", required=True)
+    load.add_argument("--body", required=True)
+    load.add_argument("--concurrency", type=int, default=1)
+    load.add_argument("--duration", type=float, default=5.0)
+    load.add_argument("--warmup", type=float, default=1.0)
+    serve = sub.add_parser("serve", help="(internal) run a baseline server")
+    serve.add_argument("kind", choices=["bare", "eager"])
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--artifact")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per row")
+    parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    if args.command == "loadgen":
+        loadgen_main(args)
+        return 0
+    if args.command == "serve":
+        serve_main(args)
+        return 0
+    results = run_benchmark(args.duration)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+    markdown = render_markdown(results)
+    print(markdown)
+    if args.write_docs:
+        write_docs_section(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
