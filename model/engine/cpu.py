@@ -30,6 +30,7 @@ from model.engine.program import (
     SignedDense,
     ToReal,
     Unpack,
+    handlers,
 )
 from model.engine.runtime import kernel_guard
 from model.packing import unpack_signs, words_for
@@ -46,19 +47,7 @@ class NumbaExecutor:
 
     def __init__(self, program: Program) -> None:
         self.program = program
-        self._handlers = {
-            BinaryDense: self._binary_dense,
-            BinaryConv: self._binary_conv,
-            PlanesDense: self._planes_dense,
-            FloatDense: self._float_dense,
-            SignedDense: self._signed_dense,
-            FloatConv: self._float_conv,
-            Quantize: self._quantize,
-            Unpack: self._unpack,
-            RealBatchNorm: self._batchnorm,
-            RealMaxPool: self._maxpool,
-            RealFlatten: self._flatten,
-        }
+        self._handlers = handlers(self)
 
     @property
     def memory_bytes(self) -> int:
@@ -171,14 +160,14 @@ class NumbaExecutor:
     def _unpack(self, op: Unpack, words: np.ndarray) -> np.ndarray:
         return unpack_bits(words, op.input)
 
-    def _batchnorm(self, op: RealBatchNorm, x: np.ndarray) -> np.ndarray:
+    def _real_batch_norm(self, op: RealBatchNorm, x: np.ndarray) -> np.ndarray:
         shape = (1, -1) + (1,) * (x.ndim - 2)
         return fma_f32(x, op.alpha.reshape(shape), op.beta.reshape(shape))
 
-    def _maxpool(self, op: RealMaxPool, x: np.ndarray) -> np.ndarray:
+    def _real_max_pool(self, op: RealMaxPool, x: np.ndarray) -> np.ndarray:
         return real_maxpool(x, op.kernel, op.stride)
 
-    def _flatten(self, op: RealFlatten, x: np.ndarray) -> np.ndarray:
+    def _real_flatten(self, op: RealFlatten, x: np.ndarray) -> np.ndarray:
         return x.reshape(x.shape[0], -1)
 
     def _pools(self, ep: Decide, bits: np.ndarray) -> np.ndarray:

@@ -255,6 +255,19 @@ Op = (
 )
 
 
+OPS: tuple[type, ...] = Op.__args__  # type: ignore[attr-defined]
+
+
+def handlers(executor: object) -> dict[type, object]:
+    """{operation class: the executor's ``_<snake_case name>`` method} for every kind of op,
+    so that each backend implements one method per operation and dispatches by type."""
+    return {op: getattr(executor, "_" + _snake(op.__name__)) for op in OPS}
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
 @dataclass(frozen=True)
 class Program:
     ops: tuple[Op, ...]

@@ -37,6 +37,7 @@ from model.engine.program import (
     SignedDense,
     ToReal,
     Unpack,
+    handlers,
 )
 from model.errors import DeviceUnavailableError
 from model.packing import words_for
@@ -69,19 +70,7 @@ class TorchExecutor:
         self._shifts = torch.arange(64, dtype=torch.int64, device=self.device)
         self._tensors: dict[int, torch.Tensor] = {}
         self._nbytes = 0
-        self._handlers = {
-            BinaryDense: self._binary_dense,
-            BinaryConv: self._binary_conv,
-            PlanesDense: self._planes_dense,
-            FloatDense: self._float_dense,
-            SignedDense: self._signed_dense,
-            FloatConv: self._float_conv,
-            Quantize: self._quantize,
-            Unpack: self._unpack,
-            RealBatchNorm: self._batchnorm,
-            RealMaxPool: self._maxpool,
-            RealFlatten: self._flatten,
-        }
+        self._handlers = handlers(self)
         for op in program.ops:  # move every array to the device once
             self._register(op)
 
@@ -261,16 +250,16 @@ class TorchExecutor:
             return self._pack(self._decide(op.decide, x.permute(0, 2, 3, 1)))
         return self._pack(self._decide(op.decide, x.reshape(x.shape[0], -1)))
 
-    def _batchnorm(self, op: RealBatchNorm, x: torch.Tensor) -> torch.Tensor:
+    def _real_batch_norm(self, op: RealBatchNorm, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
         alpha = self._t(op.alpha).to(torch.float64).view(shape)
         beta = self._t(op.beta).to(torch.float64).view(shape)
         return (x.to(torch.float64) * alpha + beta).to(torch.float32)
 
-    def _maxpool(self, op: RealMaxPool, x: torch.Tensor) -> torch.Tensor:
+    def _real_max_pool(self, op: RealMaxPool, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(x, op.kernel, op.stride)
 
-    def _flatten(self, op: RealFlatten, x: torch.Tensor) -> torch.Tensor:
+    def _real_flatten(self, op: RealFlatten, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1)
 
     def _decide_or_real(self, ep: Decide | ToReal, raw: torch.Tensor) -> torch.Tensor:
