@@ -18,7 +18,12 @@ from datetime import UTC, datetime
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 # Attributes every LogRecord has; anything else was passed through ``extra=`` and is logged.
-_STANDARD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+_STANDARD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",  # uvicorn's ANSI-coloured copy of the message
+}
 
 
 def request_id_from(header: str | None) -> str:
