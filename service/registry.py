@@ -289,7 +289,7 @@ class ModelRegistry:
         started = time.perf_counter()
         try:
             engine = await asyncio.to_thread(self._open, model_version)
-        except BnnError as exc:
+        except Exception as exc:  # named errors, but also anything a broken artifact provokes
             # Relative to the repository: the reason is shown to clients.
             reason = f"{type(exc).__name__}: {exc}".replace(f"{self._repo}/", "")
             entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, reason, failed=True)
@@ -300,7 +300,9 @@ class ModelRegistry:
                 "model version refused",
                 extra={"model": name, "version": version, "reason": reason},
             )
-            raise
+            if isinstance(exc, BnnError):
+                raise
+            raise ModelLoadError(reason) from exc
         served = ServedModel(
             name, version, model_version.path, engine, self._batcher(name, version, engine)
         )

@@ -165,3 +165,18 @@ def test_corrupt_only_version_at_start_serves_the_previous_one(make_client, repo
     client = make_client()
     assert infer(client).json()["model_version"] == "1"
     assert index(client)[("tiny", "2")]["state"] == "UNAVAILABLE"
+
+
+def test_a_loader_that_crashes_refuses_the_version_instead_of_hanging(make_client, repo):
+    publish_tiny(repo, "tiny", seed=1)
+
+    def loader(path, device):
+        if "/2/" in str(path):
+            raise ValueError("numba exploded")
+        return LinearModel(path, device)
+
+    client = make_client(loader=loader)
+    assert infer(client).json()["model_version"] == "1"
+    row = index(client)[("tiny", "2")]
+    assert row["state"] == "UNAVAILABLE"
+    assert row["reason"] == "ValueError: numba exploded"
