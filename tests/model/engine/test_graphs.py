@@ -77,6 +77,15 @@ GRAPHS = {
         ],
         InputSpec(shape=(1, 8, 8), value_range=(-8.0, 8.0), integer_valued=True),
     ),
+    "quantized-model-input-step": spec_of(
+        [
+            Flatten("f"),
+            Dense("d0", 64, 70, "stochastic_binary", "ste_sign", scale=True),  # x > 0 → 1
+            BatchNorm("b0", 70),
+            Dense("out", 70, 10, input_quantizer="stochastic_binary"),
+        ],
+        InputSpec(shape=(1, 8, 8), value_range=(-3.0, 3.0), integer_valued=True),
+    ),
     "batchnorm-after-flatten": spec_of(
         [
             Conv2d("c0", 1, 5, pad_value=0.0),
@@ -129,6 +138,7 @@ def test_programs_take_the_intended_paths(built):
     assert PlanesDense in ops["real-valued-middle"] and FloatDense in ops["real-valued-middle"]
     assert RealBatchNorm in ops["real-valued-middle"]
     assert Quantize in ops["quantized-model-input"]
+    assert Quantize in ops["quantized-model-input-step"]
     assert RealBatchNorm in ops["batchnorm-after-flatten"]
     assert ops["tiny-factory"].count(BinaryConv) == 1
     pools = [
