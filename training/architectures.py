@@ -94,7 +94,9 @@ ARCHITECTURES: dict[str, type[MLPConfig] | type[CNNConfig]] = {"mlp": MLPConfig,
 # Per data set: {arch: config overrides}. digits: 8×8×1, values 0..16; mnist/fashion: 28×28×1.
 _DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {
-        "mlp": {"hidden": (512, 512)},
+        # A wide first layer (many ±1 projections of the 64 pixels) is what lifts the binary
+        # MLP past 97% test accuracy; (512, 512) stays near 96.5% (docs/training.md).
+        "mlp": {"hidden": (1024, 256)},
         "cnn": {"stem_channels": 32, "channels": (64, 64, 128), "pool": (False, True, True)},
     },
     "mnist": {
