@@ -51,7 +51,7 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: Path | None = None
     model: ArchitectureConfig | None = None
-    epochs: int = 40
+    epochs: int = 60
     batch_size: int = 64
     lr: float = 1e-2
     lr_schedule: str = "cosine"
@@ -61,7 +61,7 @@ class TrainConfig:
     bop_gamma: float = 1e-4
     bop_threshold: float = 1e-8
     weight_decay: float = 0.0
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     augment_shift: int = 1
     seed: int = 0
     split_seed: int = 0
