@@ -1,6 +1,6 @@
 """Service benchmark: requests/s and latency of bnnserve over HTTP against two baselines.
 
-1. The digits ``mlp`` (default digits architecture, 64 → 512 → 512 → 10) over V2 JSON at
+1. The digits ``mlp`` (the default digits architecture of ``training``) over V2 JSON at
    concurrency 1, 8 and 32, against a bare FastAPI endpoint on the same server stack (uvicorn,
    one process) that parses the same JSON body and returns a constant. Target: ≥ 60 %.
 2. The 784 → 3×4096 ``mlp`` (random weights, exported through training's export path) at
