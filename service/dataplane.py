@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from model.errors import BnnError, InvalidInputError
-from service.errors import ShuttingDownError, status_for
+from service.errors import status_for
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry, ServedModel
 from service.settings import Settings
@@ -46,7 +46,9 @@ class DataPlane:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
-        self.draining = False  # set on SIGTERM: readiness false, in-flight work still finishes
+        # Set on SIGTERM: readiness turns false so that balancers stop sending. Requests already
+        # accepted are still served: uvicorn stops accepting connections by itself.
+        self.draining = False
 
     # --- health and metadata -------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
@@ -148,8 +150,6 @@ class DataPlane:
         started = time.perf_counter()
         model_label, version_label, status = name, "", 500
         try:
-            if self.draining:
-                raise ShuttingDownError("the server is shutting down")
             # No suspension between finding the model and queueing on its batcher when the
             # version is loaded, so a hot swap can never hand this request a retired batcher.
             served = await self.registry.get_or_load(name, version)

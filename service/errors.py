@@ -64,12 +64,6 @@ class RequestTimeoutError(ServiceError):
     """The request did not finish within BNN_REQUEST_TIMEOUT_S."""
 
 
-class ShuttingDownError(ServiceError):
-    """The server is draining after SIGTERM and takes no new inference work."""
-
-    retry_after_s = 1
-
-
 # The one table. Lookup walks the exception's MRO, so subclasses inherit their parent's status.
 STATUS_BY_ERROR: dict[type[BaseException], int] = {
     BadRequestError: 400,
@@ -81,7 +75,6 @@ STATUS_BY_ERROR: dict[type[BaseException], int] = {
     PayloadTooLargeError: 413,
     ModelNotReadyError: 503,
     OverloadedError: 503,
-    ShuttingDownError: 503,
     # A version that cannot be loaded makes its model unavailable, not the request wrong.
     ArtifactError: 503,
     ManifestError: 503,
@@ -129,7 +122,7 @@ ERROR_DESCRIPTIONS = {
     401: "Missing or wrong API key (only when BNN_API_KEY is set)",
     404: "Unknown model or version",
     413: "Request body larger than BNN_MAX_BODY_BYTES",
-    503: "Model not ready, server draining, or queue full (with Retry-After)",
+    503: "Model not ready or queue full (with Retry-After)",
     504: "Request exceeded BNN_REQUEST_TIMEOUT_S",
 }
 

@@ -285,3 +285,14 @@ def test_openapi_documents_bodies_and_error_responses(client):
     }
     assert "RequestInput" in schema["components"]["schemas"]
     assert client.get("/docs").status_code == 200
+
+
+def test_draining_turns_readiness_off_but_still_serves_accepted_requests(client):
+    client.app.state.dataplane.draining = True
+    response = client.get("/v2/health/ready")
+    assert response.status_code == 503
+    assert response.json() == {"error": "the server is shutting down"}
+    assert (
+        client.post("/v2/models/tiny/infer", json={"inputs": [v2_input(images(1))]}).status_code
+        == 200
+    )

@@ -17,7 +17,6 @@ from service.errors import (
     OverloadedError,
     PayloadTooLargeError,
     RequestTimeoutError,
-    ShuttingDownError,
     UnauthorizedError,
     error_response,
     status_for,
@@ -36,7 +35,6 @@ from service.errors import (
         (PayloadTooLargeError("x"), 413),
         (ModelNotReadyError("x"), 503),
         (OverloadedError("x"), 503),
-        (ShuttingDownError("x"), 503),
         (ChecksumMismatchError("x"), 503),  # subclass of ArtifactError, found through the MRO
         (DeviceUnavailableError("x"), 503),
         (RequestTimeoutError("x"), 504),
