@@ -110,9 +110,8 @@ class DynamicBatcher:
             and self.max_queue_delay_s == 0
             and self._recent_compute_s < self.inline_below_s
         ):
-            started = time.monotonic()
-            outputs = self._checked(self._predict(rows), rows)
-            self._record(started, len(rows), (0.0,))
+            outputs, compute_s = self._timed_predict(rows)
+            self._record(compute_s, len(rows), (0.0,))
             return outputs
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run())
@@ -185,12 +184,13 @@ class DynamicBatcher:
         inputs = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
         try:
             if self._recent_compute_s < self.inline_below_s:
-                outputs = self._checked(self._predict(inputs), inputs)
+                outputs, compute_s = self._timed_predict(inputs)
             else:
                 self._busy = True
                 loop = asyncio.get_running_loop()
-                outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
-                outputs = self._checked(outputs, inputs)
+                outputs, compute_s = await loop.run_in_executor(
+                    self._executor, self._timed_predict, inputs
+                )
         except BaseException as exc:
             for item in batch:
                 if not item.future.done():
@@ -206,17 +206,20 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_result(outputs[offset : offset + count])
             offset += count
-        self._record(started, len(inputs), tuple(started - p.enqueued_at for p in batch))
+        self._record(compute_s, len(inputs), tuple(started - p.enqueued_at for p in batch))
 
-    @staticmethod
-    def _checked(outputs: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+    def _timed_predict(self, inputs: np.ndarray) -> tuple[np.ndarray, float]:
+        """(outputs, seconds in the engine alone): a thread hop must not count as compute, or a
+        cheap model once sent to a thread would look too slow to come back inline."""
+        started = time.monotonic()
+        outputs = self._predict(inputs)
+        elapsed = time.monotonic() - started
         if len(outputs) != len(inputs):
             raise RuntimeError(f"predict returned {len(outputs)} rows for {len(inputs)}")
-        return outputs
+        return outputs, elapsed
 
-    def _record(self, started: float, rows: int, queue_seconds: tuple[float, ...]) -> None:
+    def _record(self, compute_s: float, rows: int, queue_seconds: tuple[float, ...]) -> None:
         """Update the moving average of engine time and report the batch."""
-        compute_s = time.monotonic() - started
         previous = self._recent_compute_s
         self._recent_compute_s = (
             compute_s if previous == float("inf") else 0.8 * previous + 0.2 * compute_s

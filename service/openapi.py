@@ -26,6 +26,17 @@ def raw_body(model: type[BaseModel], *, binary: bool = False, required: bool = T
     return {"requestBody": {"required": required, "content": content}}
 
 
+def path_parameters(*names: str) -> dict:
+    """``openapi_extra`` declaring string path parameters that the endpoint reads from
+    ``request.path_params`` itself rather than from its signature."""
+    return {
+        "parameters": [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in names
+        ]
+    }
+
+
 def install_openapi(app: FastAPI, body_models: list[type[BaseModel]]) -> None:
     """Build the schema once, adding ``body_models`` (and what they reference) as components."""
 

@@ -14,7 +14,7 @@ from model.repository import parse_version
 from service.dataplane import DataPlane
 from service.dependencies import DataPlaneDep, dataplane_of
 from service.errors import error_responses
-from service.openapi import raw_body
+from service.openapi import path_parameters, raw_body
 from service.protocol import codec
 from service.protocol.v2 import InferenceRequest, InferenceResponse, ModelMetadataResponse
 
@@ -29,13 +29,19 @@ def _version(version: str | None) -> int | None:
 
 
 # --- inference -----------------------------------------------------------------------------------
-async def _infer(dataplane: DataPlane, request: Request, name: str, version: str | None):
-    parsed_version = _version(version)
+# The inference endpoints take only the request and read the path themselves: FastAPI's
+# per-request parameter solving would otherwise cost about as much as decoding a small tensor.
+# (Their path parameters are declared for the OpenAPI schema by openapi_extra.)
+async def infer_endpoint(request: Request) -> Response:
+    params = request.path_params
+    version = _version(params.get("version"))
     body = await request.body()
     header_length = request.headers.get(codec.HEADER_LENGTH)
     infer_request, tensors = codec.decode_infer_request(body, header_length)
     names, binary = codec.requested_outputs(infer_request)
-    result = await dataplane.infer(name, parsed_version, tensors, names, protocol="v2")
+    result = await dataplane_of(request).infer(
+        params["name"], version, tensors, names, protocol="v2"
+    )
     content, headers, media_type = codec.encode_infer_response(
         model_name=result.model_name,
         model_version=result.model_version,
@@ -46,26 +52,20 @@ async def _infer(dataplane: DataPlane, request: Request, name: str, version: str
     return Response(content, headers=headers, media_type=media_type)
 
 
-@router.post(
-    "/v2/models/{name}/infer",
-    response_class=Response,
-    responses={200: {"model": InferenceResponse}, **_INFER_ERRORS},
-    openapi_extra=_INFER_DOC,
-    summary="Inference (newest version)",
-)
-async def infer(name: str, request: Request) -> Response:
-    return await _infer(dataplane_of(request), request, name, None)
-
-
-@router.post(
-    "/v2/models/{name}/versions/{version}/infer",
-    response_class=Response,
-    responses={200: {"model": InferenceResponse}, **_INFER_ERRORS},
-    openapi_extra=_INFER_DOC,
-    summary="Inference (one version)",
-)
-async def infer_version(name: str, version: str, request: Request) -> Response:
-    return await _infer(dataplane_of(request), request, name, version)
+for _path, _summary, _params in (
+    ("/v2/models/{name}/infer", "Inference (newest version)", ("name",)),
+    ("/v2/models/{name}/versions/{version}/infer", "Inference (one version)", ("name", "version")),
+):
+    router.add_api_route(
+        _path,
+        infer_endpoint,
+        methods=["POST"],
+        response_class=Response,
+        responses={200: {"model": InferenceResponse}, **_INFER_ERRORS},
+        openapi_extra={**_INFER_DOC, **path_parameters(*_params)},
+        summary=_summary,
+        operation_id=f"infer{'_version' if 'version' in _params else ''}",
+    )
 
 
 # --- metadata ------------------------------------------------------------------------------------
