@@ -7,6 +7,7 @@ most ``BNN_GRACEFUL_SHUTDOWN_S``), drains the batchers and exits 0.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     # region for a scheduler tick; sleeping workers keep small requests fast. Set before the
     # engine loads OpenMP; an explicit OMP_WAIT_POLICY in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.getLogger("service").info(
+        "starting bnn-serve",
+        extra={"settings": settings.model_dump(mode="json", exclude={"api_key"})}
+        | {"api_key_set": settings.api_key is not None},
+    )
     app = create_app(settings)
     config = uvicorn.Config(
         app,

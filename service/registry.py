@@ -117,6 +117,11 @@ class ModelRegistry:
     async def _load_then_poll(self) -> None:
         await self.poll()
         self.startup_complete = True
+        if not self._models:
+            log.warning(
+                "no models to serve yet; publish one into the repository",
+                extra={"repository": str(self._repo)},
+            )
         log.info("startup loading complete", extra={"ready": self.is_ready()})
         interval = self._settings.poll_interval_s
         while interval > 0:
