@@ -131,22 +131,9 @@ def run_train(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         data_dir=args.data_dir,
         model=_model_config(args),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        optimizer=args.optimizer,
-        bop_gamma=args.bop_gamma,
-        bop_threshold=args.bop_threshold,
-        label_smoothing=args.label_smoothing,
-        augment_shift=args.augment_shift,
-        seed=args.seed,
-        split_seed=args.split_seed,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
         out_dir=args.out,
         progress=not args.no_progress,
-        num_threads=args.threads,
+        **{field: getattr(args, field) for field, _, _ in TRAINING_OPTIONS},
     )
     name = args.name or f"{args.dataset}-{args.arch}"
     if not args.no_publish:
@@ -290,71 +277,40 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# (TrainConfig field, type, help) of each training option; the flag is --field-with-dashes.
+TRAINING_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("epochs", "positive", "passes over the training split"),
+    ("batch_size", "positive", "training batch size"),
+    ("lr", float, "Adam learning rate"),
+    ("lr_schedule", LR_SCHEDULES, "per-step learning-rate schedule"),
+    ("lr_step_epochs", "positive", "step schedule: epochs between decays"),
+    ("lr_gamma", float, "step schedule: decay factor"),
+    ("weight_decay", float, "Adam weight decay"),
+    ("optimizer", OPTIMIZERS, "adam: Adam on latent weights; bop: Bop flips binary weights, "
+     "Adam for the rest"),
+    ("bop_gamma", float, "Bop adaptivity rate"),
+    ("bop_threshold", float, "Bop flip threshold tau"),
+    ("label_smoothing", float, "cross-entropy label smoothing"),
+    ("augment_shift", int, "random image shift in pixels per training sample, 0 = off"),
+    ("seed", int, "training seed: initialisation, shuffling, augmentation"),
+    ("split_seed", int, "data split seed"),
+    ("val_fraction", float, "validation share of the data"),
+    ("test_fraction", float, "test share, where the data set has no test split of its own"),
+    ("num_threads", "positive", "torch threads"),
+)  # fmt: skip
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    d = DEFAULTS
     group = parser.add_argument_group("training")
-    group.add_argument(
-        "--epochs", type=_positive_int, default=d.epochs, help="(default: %(default)s)"
-    )
-    group.add_argument(
-        "--batch-size", type=_positive_int, default=d.batch_size, help="(default: %(default)s)"
-    )
-    group.add_argument(
-        "--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)"
-    )
-    group.add_argument(
-        "--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule, help="(default: %(default)s)"
-    )
-    group.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        default=d.optimizer,
-        help="adam: Adam on latent weights; bop: Bop flips binary weights, Adam for the rest "
-        "(default: %(default)s)",
-    )
-    group.add_argument(
-        "--bop-gamma",
-        type=float,
-        default=d.bop_gamma,
-        help="Bop adaptivity rate (default: %(default)s)",
-    )
-    group.add_argument(
-        "--bop-threshold",
-        type=float,
-        default=d.bop_threshold,
-        help="Bop flip threshold tau (default: %(default)s)",
-    )
-    group.add_argument(
-        "--label-smoothing",
-        type=float,
-        default=d.label_smoothing,
-        help="cross-entropy label smoothing (default: %(default)s)",
-    )
-    group.add_argument(
-        "--augment-shift",
-        type=int,
-        default=d.augment_shift,
-        help="random image shift in pixels per training sample, 0 = off (default: %(default)s)",
-    )
-    group.add_argument(
-        "--seed", type=int, default=d.seed, help="training seed (default: %(default)s)"
-    )
-    group.add_argument(
-        "--split-seed",
-        type=int,
-        default=d.split_seed,
-        help="data split seed (default: %(default)s)",
-    )
-    group.add_argument(
-        "--val-fraction", type=float, default=d.val_fraction, help="(default: %(default)s)"
-    )
-    group.add_argument(
-        "--test-fraction",
-        type=float,
-        default=d.test_fraction,
-        help="used where the data set has no test split of its own (default: %(default)s)",
-    )
-    group.add_argument("--threads", type=_positive_int, default=d.num_threads, help="torch threads (default: %(default)s)")  # fmt: skip
+    for field, kind, help_text in TRAINING_OPTIONS:
+        flag = "--threads" if field == "num_threads" else "--" + field.replace("_", "-")
+        options: dict[str, Any] = {"dest": field, "default": getattr(DEFAULTS, field)}
+        if isinstance(kind, tuple):
+            options["choices"] = kind
+        else:
+            options["type"] = _positive_int if kind == "positive" else kind
+            options["metavar"] = "X" if kind is float else "N"
+        group.add_argument(flag, help=f"{help_text} (default: %(default)s)", **options)
 
 
 def _add_artifact_options(parser: argparse.ArgumentParser) -> None:

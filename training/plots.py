@@ -13,7 +13,11 @@ from typing import Any
 
 def render_curves(history: Sequence[Mapping[str, Any]], best_epoch: int | None = None) -> bytes:
     """PNG bytes of the curves in ``history`` (one mapping per epoch with ``epoch``,
-    ``train_loss``, ``val_loss``, ``train_accuracy``, ``val_accuracy``)."""
+    ``train_loss``, ``val_loss``, ``train_accuracy``, ``val_accuracy``).
+
+    Training figures are running means over the epoch's (augmented) batches, with the label
+    smoothing of the run; validation figures are of the model at the epoch's end, unsmoothed.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -22,7 +26,7 @@ def render_curves(history: Sequence[Mapping[str, Any]], best_epoch: int | None =
     FigureCanvasAgg(figure)
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     for axes, metric, label in (
-        (loss_axes, "loss", "cross-entropy loss"),
+        (loss_axes, "loss", "cross-entropy (train: with label smoothing)"),
         (accuracy_axes, "accuracy", "accuracy"),
     ):
         axes.plot(epochs, [row[f"train_{metric}"] for row in history], label="train")
