@@ -1,8 +1,11 @@
 """The numba CPU backend: runs a :class:`~model.engine.program.Program` on numpy arrays.
 
-Binary layers go through the packed kernels of :mod:`model.engine.kernels`; real-valued layers
-(the full-precision first convolution and output layer) through numpy's BLAS with float64
-accumulation. Every call allocates its own buffers, so concurrent calls share nothing mutable.
+Binary layers go through the packed kernels of :mod:`model.engine.kernels`. The full-precision
+stem convolution (followed by its folded thresholds) and the full-precision output layer (on
+packed bits) have float64 numba kernels of their own: at these sizes a BLAS call costs more in
+im2col copies and thread wake-ups than in arithmetic. Any other real-valued layer goes through
+numpy's BLAS, also accumulating in float64. Every call allocates its own buffers, so concurrent
+calls share nothing mutable.
 """
 
 from __future__ import annotations
