@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.architectures import ArchitectureConfig, BinaryNet, build_model
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.data import DataBundle, load_dataset
 from training.layers import clip_latent_weights
 from training.optim import build_optimizers, build_scheduler
@@ -100,7 +100,12 @@ def train(config: TrainConfig) -> TrainResult:
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model_config = config.model_config()
-    model = build_model(model_config, data.input_shape, data.num_classes)
+    try:
+        model = build_model(model_config, data.input_shape, data.num_classes)
+    except ValueError as exc:  # e.g. a cnn on flat npz features
+        raise ConfigError(
+            f"cannot build {model_config.arch} for {data.describe()}: {exc}"
+        ) from None
     x_train, y_train = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
     steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
     optimizers = build_optimizers(model, config)

@@ -58,6 +58,7 @@ def test_train_help_lists_every_option(capsys):
         (["train", "--lr", "-1", "--no-progress"], "lr must be a positive number"),
         (["train", "--name", "../escape"], "invalid model name '../escape'"),
         (["train", "--dataset", "mnist"], "data set 'mnist' needs --data-dir"),
+        (["train", "--arch", "cnn", "--pad-value", "0"], "pad_value=0.0 is not a value of"),
         (["evaluate"], "give --artifact PATH or --name NAME"),
         (["summary", "--arch", "cnn", "--pool", "maybe"], "expected comma-separated 0/1 flags"),
         ([], "the following arguments are required: COMMAND"),

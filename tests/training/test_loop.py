@@ -124,6 +124,13 @@ def test_config_errors_name_the_option(overrides, message):
         tiny(**overrides)
 
 
+def test_architecture_that_cannot_take_the_data_is_a_config_error(tmp_path):
+    np.savez(tmp_path / "flat.npz", x=np.random.rand(40, 7), y=np.arange(40) % 2)
+    config = TrainConfig(arch="cnn", dataset="npz", data_dir=tmp_path / "flat.npz", epochs=1)
+    with pytest.raises(ConfigError, match=r"cannot build cnn for flat: input \[7\]"):
+        train(config)
+
+
 def test_package_reexports_the_training_api():
     import training
     from training import loop, publish
