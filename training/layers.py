@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,6 +105,15 @@ class QuantizedLayer(nn.Module):
     def to_spec(self, name: str) -> Layer:
         raise NotImplementedError
 
+    def _spec_options(self) -> dict[str, Any]:
+        """The spec fields dense and conv share."""
+        return {
+            "input_quantizer": self.input_quantizer_name,
+            "kernel_quantizer": self.kernel_quantizer_name,
+            "bias": self.bias is not None,
+            "scale": self.scale,
+        }
+
     def export_tensors(self, name: str) -> dict[str, np.ndarray]:
         """The artifact tensors ``<name>.weight/.bias/.scale``: a binary weight as packed signs
         of the latent weight (sign(0) = +1) along the input axis, everything else float32."""
@@ -159,26 +169,11 @@ class BinaryLinear(QuantizedLayer):
         return linear(x_q, w_q, bias)
 
     def to_spec(self, name: str) -> Dense:
-        return Dense(
-            name=name,
-            in_features=self.in_features,
-            out_features=self.out_features,
-            input_quantizer=self.input_quantizer_name,
-            kernel_quantizer=self.kernel_quantizer_name,
-            bias=self.bias is not None,
-            scale=self.scale,
-        )
+        return Dense(name, self.in_features, self.out_features, **self._spec_options())
 
     @classmethod
     def from_spec(cls, layer: Dense) -> BinaryLinear:
-        return cls(
-            layer.in_features,
-            layer.out_features,
-            input_quantizer=layer.input_quantizer,
-            kernel_quantizer=layer.kernel_quantizer,
-            bias=layer.bias,
-            scale=layer.scale,
-        )
+        return cls(layer.in_features, layer.out_features, **_options_of(layer))
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {_quantizer_repr(self)}"
@@ -226,34 +221,15 @@ class BinaryConv2d(QuantizedLayer):
         return F.conv2d(x_q, w_q, bias, stride=self.stride)
 
     def to_spec(self, name: str) -> Conv2d:
-        return Conv2d(
-            name=name,
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
-            kernel_size=self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            pad_value=self.pad_value,
-            input_quantizer=self.input_quantizer_name,
-            kernel_quantizer=self.kernel_quantizer_name,
-            bias=self.bias is not None,
-            scale=self.scale,
-        )
+        geometry = (self.kernel_size, self.stride, self.padding)
+        return Conv2d(name, self.in_channels, self.out_channels, *geometry,
+                      pad_value=self.pad_value, **self._spec_options())  # fmt: skip
 
     @classmethod
     def from_spec(cls, layer: Conv2d) -> BinaryConv2d:
-        return cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            pad_value=layer.pad_value,
-            input_quantizer=layer.input_quantizer,
-            kernel_quantizer=layer.kernel_quantizer,
-            bias=layer.bias,
-            scale=layer.scale,
-        )
+        geometry = (layer.kernel_size, layer.stride, layer.padding)
+        return cls(layer.in_channels, layer.out_channels, *geometry,
+                   pad_value=layer.pad_value, **_options_of(layer))  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
@@ -301,6 +277,16 @@ def _check_pad_value(pad_value: float, input_quantizer: str | None, padding: tup
             "padded with anything else)"
         )
     return pad_value
+
+
+def _options_of(layer: Dense | Conv2d) -> dict[str, Any]:
+    """Constructor options from a spec layer (inverse of ``_spec_options``)."""
+    return {
+        "input_quantizer": layer.input_quantizer,
+        "kernel_quantizer": layer.kernel_quantizer,
+        "bias": layer.bias,
+        "scale": layer.scale,
+    }
 
 
 def _pair(field: str, value: IntPair, minimum: int = 1) -> tuple[int, int]:

@@ -43,18 +43,16 @@ def parts(**overrides):
 
 
 def trained_like(model: BinaryNet) -> BinaryNet:
-    """Move weights and BatchNorm statistics away from their initial values, as training would,
-    and put some latent weights exactly at 0 (sign(0) = +1)."""
+    """Give weights and BatchNorm statistics values training could leave (negative BN scales
+    included), and put some latent weights exactly at 0 (sign(0) = +1)."""
     torch.manual_seed(1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(3):
-        x = torch.randint(0, 17, (16, *SHAPE)).float()
-        loss = nn.functional.cross_entropy(model(x), torch.randint(0, 10, (16,)))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
     with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 3.0)
+                module.running_var.uniform_(0.5, 20.0)
         for p in model.parameters():
+            p.normal_(0.0, 0.5)
             if p.dim() > 1:
                 p.view(-1)[::7] = 0.0
     return model.eval()
