@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,7 @@ def module_tensors(name: str, module: nn.Module) -> dict[str, np.ndarray]:
     return {}
 
 
-def load_module_tensors(name: str, module: nn.Module, tensors: dict[str, np.ndarray]) -> None:
+def load_module_tensors(name: str, module: nn.Module, tensors: Mapping[str, np.ndarray]) -> None:
     """Inverse of :func:`module_tensors`: copy stored tensors into ``module``."""
     if isinstance(module, QuantizedLayer):
         module.load_exported_tensors(name, tensors)
@@ -142,4 +142,4 @@ def code_revision(directory: str | os.PathLike[str] | None = None) -> str | None
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
+    return (result.stdout.strip() or None) if result.returncode == 0 else None

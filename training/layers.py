@@ -20,7 +20,7 @@ gradients.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,8 @@ class LatentWeight(nn.Parameter):
 class QuantizedLayer(nn.Module):
     """What dense and conv layers share: quantizers, latent weight, bias and α.
 
-    Subclasses set ``self.weight`` and implement ``_transform(x_q, w_q)`` (the product ``∗``).
+    Subclasses give the weight's shape and implement ``_transform(x_q, w_q, bias)``, the
+    product ``∗`` (plus ``bias`` when given).
     """
 
     def __init__(
@@ -129,7 +130,7 @@ class QuantizedLayer(nn.Module):
                 tensors[f"{name}.scale"] = _float32(self.channel_scale())
         return tensors
 
-    def load_exported_tensors(self, name: str, tensors: dict[str, np.ndarray]) -> None:
+    def load_exported_tensors(self, name: str, tensors: Mapping[str, np.ndarray]) -> None:
         """Inverse of :meth:`export_tensors`: binary weights become ±1.0, α is frozen."""
         stored = tensors[f"{name}.weight"]
         if self.is_binary:
