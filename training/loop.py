@@ -87,9 +87,20 @@ class TrainResult:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train, keep the best validation epoch, evaluate on test, write the output files."""
+    """Train, keep the best validation epoch, evaluate on test, write the output files.
+
+    Runs on ``config.num_threads`` torch threads and restores the caller's count afterwards.
+    """
+    threads = torch.get_num_threads()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
+    try:
+        return _train(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig) -> TrainResult:
     data = load_dataset(
         config.dataset,
         config.data_dir,

@@ -42,6 +42,17 @@ def test_result_model_metrics_and_files(result):
     assert result.files["curves.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_thread_count_is_the_configs_during_the_run_and_restored_after():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = train(tiny(epochs=1, num_threads=1))
+        assert result.metrics["num_threads"] == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_best_validation_epoch_is_restored(result):
     best = result.metrics["best_epoch"]
     accuracies = [e.val_accuracy for e in result.history]
