@@ -42,6 +42,7 @@ PLOT = ROOT / "docs" / "img" / "engine-latency.png"
 SECTION = "Inference engine"
 
 GEMM_SIZE = 4096
+PAUSE_S = 0.3  # between turns of different contenders, see timed_together
 MLP_BATCHES = (1, 4, 16, 64, 256)
 CNN_BATCHES = (1, 2, 4, 8, 16, 32)
 TARGETS = {
@@ -57,21 +58,37 @@ TARGETS = {
 
 
 # --- timing ---------------------------------------------------------------------------------------
-def timed(fn: Callable[[], object], *, min_repeats: int = 5, budget_s: float = 1.5) -> dict:
-    """Median and best wall time of ``fn`` over ≥ ``min_repeats`` calls (after one warm call),
-    repeating until ``budget_s`` is spent. A short pause first lets the OpenMP threads of the
-    previous measurement (torch's or numba's) stop spinning."""
-    time.sleep(0.3)
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_repeats or (
-        time.perf_counter() - start < budget_s and len(times) < 2000
-    ):
-        t0 = time.perf_counter()
+def timed_together(
+    fns: dict[str, Callable[[], object]], *, min_rounds: int = 5, budget_s: float = 2.0
+) -> dict[str, dict]:
+    """Median and best wall time of each function, measured in alternating rounds for at least
+    ``min_rounds`` rounds and until ``budget_s`` is spent, so that load from other work on the
+    machine hits every contender alike. In each round every function is called at least twice
+    and for at least 1 ms, after a pause: torch's worker threads keep spinning for up to
+    ~200 ms after its last operation and would otherwise steal both cores from the engine (a
+    server runs one or the other, not both). The first call of each turn is not counted either
+    (it pays for waking thread pools and refilling caches); the others are timed one by one."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "best_s": min(times), "runs": len(times)}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or time.perf_counter() - start < budget_s:
+        for name, fn in fns.items():
+            time.sleep(PAUSE_S)
+            fn()
+            calls, spent = 0, 0.0
+            while calls < 1 or spent < 1e-3:
+                t0 = time.perf_counter()
+                fn()
+                elapsed = time.perf_counter() - t0
+                times[name].append(elapsed)
+                calls, spent = calls + 1, spent + elapsed
+        rounds += 1
+    return {
+        name: {"median_s": statistics.median(t), "best_s": min(t), "runs": len(t)}
+        for name, t in times.items()
+    }
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -140,9 +157,15 @@ def bench_model(path: Path, batches: tuple[int, ...], budget_s: float) -> dict[s
             with torch.inference_mode():
                 return prebinarized(xt)
 
-        engine_t = timed(lambda x=x: model.predict(x), budget_s=budget_s)
-        eager_t = timed(run_eager, budget_s=budget_s)
-        pre_t = timed(run_prebinarized, budget_s=budget_s)
+        measured = timed_together(
+            {
+                "engine": lambda x=x: model.predict(x),
+                "eager": run_eager,
+                "eager_prebinarized": run_prebinarized,
+            },
+            budget_s=budget_s,
+        )
+        engine_t, eager_t, pre_t = (measured[k] for k in ("engine", "eager", "eager_prebinarized"))
         got, want = model.predict(x), run_eager().numpy()
         agree += int((got.argmax(1) == want.argmax(1)).sum())
         total += batch
@@ -221,14 +244,17 @@ def bench_gemm(budget_s: float) -> list[dict[str, Any]]:
         a_t = torch.from_numpy(a_signs)
         packed = np.empty((batch, n // 64), np.uint64)
         counts = np.empty((batch, n), np.int32)
-        fused = timed(
-            lambda a=a, packed=packed: kernels.dense_threshold_pack(a, w, cut, invert, packed, 64),
+        measured = timed_together(
+            {
+                "fused": lambda a=a, packed=packed: kernels.dense_threshold_pack(
+                    a, w, cut, invert, packed, 64
+                ),
+                "popcount_gemm": lambda a=a, counts=counts: kernels.xor_popcount_gemm(a, w, counts),
+                "torch": lambda a_t=a_t: torch.matmul(a_t, w_t),
+            },
             budget_s=budget_s,
         )
-        plain = timed(
-            lambda a=a, counts=counts: kernels.xor_popcount_gemm(a, w, counts), budget_s=budget_s
-        )
-        reference = timed(lambda a_t=a_t: torch.matmul(a_t, w_t), budget_s=budget_s)
+        fused, plain, reference = (measured[k] for k in ("fused", "popcount_gemm", "torch"))
         exact = np.array_equal(n - 2 * counts, (a_t @ w_t).numpy().astype(np.int64))
         macs = batch * n * n
         rows.append(
@@ -344,9 +370,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"({m['torch_threads']} threads). Load average at start "
         f"{', '.join(f'{v:.2f}' for v in r['load_average_start'])}, at end "
         f"{', '.join(f'{v:.2f}' for v in r['load_average_end'])} (other work shares these cores). "
-        "Each time is the median of repeated calls, with the best call in parentheses; each "
-        "ratio is eager (or reference) over engine from this one run, of medians and of best "
-        "calls. On a machine shared with other work the medians carry scheduling delays "
+        "Each time is the median of repeated calls, with the best call in parentheses; engine "
+        "and reference are called in alternating rounds, so load from other work hits both "
+        "alike; each turn starts after a 0.3 s pause (torch's idle threads spin for ~200 ms "
+        "after its last operation and would steal the cores from the engine) and its first call "
+        "is not counted. Each ratio is reference over engine from this one "
+        "run, of medians and of best calls. On a machine shared with other work the medians carry scheduling delays "
         "(a parallel kernel waits for both cores), the best calls show the uncontended cost.",
         "",
         "| measurement | engine | eager torch / reference | ratio: medians (best) | target | |",

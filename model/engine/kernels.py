@@ -99,6 +99,36 @@ def _transpose_sum8(builder, v):
     )
 
 
+def _is_words_2d(t) -> bool:
+    return (
+        isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype == types.uint64
+    )
+
+
+def _counts8(context, builder, a_type, w_type, a, w, row, col):
+    """<8 x i64>: popcount(a[row] XOR w[col + j]) in lane j (see :func:`xor_popcount8`)."""
+    a_arr = context.make_array(a_type)(context, builder, a)
+    w_arr = context.make_array(w_type)(context, builder, w)
+    length = builder.extract_value(a_arr.shape, 1)
+    ctpop = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V8, [_V8]), "llvm.ctpop.v8i64"
+    )
+    a_row = builder.gep(a_arr.data, [builder.mul(row, length)])
+    w_rows = [
+        builder.gep(w_arr.data, [builder.mul(builder.add(col, ir.Constant(_I64, j)), length)])
+        for j in range(8)
+    ]
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8, [0] * 8)) for _ in range(8)]
+    eight = ir.Constant(_I64, 8)
+    with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), length, eight) as (k, _):
+        av = builder.load(builder.bitcast(builder.gep(a_row, [k]), _V8.as_pointer()), align=8)
+        for j in range(8):
+            ptr = builder.bitcast(builder.gep(w_rows[j], [k]), _V8.as_pointer())
+            counts = builder.call(ctpop, [builder.xor(av, builder.load(ptr, align=8))])
+            builder.store(builder.add(builder.load(accs[j]), counts), accs[j])
+    return _transpose_sum8(builder, [builder.load(acc) for acc in accs])
+
+
 @intrinsic
 def xor_popcount8(typingctx, a, w, m, o):
     """popcount(a[m] XOR w[o + j]) for j < 8, as a tuple of 8 int64.
@@ -108,38 +138,48 @@ def xor_popcount8(typingctx, a, w, m, o):
     accumulators are summed across lanes together by :func:`_transpose_sum8`. a and w must be
     C-contiguous 2-D uint64 arrays of the same row length, a multiple of 8 words.
     """
-    ok = all(
-        isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype == types.uint64
-        for t in (a, w)
-    )
-    if not ok or not isinstance(m, types.Integer) or not isinstance(o, types.Integer):
+    if not (_is_words_2d(a) and _is_words_2d(w)):
+        return None
+    if not (isinstance(m, types.Integer) and isinstance(o, types.Integer)):
         return None
     sig = types.UniTuple(types.int64, 8)(a, w, types.int64, types.int64)
 
     def codegen(context, builder, sig, args):
-        a_arr = context.make_array(sig.args[0])(context, builder, args[0])
-        w_arr = context.make_array(sig.args[1])(context, builder, args[1])
-        row, col = args[2], args[3]
-        length = builder.extract_value(a_arr.shape, 1)
-        ctpop = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V8, [_V8]), "llvm.ctpop.v8i64"
-        )
-        a_row = builder.gep(a_arr.data, [builder.mul(row, length)])
-        w_rows = [
-            builder.gep(w_arr.data, [builder.mul(builder.add(col, ir.Constant(_I64, j)), length)])
-            for j in range(8)
-        ]
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8, [0] * 8)) for _ in range(8)]
-        eight = ir.Constant(_I64, 8)
-        with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), length, eight) as (k, _):
-            av = builder.load(builder.bitcast(builder.gep(a_row, [k]), _V8.as_pointer()), align=8)
-            for j in range(8):
-                ptr = builder.bitcast(builder.gep(w_rows[j], [k]), _V8.as_pointer())
-                counts = builder.call(ctpop, [builder.xor(av, builder.load(ptr, align=8))])
-                builder.store(builder.add(builder.load(accs[j]), counts), accs[j])
-        total = _transpose_sum8(builder, [builder.load(acc) for acc in accs])
+        total = _counts8(context, builder, sig.args[0], sig.args[1], *args)
         items = [builder.extract_element(total, ir.Constant(_I32, j)) for j in range(8)]
         return context.make_tuple(builder, sig.return_type, items)
+
+    return sig, codegen
+
+
+@intrinsic
+def xor_popcount8_bits(typingctx, a, w, m, o, cut, invert):
+    """The 8 packed decisions ``(popcount(a[m] XOR w[o + j]) ≥ cut[o + j]) XOR invert[o + j]``
+    as bits 0..7 of a uint64: one vector compare, XOR and mask move instead of eight scalar
+    ones. cut: C-contiguous int64 (O,), invert: C-contiguous uint8 (O,)."""
+    vectors_ok = (
+        isinstance(cut, types.Array) and cut.dtype == types.int64 and cut.layout == "C"
+        and isinstance(invert, types.Array) and invert.dtype == types.uint8
+        and invert.layout == "C"
+    )  # fmt: skip
+    if not (_is_words_2d(a) and _is_words_2d(w) and vectors_ok):
+        return None
+    sig = types.uint64(a, w, types.int64, types.int64, cut, invert)
+
+    def codegen(context, builder, sig, args):
+        a_val, w_val, row, col, cut_val, invert_val = args
+        total = _counts8(context, builder, sig.args[0], sig.args[1], a_val, w_val, row, col)
+        cut_ptr = context.make_array(sig.args[4])(context, builder, cut_val).data
+        inv_ptr = context.make_array(sig.args[5])(context, builder, invert_val).data
+        i8x8 = ir.VectorType(ir.IntType(8), 8)
+        cuts = builder.load(builder.bitcast(builder.gep(cut_ptr, [col]), _V8.as_pointer()), align=8)
+        inverts = builder.load(
+            builder.bitcast(builder.gep(inv_ptr, [col]), i8x8.as_pointer()), align=1
+        )
+        fires = builder.icmp_signed(">=", total, cuts)
+        flip = builder.icmp_unsigned("!=", inverts, ir.Constant(i8x8, [0] * 8))
+        bits = builder.bitcast(builder.xor(fires, flip), ir.IntType(8))
+        return builder.zext(bits, _I64)
 
     return sig, codegen
 
@@ -222,9 +262,8 @@ def dense_threshold_pack(a, w, cut, invert, out, row_chunk):
             o = o0
             if a.shape[1] % 8 == 0:
                 while o + 8 <= o1:
-                    s = xor_popcount8(a, w, m, o)
-                    for i in range(8):
-                        word |= _decide(s[i], cut, invert, o + i, o0)
+                    bits = xor_popcount8_bits(a, w, m, o, cut, invert)
+                    word |= bits << np.uint64(o - o0)
                     o += 8
             while o + 4 <= o1:
                 s0, s1, s2, s3 = _xor_popcount4(a, w, m, o)
