@@ -301,6 +301,7 @@ def machine() -> dict[str, Any]:
         "numba_threads": numba.get_num_threads(),
         "threading_layer": threading_layer(),
         "load_average": os.getloadavg(),
+        "niceness": os.nice(0),
     }
 
 
@@ -369,8 +370,13 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"`{m['threading_layer']}`, {m['numba_threads']} threads), torch {m['torch']} "
         f"({m['torch_threads']} threads). Load average at start "
         f"{', '.join(f'{v:.2f}' for v in r['load_average_start'])}, at end "
-        f"{', '.join(f'{v:.2f}' for v in r['load_average_end'])} (other work shares these cores). "
-        "Each time is the median of repeated calls, with the best call in parentheses; engine "
+        f"{', '.join(f'{v:.2f}' for v in r['load_average_end'])} (other work shares these cores"
+        + (
+            f"; this run had scheduling priority nice {m['niceness']} over it). "
+            if m.get("niceness")
+            else "). "
+        )
+        + "Each time is the median of repeated calls, with the best call in parentheses; engine "
         "and reference are called in alternating rounds, so load from other work hits both "
         "alike; each turn starts after a 0.3 s pause (torch's idle threads spin for ~200 ms "
         "after its last operation and would steal the cores from the engine) and its first call "
