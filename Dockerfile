@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
 # One file, three images:
 #   serve     (default) the numpy/numba engine + FastAPI service — no torch, runs as a non-root user
-#   serve-gpu           serve + torch (CUDA build) for BNN_DEVICE=cuda
 #   trainer             torch (CPU build by default) + the training CLI, to publish models
+#   serve-gpu           serve + torch (CUDA build) for BNN_DEVICE=cuda
+# The classic builder builds every stage before its target, so serve-gpu (a multi-GB CUDA
+# download) comes last and is only built when asked for.
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # --- common base: a virtual environment and the package skeleton -------------------------------
@@ -16,14 +18,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python -m venv /opt/venv
 WORKDIR /src
 # Empty packages let pip resolve and install every dependency before any code is copied, so a
-# code change rebuilds only the last, small layers.
+# code change rebuilds only the last, small layers. (The skeleton's build/ directory is removed
+# afterwards: setuptools would otherwise keep its empty __init__.py files, which look newer than
+# the real ones.)
 COPY pyproject.toml README.md ./
 RUN mkdir model training service \
     && touch model/__init__.py training/__init__.py service/__init__.py
 
 # --- serving: dependencies, then code -----------------------------------------------------------
 FROM base AS serve-build
-RUN pip install '.[serve]' && pip uninstall --yes bnnserve
+RUN pip install '.[serve]' && pip uninstall --yes bnnserve && rm -rf build *.egg-info
 COPY model/ model/
 COPY service/ service/
 RUN pip install --no-deps .
@@ -56,20 +60,13 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "service"]
 
-# --- serving on a GPU: the same image plus torch's CUDA build ------------------------------------
-FROM serve AS serve-gpu
-USER root
-RUN pip install 'torch==2.13.0'
-USER bnn
-ENV BNN_DEVICE=cuda
-
 # --- training: torch, CPU build by default ------------------------------------------------------
 FROM base AS trainer
 # Wheels placed in deploy/wheels (make docker-wheels) take precedence over the index.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY deploy/wheels/ /wheels/
 RUN pip install --find-links /wheels --extra-index-url "${TORCH_INDEX_URL}" '.[train]' \
-    && pip uninstall --yes bnnserve
+    && pip uninstall --yes bnnserve && rm -rf build *.egg-info
 COPY model/ model/
 COPY training/ training/
 RUN pip install --no-deps . \
@@ -80,3 +77,10 @@ USER bnn
 WORKDIR /runs
 ENTRYPOINT ["python", "-m", "training"]
 CMD ["train", "--arch", "mlp", "--dataset", "digits", "--repo", "/models", "--name", "digits-mlp", "--no-progress"]
+
+# --- serving on a GPU: the same image plus torch's CUDA build ------------------------------------
+FROM serve AS serve-gpu
+USER root
+RUN pip install 'torch==2.13.0'
+USER bnn
+ENV BNN_DEVICE=cuda
