@@ -43,6 +43,8 @@ SECTION = "Inference engine"
 
 GEMM_SIZE = 4096
 PAUSE_S = 0.3  # between turns of different contenders, see timed_together
+WARM_S = 0.02  # untimed calls at the start of each turn (caches, clock frequency, thread wake-up)
+TURN_S = 0.005  # timed calls per turn (at least one)
 MLP_BATCHES = (1, 4, 16, 64, 256)
 CNN_BATCHES = (1, 2, 4, 8, 16, 32)
 TARGETS = {
@@ -63,11 +65,12 @@ def timed_together(
 ) -> dict[str, dict]:
     """Median and best wall time of each function, measured in alternating rounds for at least
     ``min_rounds`` rounds and until ``budget_s`` is spent, so that load from other work on the
-    machine hits every contender alike. In each round every function is called at least twice
-    and for at least 1 ms, after a pause: torch's worker threads keep spinning for up to
-    ~200 ms after its last operation and would otherwise steal both cores from the engine (a
-    server runs one or the other, not both). The first call of each turn is not counted either
-    (it pays for waking thread pools and refilling caches); the others are timed one by one."""
+    machine hits every contender alike. Each turn starts after a pause: torch's worker threads
+    keep spinning for up to ~200 ms after its last operation and would otherwise steal both
+    cores from the engine (a server runs one or the other, not both). Then calls for WARM_S
+    (at least one) are not counted — they pay for waking thread pools, refilling caches and
+    raising the clock after the pause, as a busy server would not — and calls for TURN_S (at
+    least one) are timed one by one."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -76,9 +79,12 @@ def timed_together(
     while rounds < min_rounds or time.perf_counter() - start < budget_s:
         for name, fn in fns.items():
             time.sleep(PAUSE_S)
+            warm_until = time.perf_counter() + WARM_S
             fn()
+            while time.perf_counter() < warm_until:
+                fn()
             calls, spent = 0, 0.0
-            while calls < 1 or spent < 1e-3:
+            while calls < 1 or spent < TURN_S:
                 t0 = time.perf_counter()
                 fn()
                 elapsed = time.perf_counter() - t0
@@ -379,8 +385,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         + "Each time is the median of repeated calls, with the best call in parentheses; engine "
         "and reference are called in alternating rounds, so load from other work hits both "
         "alike; each turn starts after a 0.3 s pause (torch's idle threads spin for ~200 ms "
-        "after its last operation and would steal the cores from the engine) and its first call "
-        "is not counted. Each ratio is reference over engine from this one "
+        "after its last operation and would steal the cores from the engine), and its first "
+        "20 ms of calls (at least one) are not counted, as steady serving would not pay for "
+        "waking threads and caches. Each ratio is reference over engine from this one "
         "run, of medians and of best calls. On a machine shared with other work the medians carry scheduling delays "
         "(a parallel kernel waits for both cores), the best calls show the uncontended cost.",
         "",
