@@ -484,8 +484,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         "engine in float64; where BatchNorm puts the threshold within rounding error of a sum, "
         "the two can binarize differently. Measured on "
         f"{d['samples']} random 3×32×32 inputs: {d['differing_decisions']} of "
-        f"{d['decisions']:,} stem decisions differ (rate {d['decision_rate']:.2e}); "
-        f"{d['samples_with_any_difference']} samples have at least one, and the predicted class "
+        f"{d['decisions']:,} stem decisions differ (rate {d['decision_rate']:.2e}), in "
+        f"{d['samples_with_any_difference']} of the {d['samples']} samples; the predicted class "
         f"differs on {d['class_disagreement']:.2%} of samples. Every binary layer after it is "
         "exact (integer popcounts, thresholds folded from torch's own float32 BatchNorm formula).",
     ]
