@@ -36,7 +36,8 @@ FROM ${PYTHON_IMAGE} AS serve
 # libgomp1: numba's OpenMP threading layer, which is safe for concurrent predict() calls.
 RUN apt-get update \
     && apt-get install --yes --no-install-recommends libgomp1 \
-    && rm -rf /var/lib/apt/lists/* \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin bnn \
     && mkdir -p /models /var/cache/bnnserve/kernels \
     && chown -R bnn /models /var/cache/bnnserve
