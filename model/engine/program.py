@@ -48,11 +48,34 @@ def row_words(words: int) -> int:
     return padded if words >= 8 and 2 * (padded - words) <= words else words
 
 
+# Bytes of a cache line: kernel arrays start on one, so that with rows of a multiple of 8 words
+# no 512-bit load straddles two lines (measured +8–10% on the 4096×4096 layer, batch 1 and 64).
+CACHE_LINE = 64
+
+
+def aligned_empty(shape: Shape, dtype: np.dtype | type = np.uint64) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on a CACHE_LINE boundary (numpy
+    itself only guarantees 16 bytes)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buffer = np.empty(nbytes + CACHE_LINE, np.uint8)
+    start = -buffer.ctypes.data % CACHE_LINE
+    return buffer[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_copy(array: np.ndarray, dtype: np.dtype | type = np.uint64) -> np.ndarray:
+    """A writable, cache-line-aligned C-contiguous copy of ``array`` as ``dtype``."""
+    out = aligned_empty(array.shape, dtype)
+    out[...] = array
+    return out
+
+
 def pad_rows(words: np.ndarray) -> np.ndarray:
-    """(O, L) uint64 → (O, row_words(L)) with zero words appended."""
+    """(O, L) uint64 → (O, row_words(L)) with zero words appended, cache-line aligned."""
     width = row_words(words.shape[1])
-    out = np.zeros((words.shape[0], width), np.uint64)
+    out = aligned_empty((words.shape[0], width))
     out[:, : words.shape[1]] = words
+    out[:, words.shape[1] :] = 0
     return out
 
 
@@ -504,11 +527,11 @@ def _dense_weight_for(weight: np.ndarray, features: int, bits: Bits) -> np.ndarr
     if bits.layout != "hwc":
         # an owned, writable copy: artifact views are read-only, which numba would compile
         # as a separate kernel signature
-        return np.array(weight, dtype=np.uint64, order="C", copy=True)
+        return aligned_copy(weight)
     c, h, w = bits.shape
     signs = unpack_signs(weight, features, axis=1, dtype=np.int8)  # (O, C·H·W)
     signs = signs.reshape(-1, c, h, w).transpose(0, 2, 3, 1)  # (O, H, W, C)
-    return np.ascontiguousarray(pack_signs(signs, axis=-1).reshape(signs.shape[0], -1))
+    return aligned_copy(pack_signs(signs, axis=-1).reshape(signs.shape[0], -1))
 
 
 def _signed_weights(weight: np.ndarray, bits: Bits) -> tuple[np.ndarray, np.ndarray, float]:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from model.engine import kernels
 from model.engine.cpu import integer_bit_planes, unpack_bits
-from model.engine.program import Bits, pad_rows, row_words
+from model.engine.program import Bits, aligned_empty, pad_rows, row_words
 from model.packing import pack_signs, unpack_signs, words_for
 from model.quantizers import SIGN, STEP
 
@@ -92,6 +92,24 @@ def test_planes_dense(seed, m, o, f, high):
     out = np.empty((m, words_for(o)), np.uint64)
     kernels.planes_dense_threshold_pack(planes, w, pcw, cut, invert, out)
     np.testing.assert_array_equal(out, ref_pack((exact >= cut) ^ invert.astype(bool)))
+
+
+@SETTINGS
+@given(
+    rows=st.integers(1, 9),
+    words=st.integers(1, 40),
+    dtype=st.sampled_from([np.uint64, np.int32, np.uint8]),
+)
+def test_kernel_arrays_start_on_a_cache_line(rows, words, dtype):
+    empty = aligned_empty((rows, words), dtype)
+    assert (empty.shape, empty.dtype, empty.flags.c_contiguous) == ((rows, words), dtype, True)
+    w = np.arange(rows * words, dtype=np.uint64).reshape(rows, words)
+    padded = pad_rows(w)
+    for array in (empty, padded):
+        assert array.ctypes.data % 64 == 0
+    assert padded.shape == (rows, row_words(words))
+    np.testing.assert_array_equal(padded[:, :words], w)
+    assert not padded[:, words:].any()
 
 
 def test_integer_bit_planes_refuses_non_integers_and_out_of_range():
