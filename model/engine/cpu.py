@@ -5,11 +5,22 @@ stem convolution (followed by its folded thresholds) and the full-precision outp
 packed bits) have float64 numba kernels of their own: at these sizes a BLAS call costs more in
 im2col copies and thread wake-ups than in arithmetic. Any other real-valued layer goes through
 numpy's BLAS, also accumulating in float64. Every call allocates its own buffers, so concurrent
-calls share nothing mutable.
+calls share nothing mutable; packed buffers start on a cache line (see
+:func:`~model.engine.program.aligned_empty`).
+
+Threads: a call whose work (:func:`row_work` × batch) is below :data:`SERIAL_WORK_LIMIT` runs its
+kernels on the calling thread alone. Small calls gain little from the second core (digits mlp,
+batch 3: 61 µs on one thread, 50 µs on two, idle machine) but a parallel kernel waits for every
+worker to be scheduled, so with the other core busy its latency tail grows to milliseconds (same
+call: p99 0.2 ms, worst 8 ms on two threads; p99 0.11 ms on one).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import numba
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -33,12 +44,18 @@ from model.engine.program import (
     SignedDense,
     ToReal,
     Unpack,
+    aligned_empty,
     handlers,
 )
 from model.engine.runtime import kernel_guard
 from model.packing import unpack_signs, words_for
 
 ROW_CHUNK = 64
+# Work (see row_work) of one predict call below which its kernels run single-threaded: the digits
+# mlp (64 → 1024 → 256 → 10, 12,288 per row) up to batch 5, a 4096-wide binary mlp never.
+SERIAL_WORK_LIMIT = 1 << 16
+# Bit-planes assumed for the integer input layer (pixels 0..255) when estimating work.
+PLANES_ESTIMATE = 8
 # Rows of a packed weight matrix unpacked at once on the float path (bounded scratch memory).
 UNPACK_TILE_ROWS = 512
 
@@ -51,6 +68,7 @@ class NumbaExecutor:
     def __init__(self, program: Program) -> None:
         self.program = program
         self._handlers = handlers(self)
+        self._row_work = sum(row_work(op) for op in program.ops)
 
     @property
     def memory_bytes(self) -> int:
@@ -59,7 +77,7 @@ class NumbaExecutor:
     def run(self, x: np.ndarray) -> np.ndarray:
         """x: float32 (batch, *input_shape) → logits float32 (batch, classes)."""
         value = x
-        with kernel_guard():
+        with kernel_guard(), threads_for(x.shape[0] * self._row_work):
             for op in self.program.ops:
                 value = self._handlers[type(op)](op, value)
         return np.ascontiguousarray(value, dtype=F32)
@@ -73,7 +91,7 @@ class NumbaExecutor:
         n = words.shape[0]
         (kh, kw), (sh, sw), (ph, pw) = op.kernel, op.stride, op.padding
         oh, ow = op.out_hw
-        patches = np.empty((n * oh * ow, op.weight.shape[1]), np.uint64)
+        patches = aligned_empty((n * oh * ow, op.weight.shape[1]))
         kernels.im2col_bits(words, kh, kw, sh, sw, ph, pw, op.pad_words, patches)
         out = self._binary_rows(op, patches, op.features)
         if isinstance(op.epilogue, ToReal):
@@ -83,7 +101,7 @@ class NumbaExecutor:
     def _binary_rows(self, op: BinaryDense | BinaryConv, a: np.ndarray, k: int) -> np.ndarray:
         ep = op.epilogue
         if isinstance(ep, Decide):
-            out = np.empty((a.shape[0], words_for(op.weight.shape[0])), np.uint64)
+            out = aligned_empty((a.shape[0], words_for(op.weight.shape[0])))
             kernels.dense_threshold_pack(a, op.weight, ep.cut, ep.invert, out, ROW_CHUNK)
             return out
         p = np.empty((a.shape[0], op.weight.shape[0]), np.int32)
@@ -99,7 +117,7 @@ class NumbaExecutor:
             raw = _packed_matmul(x, op.weight, op.features).astype(F32)
             return _decide_or_real(ep, raw)
         if isinstance(ep, Decide):
-            out = np.empty((x.shape[0], words_for(op.weight.shape[0])), np.uint64)
+            out = aligned_empty((x.shape[0], words_for(op.weight.shape[0])))
             kernels.planes_dense_threshold_pack(planes, op.weight, op.pcw, ep.cut, ep.invert, out)
             return out
         acc = np.empty((x.shape[0], op.weight.shape[0]), np.int64)
@@ -128,7 +146,7 @@ class NumbaExecutor:
         oh, ow = op.out_hw
         ep = op.epilogue
         if isinstance(ep, Decide) and op.weight.dtype != np.uint64:
-            out = np.empty((n, oh, ow, words_for(op.weight.shape[1])), np.uint64)
+            out = aligned_empty((n, oh, ow, words_for(op.weight.shape[1])))
             (kh, kw), (sh, sw) = op.kernel, op.stride
             padded = pad_nhwc(x, op.padding, op.pad_value)
             bias = np.zeros(op.weight.shape[1], F64)
@@ -177,10 +195,46 @@ class NumbaExecutor:
         for pool in ep.pools:
             n, h, w, wc = bits.shape
             (kh, kw), (sh, sw) = pool.kernel, pool.stride
-            out = np.empty((n, (h - kh) // sh + 1, (w - kw) // sw + 1, wc), np.uint64)
+            out = aligned_empty((n, (h - kh) // sh + 1, (w - kw) // sw + 1, wc))
             kernels.pool_bits(bits, kh, kw, sh, sw, pool.and_words, out)
             bits = out
         return bits
+
+
+# --- threads --------------------------------------------------------------------------------------
+def row_work(op: Op) -> int:
+    """Cost of ``op`` per input row, in inner-loop steps: packed words × output channels (× bit
+    planes, × output positions) for binary layers, multiply-adds for float ones."""
+    if isinstance(op, BinaryDense):
+        return op.weight.size
+    if isinstance(op, BinaryConv):
+        return op.out_hw[0] * op.out_hw[1] * op.weight.size
+    if isinstance(op, PlanesDense):
+        return PLANES_ESTIMATE * op.weight.size
+    if isinstance(op, FloatDense):
+        return op.weight.shape[0] * op.features
+    if isinstance(op, SignedDense):
+        return op.weight_t.size // 2  # about half the input bits are set
+    if isinstance(op, FloatConv):
+        (kh, kw), channels = op.kernel, op.in_shape[0]
+        outputs = op.out_hw[0] * op.out_hw[1] * op.epilogue.out.shape[0]
+        return outputs * kh * kw * channels
+    return 0
+
+
+@contextlib.contextmanager
+def threads_for(work: int) -> Iterator[None]:
+    """Run the enclosed kernels on the calling thread alone when ``work`` is below
+    SERIAL_WORK_LIMIT; numba's thread count is per calling thread, and restored on exit."""
+    if work >= SERIAL_WORK_LIMIT:
+        yield
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 # --- shared helpers (also used by tests as references) --------------------------------------------
@@ -262,7 +316,7 @@ def _packed_matmul(x: np.ndarray, weight: np.ndarray, features: int) -> np.ndarr
 
 def _threshold_rows(ep: Decide, rows: np.ndarray) -> np.ndarray:
     rows = np.ascontiguousarray(rows, dtype=F32)
-    out = np.empty((rows.shape[0], words_for(rows.shape[1])), np.uint64)
+    out = aligned_empty((rows.shape[0], words_for(rows.shape[1])))
     kernels.threshold_pack_rows(rows, ep.cut, ep.invert, out)
     return out
 

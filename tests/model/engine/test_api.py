@@ -225,3 +225,30 @@ def test_workqueue_fallback_serializes_kernels(mlp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["workqueue", "0", "160"]
+
+
+def test_small_calls_run_single_threaded(mlp, monkeypatch):
+    """Kernels of a call below SERIAL_WORK_LIMIT see one numba thread, larger calls all of
+    them; the caller's thread count is restored either way."""
+    import numba
+
+    from model.engine import cpu
+
+    seen: list[int] = []
+    kernel = cpu.kernels.dense_threshold_pack
+
+    def recording(*args):
+        seen.append(numba.get_num_threads())
+        return kernel(*args)
+
+    monkeypatch.setattr(cpu.kernels, "dense_threshold_pack", recording)
+    before = numba.get_num_threads()
+    per_row = sum(cpu.row_work(op) for op in mlp.program.ops)
+    small = max(1, (cpu.SERIAL_WORK_LIMIT - 1) // per_row)
+    large = cpu.SERIAL_WORK_LIMIT // per_row + 1
+    for batch in (small, large):
+        mlp.predict(np.zeros((batch, 1, 8, 8), np.float32))
+    assert seen == [1, before]
+    assert numba.get_num_threads() == before
+    with cpu.threads_for(cpu.SERIAL_WORK_LIMIT):
+        assert numba.get_num_threads() == before
