@@ -234,21 +234,23 @@ def bench_gemm(budget_s: float) -> list[dict[str, Any]]:
     import torch
 
     from model.engine import kernels
+    from model.engine.program import aligned_empty, pad_rows
     from model.packing import pack_signs
 
     rng = np.random.default_rng(0)
     n = GEMM_SIZE
     w_signs = np.where(rng.random((n, n)) < 0.5, -1.0, 1.0).astype(np.float32)
-    w = pack_signs(w_signs)  # (4096, 64) uint64
+    # (4096, 64) uint64 in the engine's compiled layout (cache-line aligned), as are activations
+    w = pad_rows(pack_signs(w_signs))
     w_t = torch.from_numpy(w_signs.T.copy())  # (in, out) float32 ±1
     cut = rng.integers(n // 2 - 64, n // 2 + 64, n).astype(np.int64)
     invert = rng.integers(0, 2, n).astype(np.uint8)
     rows = []
     for batch in (1, 64):
         a_signs = np.where(rng.random((batch, n)) < 0.5, -1.0, 1.0).astype(np.float32)
-        a = pack_signs(a_signs)
+        a = pad_rows(pack_signs(a_signs))
         a_t = torch.from_numpy(a_signs)
-        packed = np.empty((batch, n // 64), np.uint64)
+        packed = aligned_empty((batch, n // 64))
         counts = np.empty((batch, n), np.int32)
         measured = timed_together(
             {
