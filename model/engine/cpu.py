@@ -45,6 +45,7 @@ from model.engine.program import (
     ToReal,
     Unpack,
     aligned_empty,
+    aligned_zeros,
     handlers,
 )
 from model.engine.runtime import kernel_guard
@@ -226,10 +227,10 @@ def row_work(op: Op) -> int:
 def threads_for(work: int) -> Iterator[None]:
     """Run the enclosed kernels on the calling thread alone when ``work`` is below
     SERIAL_WORK_LIMIT; numba's thread count is per calling thread, and restored on exit."""
-    if work >= SERIAL_WORK_LIMIT:
+    previous = numba.get_num_threads()
+    if work >= SERIAL_WORK_LIMIT or previous == 1:
         yield
         return
-    previous = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
         yield
@@ -244,18 +245,13 @@ def integer_bit_planes(x: np.ndarray, words: int | None = None) -> np.ndarray | 
     value (at least 1)."""
     m, f = x.shape
     words = words_for(f) if words is None else words
-    if x.size == 0:
-        return np.zeros((1, m, words), np.uint64)
-    low, high = x.min(), x.max()
-    if low < 0 or high > MAX_PLANE_VALUE or not np.array_equal(x, np.floor(x)):
+    x = np.ascontiguousarray(x, dtype=F32)
+    n_planes = kernels.plane_count(x, MAX_PLANE_VALUE) if x.size else 1
+    if n_planes < 0:
         return None
-    values = x.astype(np.uint16)
-    n_planes = max(1, int(high).bit_length())
-    bits = np.zeros((n_planes, m, words * 64), np.uint8)
-    for b in range(n_planes):
-        bits[b, :, :f] = (values >> b) & 1
-    packed = np.packbits(bits, axis=-1, bitorder="little")
-    return np.ascontiguousarray(packed).view(np.uint64).reshape(n_planes, m, words)
+    planes = aligned_zeros((n_planes, m, words))
+    kernels.pack_bit_planes(x, planes)
+    return planes
 
 
 def unpack_bits(words: np.ndarray, bits: Bits) -> np.ndarray:

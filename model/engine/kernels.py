@@ -276,6 +276,36 @@ def dense_threshold_pack(a, w, cut, invert, out, row_chunk):
             out[m, j] = word
 
 
+@njit(**_JIT)
+def plane_count(x, max_value):
+    """Bit-planes needed to hold x (M, F) float32 as integers: the bit length of its largest value
+    (at least 1), or −1 unless every value is an integer in [0, max_value] (NaN included)."""
+    high = 0.0
+    for m in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            v = x[m, j]
+            if not (v >= 0.0 and v <= max_value and v == np.floor(v)):
+                return -1
+            high = max(high, v)
+    count, h = 1, np.int64(high) >> 1
+    while h > 0:
+        count += 1
+        h >>= 1
+    return count
+
+
+@njit(**_JIT)
+def pack_bit_planes(x, planes):
+    """planes (B, M, W) uint64, zero on entry: bit j mod 64 of planes[b, m, j // 64] = bit b of
+    the integer x[m, j] — x = Σ_b 2^b x_b, each plane packed like activations."""
+    for m in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            v = np.uint64(x[m, j])
+            word, bit = j >> 6, np.uint64(j & 63)
+            for b in range(planes.shape[0]):
+                planes[b, m, word] |= ((v >> np.uint64(b)) & np.uint64(1)) << bit
+
+
 @njit(**_JIT, inline="always")
 def _planes_acc4(planes, w, pcw, m, o):
     """x·w for four weight rows, x = Σ_b 2^b x_b given as bit-planes: Σ_b 2^b (P_b − pcw)."""

@@ -18,6 +18,7 @@ in :class:`ToReal` and the following layers run on real values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -57,10 +58,17 @@ def aligned_empty(shape: Shape, dtype: np.dtype | type = np.uint64) -> np.ndarra
     """An uninitialized C-contiguous array whose data starts on a CACHE_LINE boundary (numpy
     itself only guarantees 16 bytes)."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     buffer = np.empty(nbytes + CACHE_LINE, np.uint8)
-    start = -buffer.ctypes.data % CACHE_LINE
+    start = -buffer.__array_interface__["data"][0] % CACHE_LINE  # (cheaper than .ctypes)
     return buffer[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_zeros(shape: Shape, dtype: np.dtype | type = np.uint64) -> np.ndarray:
+    """Like :func:`aligned_empty`, filled with zeros."""
+    out = aligned_empty(shape, dtype)
+    out.fill(0)
+    return out
 
 
 def aligned_copy(array: np.ndarray, dtype: np.dtype | type = np.uint64) -> np.ndarray:

@@ -116,7 +116,27 @@ def test_integer_bit_planes_refuses_non_integers_and_out_of_range():
     assert integer_bit_planes(np.array([[0.5, 1.0]], np.float32)) is None
     assert integer_bit_planes(np.array([[-1.0, 1.0]], np.float32)) is None
     assert integer_bit_planes(np.array([[70000.0]], np.float32)) is None
+    assert integer_bit_planes(np.array([[1.0, np.nan]], np.float32)) is None
     assert integer_bit_planes(np.zeros((2, 3), np.float32)).shape == (1, 2, 1)
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**31),
+    m=st.integers(1, 6),
+    f=st.integers(1, 200),
+    high=st.sampled_from([0, 1, 16, 255, 65535]),
+)
+def test_integer_bit_planes_match_numpy(seed, m, f, high):
+    x = np.random.default_rng(seed).integers(0, high + 1, size=(m, f)).astype(np.float32)
+    planes = integer_bit_planes(x, words_for(f) + 1)  # one extra zero word per row
+    n_planes = max(1, int(x.max()).bit_length())
+    bits = np.zeros((n_planes, m, (words_for(f) + 1) * 64), np.uint8)
+    for b in range(n_planes):
+        bits[b, :, :f] = (x.astype(np.int64) >> b) & 1
+    expected = np.packbits(bits, axis=-1, bitorder="little").view(np.uint64)
+    np.testing.assert_array_equal(planes, expected.reshape(n_planes, m, -1))
+    assert planes.ctypes.data % 64 == 0
 
 
 @SETTINGS
