@@ -60,10 +60,10 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline (504)")
     inline_compute_ms: float = Field(
-        0.2,
+        1.0,
         ge=0,
         description="Engine calls that recently took less than this run on the event loop "
-        "instead of a worker thread (the hop costs more than a tiny model); 0 = never",
+        "instead of a worker thread (the hop costs more than a small model); 0 = never",
     )
 
     # --- limits and security ---------------------------------------------------------------

@@ -80,8 +80,7 @@ def array_from_json(data: Any, datatype: str, tensor: str) -> np.ndarray:
 def _check_json_kind(raw: np.ndarray, datatype: str, dtype: np.dtype, tensor: str) -> None:
     # Integer datatypes take integral JSON numbers (some encoders write 3 as 3.0).
     allowed = {"b": "b", "i": "iuf", "u": "iuf", "f": "iuf"}[dtype.kind]
-    integral = raw.dtype.kind != "f" or bool(np.all(np.isfinite(raw) & (raw == np.floor(raw))))
-    if raw.dtype.kind not in allowed or (dtype.kind in "iu" and not integral):
+    if raw.dtype.kind not in allowed or (dtype.kind in "iu" and not _integral(raw)):
         expected = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}[dtype.kind]
         example = raw.ravel()[0]
         raise BadRequestError(
@@ -96,6 +95,11 @@ def _check_json_kind(raw: np.ndarray, datatype: str, dtype: np.dtype, tensor: st
                 f"tensor {tensor!r}: {datatype} values must lie in [{info.min}, {info.max}], "
                 f"got {low:g}..{high:g}"
             )
+
+
+def _integral(raw: np.ndarray) -> bool:
+    """Whether every value is a whole number (JSON floats like 3.0 count)."""
+    return raw.dtype.kind != "f" or bool(np.all(np.isfinite(raw) & (raw == np.floor(raw))))
 
 
 def _bytes_from_json(data: list, tensor: str) -> np.ndarray:
