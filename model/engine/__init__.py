@@ -64,7 +64,8 @@ class CompiledModel:
         self.device = device
         self.load_seconds = load_seconds
         self.warmup_seconds = 0.0
-        self._flat_features = math.prod(spec.input.shape)
+        self._input_shape = tuple(spec.input.shape)
+        self._flat_features = math.prod(self._input_shape)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -93,10 +94,7 @@ class CompiledModel:
 
     def check_input(self, x: Any) -> np.ndarray:
         """Validate ``x`` and return it as float32 (batch, *input.shape)."""
-        name, shape = self.spec.input.name, tuple(self.spec.input.shape)
-        expected = f"[-1, {', '.join(map(str, shape))}]"
-        if len(shape) > 1:
-            expected += f" or [-1, {self._flat_features}]"
+        name = self.spec.input.name
         if not isinstance(x, np.ndarray):
             raise InvalidInputError(
                 f"input {name!r}: expected a numpy array, got {type(x).__name__}"
@@ -106,19 +104,14 @@ class CompiledModel:
                 f"input {name!r}: expected a real numeric dtype (bool, int, uint, float), "
                 f"got {x.dtype}"
             )
-        if x.ndim == 1 + len(shape) and tuple(x.shape[1:]) == shape:
-            batch = x
-        elif x.ndim == 2 and x.shape[1] == self._flat_features:
-            batch = x.reshape(x.shape[0], *shape)
-        else:
-            raise InvalidInputError(
-                f"input {name!r}: expected shape {expected}, got {list(x.shape)}"
-            )
+        batch = self._batch_shaped(x)
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             where = np.argwhere(~np.isfinite(x))[0].tolist()
             raise InvalidInputError(
                 f"input {name!r}: values must be finite, got {x[tuple(where)]} at index {where}"
             )
+        if x.dtype == np.float32:  # the common case: nothing to convert, nothing to overflow
+            return np.ascontiguousarray(batch)
         with np.errstate(over="ignore"):
             batch = np.ascontiguousarray(batch, dtype=np.float32)
         if x.dtype.kind == "f" and not np.isfinite(batch).all():
@@ -128,6 +121,20 @@ class CompiledModel:
                 f"index {where} (out of float32 range)"
             )
         return batch
+
+    def _batch_shaped(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as (batch, *input.shape): as given, or reshaped from (batch, features)."""
+        shape = self._input_shape
+        if x.shape[1:] == shape:
+            return x
+        if x.ndim == 2 and x.shape[1] == self._flat_features:
+            return x.reshape(x.shape[0], *shape)
+        expected = f"[-1, {', '.join(map(str, shape))}]"
+        if len(shape) > 1:
+            expected += f" or [-1, {self._flat_features}]"
+        raise InvalidInputError(
+            f"input {self.spec.input.name!r}: expected shape {expected}, got {list(x.shape)}"
+        )
 
     def warmup(self, batch_sizes: Iterable[int] = (1, 64)) -> float:
         """Compile (or load cached) kernels and run each batch size once; returns seconds."""
