@@ -6,26 +6,27 @@ packed bits) have float64 numba kernels of their own: at these sizes a BLAS call
 im2col copies and thread wake-ups than in arithmetic. Any other real-valued layer goes through
 numpy's BLAS, also accumulating in float64. Every call allocates its own buffers, so concurrent
 calls share nothing mutable; packed buffers start on a cache line (see
-:func:`~model.engine.program.aligned_empty`).
+:func:`~model.engine.kernels.aligned_words`).
 
-Threads: a call whose work (:func:`row_work` × batch) is below :data:`SERIAL_WORK_LIMIT` runs its
-kernels on the calling thread alone. Small calls gain little from the second core (digits mlp,
-batch 3: 61 µs on one thread, 50 µs on two, idle machine) but a parallel kernel waits for every
-worker to be scheduled, so with the other core busy its latency tail grows to milliseconds (same
-call: p99 0.2 ms, worst 8 ms on two threads; p99 0.11 ms on one).
+Threads: a call whose work (:func:`row_work` × batch) is below :data:`SERIAL_WORK_LIMIT` runs the
+serial twins of the kernels (:data:`~model.engine.kernels.SERIAL`) on the calling thread alone,
+which also saves starting a parallel region in each kernel (~1 µs) and switching numba's thread
+count. Small calls gain little from the second core (digits mlp, batch 3: 61 µs on one thread,
+50 µs on two, idle machine) but a parallel kernel waits for every worker to be scheduled, so
+with the other core busy its latency tail grows to milliseconds (same call: p99 0.2 ms, worst
+8 ms on two threads; p99 0.11 ms on one).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import sys
 
-import numba
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from model.engine import kernels
 from model.engine.floatmath import F32, F64, affine_f32, fma_f32
+from model.engine.kernels import PARALLEL, SERIAL, KernelSet
 from model.engine.program import (
     MAX_PLANE_VALUE,
     BinaryConv,
@@ -44,8 +45,6 @@ from model.engine.program import (
     SignedDense,
     ToReal,
     Unpack,
-    aligned_empty,
-    aligned_zeros,
     handlers,
 )
 from model.engine.runtime import kernel_guard
@@ -62,71 +61,85 @@ UNPACK_TILE_ROWS = 512
 
 
 class NumbaExecutor:
-    """Executes a program with numba kernels; ``run`` is safe to call from several threads."""
+    """Executes a program with numba kernels; ``run`` is safe to call from several threads.
+
+    One ``_<op>(op, value, kset)`` method per kind of operation; ``kset`` is the kernel set the
+    call runs (serial or parallel), the same for all its operations."""
 
     name = "numba"
 
     def __init__(self, program: Program) -> None:
         self.program = program
         self._handlers = handlers(self)
-        self._row_work = sum(row_work(op) for op in program.ops)
+        self._serial_rows = serial_rows(program)
 
     @property
     def memory_bytes(self) -> int:
         return self.program.arrays_bytes
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """x: float32 (batch, *input_shape) → logits float32 (batch, classes)."""
+    def run(self, x: np.ndarray, kset: KernelSet | None = None) -> np.ndarray:
+        """x: float32 (batch, *input_shape) → logits float32 (batch, classes). ``kset``: the
+        kernels to run, by default the serial ones below :func:`serial_rows` rows."""
+        if kset is None:
+            kset = SERIAL if x.shape[0] < self._serial_rows else PARALLEL
         value = x
-        with kernel_guard(), threads_for(x.shape[0] * self._row_work):
+        with kernel_guard():
             for op in self.program.ops:
-                value = self._handlers[type(op)](op, value)
+                value = self._handlers[type(op)](op, value, kset)
         return np.ascontiguousarray(value, dtype=F32)
 
     # --- binary layers ----------------------------------------------------------------------------
-    def _binary_dense(self, op: BinaryDense, words: np.ndarray) -> np.ndarray:
+    def _binary_dense(
+        self, op: BinaryDense, words: np.ndarray, kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
         a = np.ascontiguousarray(words.reshape(words.shape[0], -1))
-        return self._binary_rows(op, a, op.features)
+        return self._binary_rows(op, a, op.features, kset)
 
-    def _binary_conv(self, op: BinaryConv, words: np.ndarray) -> np.ndarray:
+    def _binary_conv(
+        self, op: BinaryConv, words: np.ndarray, kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
         n = words.shape[0]
         (kh, kw), (sh, sw), (ph, pw) = op.kernel, op.stride, op.padding
         oh, ow = op.out_hw
-        patches = aligned_empty((n * oh * ow, op.weight.shape[1]))
-        kernels.im2col_bits(words, kh, kw, sh, sw, ph, pw, op.pad_words, patches)
-        out = self._binary_rows(op, patches, op.features)
+        patches = kernels.aligned_words((n * oh * ow, op.weight.shape[1]))
+        kset.im2col_bits(words, kh, kw, sh, sw, ph, pw, op.pad_words, patches)
+        out = self._binary_rows(op, patches, op.features, kset)
         if isinstance(op.epilogue, ToReal):
             return out.reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
-        return self._pools(op.epilogue, out.reshape(n, oh, ow, -1))
+        return self._pools(op.epilogue, out.reshape(n, oh, ow, -1), kset)
 
-    def _binary_rows(self, op: BinaryDense | BinaryConv, a: np.ndarray, k: int) -> np.ndarray:
+    def _binary_rows(
+        self, op: BinaryDense | BinaryConv, a: np.ndarray, k: int, kset: KernelSet
+    ) -> np.ndarray:
         ep = op.epilogue
         if isinstance(ep, Decide):
-            out = aligned_empty((a.shape[0], words_for(op.weight.shape[0])))
-            kernels.dense_threshold_pack(a, op.weight, ep.cut, ep.invert, out, ROW_CHUNK)
+            out = kernels.aligned_words((a.shape[0], words_for(op.weight.shape[0])))
+            kset.dense_threshold_pack(a, op.weight, ep.cut, ep.invert, out, ROW_CHUNK)
             return out
         p = np.empty((a.shape[0], op.weight.shape[0]), np.int32)
-        kernels.xor_popcount_gemm(a, op.weight, p)
+        kset.xor_popcount_gemm(a, op.weight, p)
         acc = k - 2 * p.astype(np.int64) if op.input.binarizer.kind == "sign" else p - op.pcw
         return _to_real(ep, acc.astype(F32))
 
-    def _planes_dense(self, op: PlanesDense, x: np.ndarray) -> np.ndarray:
+    def _planes_dense(
+        self, op: PlanesDense, x: np.ndarray, kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
         x = x.reshape(x.shape[0], -1)
         planes = integer_bit_planes(x, op.weight.shape[1])
         ep = op.epilogue
         if planes is None:  # not integers in range: exact-as-possible float path
             raw = _packed_matmul(x, op.weight, op.features).astype(F32)
-            return _decide_or_real(ep, raw)
+            return _decide_or_real(ep, raw, kset)
         if isinstance(ep, Decide):
-            out = aligned_empty((x.shape[0], words_for(op.weight.shape[0])))
-            kernels.planes_dense_threshold_pack(planes, op.weight, op.pcw, ep.cut, ep.invert, out)
+            out = kernels.aligned_words((x.shape[0], words_for(op.weight.shape[0])))
+            kset.planes_dense_threshold_pack(planes, op.weight, op.pcw, ep.cut, ep.invert, out)
             return out
         acc = np.empty((x.shape[0], op.weight.shape[0]), np.int64)
-        kernels.planes_dense_acc(planes, op.weight, op.pcw, acc)
+        kset.planes_dense_acc(planes, op.weight, op.pcw, acc)
         return _to_real(ep, acc.astype(F32))
 
     # --- real-valued layers -----------------------------------------------------------------------
-    def _float_dense(self, op: FloatDense, x: np.ndarray) -> np.ndarray:
+    def _float_dense(self, op: FloatDense, x: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
         x = x.reshape(x.shape[0], -1)
         if op.weight.dtype == np.uint64:
             raw64 = _packed_matmul(x, op.weight, op.features)
@@ -134,29 +147,31 @@ class NumbaExecutor:
             raw64 = x.astype(F64) @ op.weight.astype(F64).T
         if op.bias_in_raw is not None:
             raw64 += op.bias_in_raw
-        return _decide_or_real(op.epilogue, raw64.astype(F32))
+        return _decide_or_real(op.epilogue, raw64.astype(F32), kset)
 
-    def _signed_dense(self, op: SignedDense, words: np.ndarray) -> np.ndarray:
+    def _signed_dense(
+        self, op: SignedDense, words: np.ndarray, kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
         bits = np.ascontiguousarray(words.reshape(words.shape[0], -1))
         raw64 = np.empty((bits.shape[0], op.weight_t.shape[1]), F64)
-        kernels.signed_dense(bits, op.weight_t, op.base, op.coef, raw64)
-        return _decide_or_real(op.epilogue, raw64.astype(F32))
+        kset.signed_dense(bits, op.weight_t, op.base, op.coef, raw64)
+        return _decide_or_real(op.epilogue, raw64.astype(F32), kset)
 
-    def _float_conv(self, op: FloatConv, x: np.ndarray) -> np.ndarray:
+    def _float_conv(self, op: FloatConv, x: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
         n = x.shape[0]
         oh, ow = op.out_hw
         ep = op.epilogue
         if isinstance(ep, Decide) and op.weight.dtype != np.uint64:
-            out = aligned_empty((n, oh, ow, words_for(op.weight.shape[1])))
+            out = kernels.aligned_words((n, oh, ow, words_for(op.weight.shape[1])))
             (kh, kw), (sh, sw) = op.kernel, op.stride
             padded = pad_nhwc(x, op.padding, op.pad_value)
             bias = np.zeros(op.weight.shape[1], F64)
             if op.bias_in_raw is not None:
                 bias[:] = op.bias_in_raw
-            kernels.real_conv_threshold_pack(
+            kset.real_conv_threshold_pack(
                 padded, op.weight, bias, kh, kw, sh, sw, ep.cut, ep.invert, out
             )
-            return self._pools(ep, out)
+            return self._pools(ep, out, kset)
         cols = real_im2col(x, op.kernel, op.stride, op.padding, op.pad_value)
         if op.weight.dtype == np.uint64:
             c = op.in_shape[0]
@@ -170,34 +185,40 @@ class NumbaExecutor:
         raw = raw64.astype(F32)
         if isinstance(ep, ToReal):
             return _to_real(ep, raw).reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
-        return self._pools(ep, _threshold_rows(ep, raw).reshape(n, oh, ow, -1))
+        return self._pools(ep, _threshold_rows(ep, raw, kset).reshape(n, oh, ow, -1), kset)
 
-    def _quantize(self, op: Quantize, x: np.ndarray) -> np.ndarray:
+    def _quantize(self, op: Quantize, x: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
         if x.ndim == 4:
             n, c, h, w = x.shape
             rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(n * h * w, c)
-            return _threshold_rows(op.decide, rows).reshape(n, h, w, -1)
-        return _threshold_rows(op.decide, x.reshape(x.shape[0], -1))
+            return _threshold_rows(op.decide, rows, kset).reshape(n, h, w, -1)
+        return _threshold_rows(op.decide, x.reshape(x.shape[0], -1), kset)
 
-    def _unpack(self, op: Unpack, words: np.ndarray) -> np.ndarray:
+    def _unpack(self, op: Unpack, words: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
         return unpack_bits(words, op.input)
 
-    def _real_batch_norm(self, op: RealBatchNorm, x: np.ndarray) -> np.ndarray:
+    def _real_batch_norm(
+        self, op: RealBatchNorm, x: np.ndarray, kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
         shape = (1, -1) + (1,) * (x.ndim - 2)
         return fma_f32(x, op.alpha.reshape(shape), op.beta.reshape(shape))
 
-    def _real_max_pool(self, op: RealMaxPool, x: np.ndarray) -> np.ndarray:
+    def _real_max_pool(
+        self, op: RealMaxPool, x: np.ndarray, kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
         return real_maxpool(x, op.kernel, op.stride)
 
-    def _real_flatten(self, op: RealFlatten, x: np.ndarray) -> np.ndarray:
+    def _real_flatten(
+        self, op: RealFlatten, x: np.ndarray, kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
         return x.reshape(x.shape[0], -1)
 
-    def _pools(self, ep: Decide, bits: np.ndarray) -> np.ndarray:
+    def _pools(self, ep: Decide, bits: np.ndarray, kset: KernelSet) -> np.ndarray:
         for pool in ep.pools:
             n, h, w, wc = bits.shape
             (kh, kw), (sh, sw) = pool.kernel, pool.stride
-            out = aligned_empty((n, (h - kh) // sh + 1, (w - kw) // sw + 1, wc))
-            kernels.pool_bits(bits, kh, kw, sh, sw, pool.and_words, out)
+            out = kernels.aligned_words((n, (h - kh) // sh + 1, (w - kw) // sw + 1, wc))
+            kset.pool_bits(bits, kh, kw, sh, sw, pool.and_words, out)
             bits = out
         return bits
 
@@ -223,35 +244,21 @@ def row_work(op: Op) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def threads_for(work: int) -> Iterator[None]:
-    """Run the enclosed kernels on the calling thread alone when ``work`` is below
-    SERIAL_WORK_LIMIT; numba's thread count is per calling thread, and restored on exit."""
-    previous = numba.get_num_threads()
-    if work >= SERIAL_WORK_LIMIT or previous == 1:
-        yield
-        return
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
+def serial_rows(program: Program) -> int:
+    """The smallest batch whose work reaches SERIAL_WORK_LIMIT: smaller batches run the serial
+    kernels, this one and larger the parallel ones."""
+    per_row = sum(row_work(op) for op in program.ops)
+    return -(-SERIAL_WORK_LIMIT // per_row) if per_row else sys.maxsize
 
 
 # --- shared helpers (also used by tests as references) --------------------------------------------
 def integer_bit_planes(x: np.ndarray, words: int | None = None) -> np.ndarray | None:
     """(M, F) values → (B, M, words) uint64 bit-planes (zero words after ⌈F/64⌉), or None
     unless every value is an integer in [0, MAX_PLANE_VALUE]. B = bit length of the largest
-    value (at least 1)."""
-    m, f = x.shape
-    words = words_for(f) if words is None else words
-    x = np.ascontiguousarray(x, dtype=F32)
-    n_planes = kernels.plane_count(x, MAX_PLANE_VALUE) if x.size else 1
-    if n_planes < 0:
-        return None
-    planes = aligned_zeros((n_planes, m, words))
-    kernels.pack_bit_planes(x, planes)
-    return planes
+    value (at least 1). One kernel call checks, counts and packs."""
+    words = words_for(x.shape[1]) if words is None else words
+    planes = kernels.integer_bit_planes(np.ascontiguousarray(x, dtype=F32), MAX_PLANE_VALUE, words)
+    return planes if planes.shape[0] else None
 
 
 def unpack_bits(words: np.ndarray, bits: Bits) -> np.ndarray:
@@ -310,15 +317,15 @@ def _packed_matmul(x: np.ndarray, weight: np.ndarray, features: int) -> np.ndarr
     return out
 
 
-def _threshold_rows(ep: Decide, rows: np.ndarray) -> np.ndarray:
+def _threshold_rows(ep: Decide, rows: np.ndarray, kset: KernelSet) -> np.ndarray:
     rows = np.ascontiguousarray(rows, dtype=F32)
-    out = aligned_empty((rows.shape[0], words_for(rows.shape[1])))
-    kernels.threshold_pack_rows(rows, ep.cut, ep.invert, out)
+    out = kernels.aligned_words((rows.shape[0], words_for(rows.shape[1])))
+    kset.threshold_pack_rows(rows, ep.cut, ep.invert, out)
     return out
 
 
-def _decide_or_real(ep: Decide | ToReal, raw: np.ndarray) -> np.ndarray:
-    return _threshold_rows(ep, raw) if isinstance(ep, Decide) else _to_real(ep, raw)
+def _decide_or_real(ep: Decide | ToReal, raw: np.ndarray, kset: KernelSet) -> np.ndarray:
+    return _threshold_rows(ep, raw, kset) if isinstance(ep, Decide) else _to_real(ep, raw)
 
 
 def _to_real(ep: ToReal, raw: np.ndarray) -> np.ndarray:

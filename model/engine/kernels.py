@@ -14,10 +14,14 @@ For rows ``a`` and ``w`` of ``L`` words the kernels compute ``P = popcount(a XOR
 
 ``popcount`` is LLVM's ``ctpop``; on AVX-512 VPOPCNTDQ machines the word loops vectorize to
 ``vpopcntq`` on zmm registers (``tests/model/engine/test_kernels.py`` checks the assembly).
-All kernels release the GIL; the parallel ones split work with ``prange``.
+All kernels release the GIL; the parallel ones split work with ``prange``. Each parallel kernel
+has a serial twin (:data:`SERIAL`) for calls too small to pay for starting a parallel region.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from types import FunctionType
 
 import numpy as np
 from llvmlite import ir
@@ -28,6 +32,7 @@ from numba.extending import intrinsic
 from model.engine import runtime  # noqa: F401  (cache directory and threading layer first)
 
 WORD = 64
+CACHE_LINE_WORDS = 8  # 64 bytes (see model.engine.program.CACHE_LINE)
 _JIT = {"nogil": True, "cache": True, "fastmath": True}
 _PAR = {**_JIT, "parallel": True}
 # Float kernels keep IEEE semantics: no reassociation, no contraction of float64 → float32 casts.
@@ -306,6 +311,32 @@ def pack_bit_planes(x, planes):
                 planes[b, m, word] |= ((v >> np.uint64(b)) & np.uint64(1)) << bit
 
 
+@njit(**_JIT)
+def aligned_words(shape):
+    """An uninitialized uint64 array of ``shape`` (a tuple) whose data starts on a cache line, like
+    :func:`model.engine.program.aligned_empty` at a third of its cost per call: numba allocates on
+    32 bytes, so one cache line more is allocated and the start moved up to the next line."""
+    size = 1
+    for n in shape:
+        size *= n
+    buffer = np.empty(size + CACHE_LINE_WORDS, np.uint64)
+    start = (-np.int64(buffer.ctypes.data) % (8 * CACHE_LINE_WORDS)) // 8
+    return buffer[start : start + size].reshape(shape)
+
+
+@njit(**_JIT)
+def integer_bit_planes(x, max_value, words):
+    """x (M, F) float32 → (B, M, words) uint64 bit-planes, zero after ⌈F/64⌉ words, cache-line
+    aligned; B = :func:`plane_count`. A (0, M, words) array when plane_count is −1 (x not all
+    integers in [0, max_value])."""
+    n_planes = plane_count(x, max_value)
+    planes = aligned_words((max(n_planes, 0), x.shape[0], words))
+    planes.fill(0)
+    if n_planes > 0:
+        pack_bit_planes(x, planes)
+    return planes
+
+
 @njit(**_JIT, inline="always")
 def _planes_acc4(planes, w, pcw, m, o):
     """x·w for four weight rows, x = Σ_b 2^b x_b given as bit-planes: Σ_b 2^b (P_b − pcw)."""
@@ -519,3 +550,49 @@ def pool_bits(x, kh, kw, sh, sw, and_mask, out):
                         all_set &= v
                         any_set |= v
                 out[i, oy, ox, k] = (all_set & and_mask[k]) | (any_set & ~and_mask[k])
+
+
+# --- serial twins ---------------------------------------------------------------------------------
+def serial_twin(kernel):
+    """``kernel`` compiled without ``parallel``: its ``prange`` loops run as plain loops on the
+    calling thread, skipping the parallel region's start (~1 µs a call, more with cold caches)
+    and numba's per-call thread-count switch. The Python function is copied under a new name
+    because numba's on-disk cache keys a function by name and types, not by compile flags."""
+    fn = kernel.py_func
+    twin = FunctionType(fn.__code__, fn.__globals__, f"{fn.__name__}_serial", fn.__defaults__)
+    twin.__qualname__ = f"{fn.__qualname__}_serial"
+    twin.__doc__ = fn.__doc__
+    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("parallel", "nopython")}
+    return njit(cache=True, **options)(twin)
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The parallel kernels the CPU executor calls, or their serial twins (same arguments)."""
+
+    xor_popcount_gemm: object
+    dense_threshold_pack: object
+    planes_dense_acc: object
+    planes_dense_threshold_pack: object
+    threshold_pack_rows: object
+    signed_dense: object
+    real_conv_threshold_pack: object
+    im2col_bits: object
+    pool_bits: object
+
+    def serial(self) -> KernelSet:
+        return KernelSet(*(serial_twin(getattr(self, f.name)) for f in fields(self)))
+
+
+PARALLEL = KernelSet(
+    xor_popcount_gemm,
+    dense_threshold_pack,
+    planes_dense_acc,
+    planes_dense_threshold_pack,
+    threshold_pack_rows,
+    signed_dense,
+    real_conv_threshold_pack,
+    im2col_bits,
+    pool_bits,
+)
+SERIAL = PARALLEL.serial()

@@ -64,13 +64,6 @@ def aligned_empty(shape: Shape, dtype: np.dtype | type = np.uint64) -> np.ndarra
     return buffer[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def aligned_zeros(shape: Shape, dtype: np.dtype | type = np.uint64) -> np.ndarray:
-    """Like :func:`aligned_empty`, filled with zeros."""
-    out = aligned_empty(shape, dtype)
-    out.fill(0)
-    return out
-
-
 def aligned_copy(array: np.ndarray, dtype: np.dtype | type = np.uint64) -> np.ndarray:
     """A writable, cache-line-aligned C-contiguous copy of ``array`` as ``dtype``."""
     out = aligned_empty(array.shape, dtype)

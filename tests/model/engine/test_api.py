@@ -227,28 +227,33 @@ def test_workqueue_fallback_serializes_kernels(mlp_path):
     assert result.stdout.split() == ["workqueue", "0", "160"]
 
 
-def test_small_calls_run_single_threaded(mlp, monkeypatch):
-    """Kernels of a call below SERIAL_WORK_LIMIT see one numba thread, larger calls all of
-    them; the caller's thread count is restored either way."""
+def test_small_calls_run_serial_kernels(mlp, monkeypatch):
+    """A call whose work is below SERIAL_WORK_LIMIT runs the serial twins of the kernels, a
+    larger one the parallel kernels; neither touches numba's thread count."""
+    import dataclasses
+
     import numba
 
     from model.engine import cpu
 
-    seen: list[int] = []
-    kernel = cpu.kernels.dense_threshold_pack
+    seen: list[str] = []
 
-    def recording(*args):
-        seen.append(numba.get_num_threads())
-        return kernel(*args)
+    def recording(kset, label):
+        kernel = kset.dense_threshold_pack
 
-    monkeypatch.setattr(cpu.kernels, "dense_threshold_pack", recording)
-    before = numba.get_num_threads()
+        def record(*args):
+            seen.append(label)
+            return kernel(*args)
+
+        return dataclasses.replace(kset, dense_threshold_pack=record)
+
+    monkeypatch.setattr(cpu, "SERIAL", recording(cpu.SERIAL, "serial"))
+    monkeypatch.setattr(cpu, "PARALLEL", recording(cpu.PARALLEL, "parallel"))
     per_row = sum(cpu.row_work(op) for op in mlp.program.ops)
-    small = max(1, (cpu.SERIAL_WORK_LIMIT - 1) // per_row)
-    large = cpu.SERIAL_WORK_LIMIT // per_row + 1
-    for batch in (small, large):
+    rows = cpu.serial_rows(mlp.program)
+    assert (rows - 1) * per_row < cpu.SERIAL_WORK_LIMIT <= rows * per_row
+    before = numba.get_num_threads()
+    for batch in (rows - 1, rows):
         mlp.predict(np.zeros((batch, 1, 8, 8), np.float32))
-    assert seen == [1, before]
+    assert seen == ["serial", "parallel"]
     assert numba.get_num_threads() == before
-    with cpu.threads_for(cpu.SERIAL_WORK_LIMIT):
-        assert numba.get_num_threads() == before

@@ -98,6 +98,18 @@ def test_random_pixels_every_batch_size(compiled, config):
         assert_same(model.predict(x), eager_logits(eager, x))
 
 
+@pytest.mark.parametrize("config", MLPS + CNNS, ids=config_id)
+def test_serial_and_parallel_kernels_agree(compiled, config):
+    """Small calls run the serial twins of the kernels: the same logits, bit for bit."""
+    from model.engine.cpu import NumbaExecutor
+    from model.engine.kernels import PARALLEL, SERIAL
+
+    model, _ = compiled(config, DIGITS)
+    executor = NumbaExecutor(model.program)
+    x = model.check_input(random_pixels(DIGITS, 7, seed=7))
+    np.testing.assert_array_equal(executor.run(x, SERIAL), executor.run(x, PARALLEL))
+
+
 @pytest.mark.parametrize(
     ("config", "spec"),
     [

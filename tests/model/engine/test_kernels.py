@@ -103,9 +103,12 @@ def test_planes_dense(seed, m, o, f, high):
 def test_kernel_arrays_start_on_a_cache_line(rows, words, dtype):
     empty = aligned_empty((rows, words), dtype)
     assert (empty.shape, empty.dtype, empty.flags.c_contiguous) == ((rows, words), dtype, True)
+    per_call = kernels.aligned_words((rows, 3, words))  # the engine's per-call packed buffers
+    assert (per_call.shape, per_call.dtype) == ((rows, 3, words), np.uint64)
+    assert per_call.flags.c_contiguous and per_call.flags.writeable
     w = np.arange(rows * words, dtype=np.uint64).reshape(rows, words)
     padded = pad_rows(w)
-    for array in (empty, padded):
+    for array in (empty, per_call, padded):
         assert array.ctypes.data % 64 == 0
     assert padded.shape == (rows, row_words(words))
     np.testing.assert_array_equal(padded[:, :words], w)
