@@ -17,7 +17,7 @@ from service.openapi import install_openapi
 from service.protocol.rest import PredictRequest
 from service.protocol.v2 import InferenceRequest, RepositoryIndexRequest
 from service.registry import Loader, ModelRegistry
-from service.routes import health, repository, rest, v2
+from service.routes import health, repository, rest, serving_routes, v2
 from service.routes import metrics as metrics_routes
 from service.settings import Settings
 
@@ -69,7 +69,10 @@ def create_app(settings: Settings, *, loader: Loader | None = None) -> FastAPI:
     app.state.api_key = (
         settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
     )
-    # Inference routes first: routing tries routes in order, and these are the hot ones.
+    # The inference endpoints first, as plain routes: routing tries routes in order, and these
+    # are the hot ones. Their FastAPI twins below document them in the OpenAPI schema.
+    inference = [*v2.INFERENCE_ENDPOINTS, *rest.INFERENCE_ENDPOINTS]
+    app.router.routes[:0] = serving_routes(inference, app.state.api_key)
     protected = protected_by_key(app.state.api_key)
     for router in (v2.router, rest.router, repository.router):
         app.include_router(router, dependencies=protected)

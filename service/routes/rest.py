@@ -11,10 +11,9 @@ import json
 from fastapi import APIRouter, Request, Response
 
 from model.repository import parse_version
-from service.dataplane import DataPlane
 from service.dependencies import DataPlaneDep, dataplane_of
 from service.errors import error_responses
-from service.openapi import raw_body
+from service.openapi import path_parameters, raw_body
 from service.protocol.rest import (
     OUTPUTS,
     PredictRequest,
@@ -32,32 +31,39 @@ async def list_models(dataplane: DataPlaneDep) -> dict:
     return {"models": dataplane.list_models()}
 
 
-async def _predict(dataplane: DataPlane, request: Request, name: str, version: int | None):
+async def predict_endpoint(request: Request) -> Response:
+    """``{"instances": [...]}`` → ``{"predictions": [...]}``; reads its path parameters itself
+    (served by a plain Starlette route, see service.routes)."""
+    params = request.path_params
+    version = params.get("version")
     tensor = decode_predict_request(await request.body())
-    result = await dataplane.infer(name, version, [tensor], OUTPUTS, protocol="v1")
+    result = await dataplane_of(request).infer(
+        params["name"],
+        None if version is None else parse_version(version),
+        [tensor],
+        OUTPUTS,
+        protocol="v1",
+    )
     body = encode_predictions(
         result.model_name, result.model_version, result.outputs, result.labels
     )
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
-@router.post(
-    "/models/{name}:predict",
-    response_class=Response,
-    responses={200: {"model": PredictResponse}, **_ERRORS},
-    openapi_extra=raw_body(PredictRequest),
-    summary="Predict labels and class probabilities (newest version)",
-)
-async def predict(name: str, request: Request) -> Response:
-    return await _predict(dataplane_of(request), request, name, None)
+PREDICT_PATHS = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")
+INFERENCE_ENDPOINTS = [(path, predict_endpoint) for path in PREDICT_PATHS]
 
-
-@router.post(
-    "/models/{name}/versions/{version}:predict",
-    response_class=Response,
-    responses={200: {"model": PredictResponse}, **_ERRORS},
-    openapi_extra=raw_body(PredictRequest),
-    summary="Predict labels and class probabilities (one version)",
-)
-async def predict_version(name: str, version: str, request: Request) -> Response:
-    return await _predict(dataplane_of(request), request, name, parse_version(version))
+for _path, _summary, _params in (
+    (PREDICT_PATHS[0], "Predict labels and class probabilities (newest version)", ("name",)),
+    (PREDICT_PATHS[1], "Predict labels and class probabilities (one version)", ("name", "version")),
+):
+    router.add_api_route(
+        _path.removeprefix("/v1"),
+        predict_endpoint,
+        methods=["POST"],
+        response_class=Response,
+        responses={200: {"model": PredictResponse}, **_ERRORS},
+        openapi_extra={**raw_body(PredictRequest), **path_parameters(*_params)},
+        summary=_summary,
+        operation_id=f"predict{'_version' if 'version' in _params else ''}",
+    )

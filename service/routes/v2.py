@@ -29,9 +29,8 @@ def _version(version: str | None) -> int | None:
 
 
 # --- inference -----------------------------------------------------------------------------------
-# The inference endpoints take only the request and read the path themselves: FastAPI's
-# per-request parameter solving would otherwise cost about as much as decoding a small tensor.
-# (Their path parameters are declared for the OpenAPI schema by openapi_extra.)
+# Served by plain Starlette routes (see service.routes), so the endpoint reads the path itself;
+# its path parameters are declared for the OpenAPI schema by openapi_extra.
 async def infer_endpoint(request: Request) -> Response:
     params = request.path_params
     version = _version(params.get("version"))
@@ -52,9 +51,12 @@ async def infer_endpoint(request: Request) -> Response:
     return Response(content, headers=headers, media_type=media_type)
 
 
+INFERENCE_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+INFERENCE_ENDPOINTS = [(path, infer_endpoint) for path in INFERENCE_PATHS]
+
 for _path, _summary, _params in (
-    ("/v2/models/{name}/infer", "Inference (newest version)", ("name",)),
-    ("/v2/models/{name}/versions/{version}/infer", "Inference (one version)", ("name", "version")),
+    (INFERENCE_PATHS[0], "Inference (newest version)", ("name",)),
+    (INFERENCE_PATHS[1], "Inference (one version)", ("name", "version")),
 ):
     router.add_api_route(
         _path,
