@@ -86,11 +86,6 @@ class DynamicBatcher:
         self._recent_compute_s = float("inf")  # moving average; unknown until the first call
         self._busy = False  # an engine call is running in a worker thread
 
-    @property
-    def queue_length(self) -> int:
-        """Requests waiting for the engine (not counting the batch that is running)."""
-        return len(self._queue)
-
     async def submit(self, rows: np.ndarray) -> np.ndarray:
         """Queue ``rows`` (n, ...) and wait for their outputs (n, ...).
 

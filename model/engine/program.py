@@ -97,12 +97,6 @@ class Bits:
     def features(self) -> int:
         return int(np.prod(self.shape))
 
-    def word_shape(self) -> Shape:
-        if self.layout == "flat":
-            return (words_for(self.shape[0]),)
-        c, h, w = self.shape
-        return (h, w, words_for(c)) if self.layout == "nhwc" else (h * w * words_for(c),)
-
 
 @dataclass(frozen=True)
 class Real:
@@ -296,8 +290,6 @@ def _snake(name: str) -> str:
 class Program:
     ops: tuple[Op, ...]
     input_shape: Shape
-    output_classes: int
-    integer_input: bool  # the first op is PlanesDense
     arrays_bytes: int = field(default=0)
 
 
@@ -349,8 +341,6 @@ def compile_program(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> Progr
     program = Program(
         ops=tuple(ops),
         input_shape=tuple(spec.input.shape),
-        output_classes=len(spec.labels),
-        integer_input=bool(ops) and isinstance(ops[0], PlanesDense),
     )
     return Program(**{**program.__dict__, "arrays_bytes": program_nbytes(program)})
 

@@ -43,7 +43,6 @@ DATATYPES: dict[str, np.dtype] = {
     "FP64": np.dtype("<f8"),
     "BYTES": np.dtype(object),
 }
-DATATYPE_OF_DTYPE: dict[np.dtype, str] = {dtype: name for name, dtype in DATATYPES.items()}
 _LENGTH = struct.Struct("<I")
 
 

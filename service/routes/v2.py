@@ -16,7 +16,12 @@ from service.dependencies import DataPlaneDep, dataplane_of
 from service.errors import error_responses
 from service.openapi import path_parameters, raw_body
 from service.protocol import codec
-from service.protocol.v2 import InferenceRequest, InferenceResponse, ModelMetadataResponse
+from service.protocol.v2 import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadataResponse,
+    ModelReadyResponse,
+)
 
 router = APIRouter(tags=["v2 models"])
 _ERRORS = error_responses(400, 401, 404, 503)
@@ -93,13 +98,22 @@ async def _ready(dataplane: DataPlane, name: str, version: str | None) -> dict:
     return {"name": served.name, "ready": True}
 
 
-@router.get("/v2/models/{name}/ready", responses=_ERRORS, summary="200 when ready, else 503")
+@router.get(
+    "/v2/models/{name}/ready",
+    response_model=ModelReadyResponse,
+    responses=_ERRORS,
+    summary="200 when ready, else 503",
+)
 async def model_ready(name: str, dataplane: DataPlaneDep) -> dict:
     return await _ready(dataplane, name, None)
 
 
-@router.get("/v2/models/{name}/versions/{version}/ready", responses=_ERRORS)
-async def model_version_ready(name: str, version: str, dataplane: DataPlaneDep):
+@router.get(
+    "/v2/models/{name}/versions/{version}/ready",
+    response_model=ModelReadyResponse,
+    responses=_ERRORS,
+)
+async def model_version_ready(name: str, version: str, dataplane: DataPlaneDep) -> dict:
     return await _ready(dataplane, name, version)
 
 

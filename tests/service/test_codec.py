@@ -18,9 +18,7 @@ def binary_body(header: dict, *blobs: bytes) -> tuple[bytes, str]:
     return raw + b"".join(blobs), str(len(raw))
 
 
-def test_datatype_table_maps_both_ways():
-    for name, dtype in codec.DATATYPES.items():
-        assert codec.DATATYPE_OF_DTYPE[dtype] == name
+def test_datatype_table_sizes():
     assert codec.DATATYPES["FP16"].itemsize == 2 and codec.DATATYPES["UINT64"].itemsize == 8
 
 
