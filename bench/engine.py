@@ -231,9 +231,11 @@ def first_conv_disagreement(path: Path, samples: int) -> dict[str, Any]:
 
 # --- kernels --------------------------------------------------------------------------------------
 def bench_gemm(budget_s: float) -> list[dict[str, Any]]:
+    import numba
     import torch
 
     from model.engine import kernels
+    from model.engine.cpu import ROW_CHUNK
     from model.engine.program import aligned_empty, pad_rows
     from model.packing import pack_signs
 
@@ -245,6 +247,9 @@ def bench_gemm(budget_s: float) -> list[dict[str, Any]]:
     w_t = torch.from_numpy(w_signs.T.copy())  # (in, out) float32 ±1
     cut = rng.integers(n // 2 - 64, n // 2 + 64, n).astype(np.int64)
     invert = rng.integers(0, 2, n).astype(np.uint8)
+    # each kernel flips its own direction flag on every call, as the engine's layers do
+    fused_sweep, gemm_sweep = np.zeros(1, np.uint8), np.zeros(1, np.uint8)
+    threads = numba.get_num_threads()
     rows = []
     for batch in (1, 64):
         a_signs = np.where(rng.random((batch, n)) < 0.5, -1.0, 1.0).astype(np.float32)
@@ -255,9 +260,11 @@ def bench_gemm(budget_s: float) -> list[dict[str, Any]]:
         measured = timed_together(
             {
                 "fused": lambda a=a, packed=packed: kernels.dense_threshold_pack(
-                    a, w, cut, invert, packed, 64
+                    a, w, cut, invert, packed, ROW_CHUNK, threads, fused_sweep
                 ),
-                "popcount_gemm": lambda a=a, counts=counts: kernels.xor_popcount_gemm(a, w, counts),
+                "popcount_gemm": lambda a=a, counts=counts: kernels.xor_popcount_gemm(
+                    a, w, counts, threads, gemm_sweep
+                ),
                 "torch": lambda a_t=a_t: torch.matmul(a_t, w_t),
             },
             budget_s=budget_s,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 
+import numba
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -72,6 +73,8 @@ class NumbaExecutor:
         self.program = program
         self._handlers = handlers(self)
         self._serial_rows = serial_rows(program)
+        # Per binary layer, the direction flag its kernel flips on each call (kernels._next_sweep).
+        self._sweeps = {id(op): np.zeros(1, np.uint8) for op in program.ops}
 
     @property
     def memory_bytes(self) -> int:
@@ -114,10 +117,12 @@ class NumbaExecutor:
         ep = op.epilogue
         if isinstance(ep, Decide):
             out = kernels.aligned_words((a.shape[0], words_for(op.weight.shape[0])))
-            kset.dense_threshold_pack(a, op.weight, ep.cut, ep.invert, out, ROW_CHUNK)
+            kset.dense_threshold_pack(
+                a, op.weight, ep.cut, ep.invert, out, ROW_CHUNK, ranges(kset), self._sweeps[id(op)]
+            )
             return out
         p = np.empty((a.shape[0], op.weight.shape[0]), np.int32)
-        kset.xor_popcount_gemm(a, op.weight, p)
+        kset.xor_popcount_gemm(a, op.weight, p, ranges(kset), self._sweeps[id(op)])
         acc = k - 2 * p.astype(np.int64) if op.input.binarizer.kind == "sign" else p - op.pcw
         return _to_real(ep, acc.astype(F32))
 
@@ -242,6 +247,11 @@ def row_work(op: Op) -> int:
         outputs = op.out_hw[0] * op.out_hw[1] * op.epilogue.out.shape[0]
         return outputs * kh * kw * channels
     return 0
+
+
+def ranges(kset: KernelSet) -> int:
+    """Contiguous ranges a kernel splits its work into: one per numba thread, one when serial."""
+    return 1 if kset is SERIAL else numba.get_num_threads()
 
 
 def serial_rows(program: Program) -> int:

@@ -215,30 +215,59 @@ def _xor_popcount4(a, w, m, o):
     return s0, s1, s2, s3
 
 
+@njit(**_JIT, inline="always")
+def _swept(i, first, last, reverse):
+    """The i-th item of the range [first, last), counted from its end when ``reverse``."""
+    return last - 1 - i if reverse else first + i
+
+
+@njit(**_JIT, inline="always")
+def _next_sweep(sweep):
+    """This call's direction (sweep[0] ≠ 0: backwards), flipped in place for the next call.
+
+    Each thread gets one contiguous range of work items and walks it forwards on one call and
+    backwards on the next, so a call starts on the weight rows the previous call touched last,
+    still in that core's L2 (1 MiB per core here: one core's half of a 4096² layer, 1 MiB, does
+    not quite fit, and an LRU cache re-read in the same order misses on nearly every line).
+    Concurrent calls may race on the flag; only the order of the work changes, not its result.
+    """
+    reverse = sweep[0] != 0
+    sweep[0] = np.uint8(0) if reverse else np.uint8(1)
+    return reverse
+
+
 @njit(**_PAR)
-def xor_popcount_gemm(a, w, out):
-    """out[m, o] = popcount(a[m] XOR w[o]) for a (M, L), w (O, L) uint64; out (M, O) int32."""
+def xor_popcount_gemm(a, w, out, ranges, sweep):
+    """out[m, o] = popcount(a[m] XOR w[o]) for a (M, L), w (O, L) uint64; out (M, O) int32.
+    The work is split into ``ranges`` contiguous ranges (one per thread), each walked in the
+    direction the (1,) uint8 flag ``sweep`` gives (see :func:`_next_sweep`)."""
     m_rows, o_rows = a.shape[0], w.shape[0]
     blocks = (o_rows + WORD - 1) // WORD
-    for t in prange(m_rows * blocks):
-        b, m = t // m_rows, t % m_rows
-        o, o1 = b * WORD, min(o_rows, (b + 1) * WORD)
-        if a.shape[1] % 8 == 0:
-            while o + 8 <= o1:
-                s = xor_popcount8(a, w, m, o)
-                for i in range(8):
-                    out[m, o + i] = s[i]
-                o += 8
-        while o + 4 <= o1:
-            s0, s1, s2, s3 = _xor_popcount4(a, w, m, o)
-            out[m, o] = s0
-            out[m, o + 1] = s1
-            out[m, o + 2] = s2
-            out[m, o + 3] = s3
-            o += 4
-        while o < o1:
-            out[m, o] = _xor_popcount(a, w, m, o)
-            o += 1
+    items = m_rows * blocks
+    reverse = _next_sweep(sweep)
+    parts = max(1, min(ranges, items))
+    for t in prange(parts):
+        first, last = t * items // parts, (t + 1) * items // parts
+        for i in range(last - first):
+            item = _swept(i, first, last, reverse)
+            b, m = item // m_rows, item % m_rows
+            o, o1 = b * WORD, min(o_rows, (b + 1) * WORD)
+            if a.shape[1] % 8 == 0:
+                while o + 8 <= o1:
+                    s = xor_popcount8(a, w, m, o)
+                    for i8 in range(8):
+                        out[m, o + i8] = s[i8]
+                    o += 8
+            while o + 4 <= o1:
+                s0, s1, s2, s3 = _xor_popcount4(a, w, m, o)
+                out[m, o] = s0
+                out[m, o + 1] = s1
+                out[m, o + 2] = s2
+                out[m, o + 3] = s3
+                o += 4
+            while o < o1:
+                out[m, o] = _xor_popcount(a, w, m, o)
+                o += 1
 
 
 @njit(**_JIT, inline="always")
@@ -248,37 +277,47 @@ def _decide(p, cut, invert, o, o0):
 
 
 @njit(**_PAR)
-def dense_threshold_pack(a, w, cut, invert, out, row_chunk):
+def dense_threshold_pack(a, w, cut, invert, out, row_chunk, ranges, sweep):
     """Binary layer with folded thresholds, output packed.
 
     a (M, L) uint64, w (O, L) uint64, cut (O,) int64 on P = popcount(a XOR w), invert (O,)
     uint8; out (M, ⌈O/64⌉) uint64 gets bit o of row m = (P ≥ cut[o]) XOR invert[o].
     Work items are (64 output channels) × (chunk of ``row_chunk`` rows): the 64 weight rows
-    stay in cache while the chunk's rows stream past them.
+    stay in cache while the chunk's rows stream past them. The items are split into ``ranges``
+    contiguous ranges (one per thread), each walked in the direction the (1,) uint8 flag
+    ``sweep`` gives (see :func:`_next_sweep`).
     """
     m_rows, o_rows = a.shape[0], w.shape[0]
     words = out.shape[1]
     chunks = (m_rows + row_chunk - 1) // row_chunk
-    for t in prange(chunks * words):
-        j, c = t // chunks, t % chunks
-        o0, o1 = j * WORD, min(o_rows, (j + 1) * WORD)
-        for m in range(c * row_chunk, min(m_rows, (c + 1) * row_chunk)):
-            word = np.uint64(0)
-            o = o0
-            if a.shape[1] % 8 == 0:
-                while o + 8 <= o1:
-                    bits = xor_popcount8_bits(a, w, m, o, cut, invert)
-                    word |= bits << np.uint64(o - o0)
-                    o += 8
-            while o + 4 <= o1:
-                s0, s1, s2, s3 = _xor_popcount4(a, w, m, o)
-                word |= _decide(s0, cut, invert, o, o0) | _decide(s1, cut, invert, o + 1, o0)
-                word |= _decide(s2, cut, invert, o + 2, o0) | _decide(s3, cut, invert, o + 3, o0)
-                o += 4
-            while o < o1:
-                word |= _decide(_xor_popcount(a, w, m, o), cut, invert, o, o0)
-                o += 1
-            out[m, j] = word
+    items = chunks * words
+    reverse = _next_sweep(sweep)
+    parts = max(1, min(ranges, items))
+    for t in prange(parts):
+        first, last = t * items // parts, (t + 1) * items // parts
+        for i in range(last - first):
+            item = _swept(i, first, last, reverse)
+            j, c = item // chunks, item % chunks
+            o0, o1 = j * WORD, min(o_rows, (j + 1) * WORD)
+            for m in range(c * row_chunk, min(m_rows, (c + 1) * row_chunk)):
+                word = np.uint64(0)
+                o = o0
+                if a.shape[1] % 8 == 0:
+                    while o + 8 <= o1:
+                        bits = xor_popcount8_bits(a, w, m, o, cut, invert)
+                        word |= bits << np.uint64(o - o0)
+                        o += 8
+                while o + 4 <= o1:
+                    s0, s1, s2, s3 = _xor_popcount4(a, w, m, o)
+                    word |= _decide(s0, cut, invert, o, o0) | _decide(s1, cut, invert, o + 1, o0)
+                    word |= _decide(s2, cut, invert, o + 2, o0) | _decide(
+                        s3, cut, invert, o + 3, o0
+                    )
+                    o += 4
+                while o < o1:
+                    word |= _decide(_xor_popcount(a, w, m, o), cut, invert, o, o0)
+                    o += 1
+                out[m, j] = word
 
 
 @njit(**_JIT)

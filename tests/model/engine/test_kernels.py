@@ -37,15 +37,22 @@ def ref_pack(decisions):
 
 @SETTINGS
 @given(
-    seed=st.integers(0, 2**31), m=st.integers(1, 9), o=st.integers(1, 150), k=st.integers(1, 300)
+    seed=st.integers(0, 2**31),
+    m=st.integers(1, 9),
+    o=st.integers(1, 150),
+    k=st.integers(1, 300),
+    ranges=st.integers(1, 5),
 )
-def test_xor_popcount_gemm(seed, m, o, k):
+def test_xor_popcount_gemm(seed, m, o, k, ranges):
     rng = np.random.default_rng(seed)
     (a, sa), (w, sw) = random_words(rng, (m,), k), random_words(rng, (o,), k)
-    out = np.empty((m, o), np.int32)
-    kernels.xor_popcount_gemm(a, w, out)
-    np.testing.assert_array_equal(out, ref_popcount(a, w))
-    np.testing.assert_array_equal(k - 2 * out, sa @ sw.T)  # a·w = K − 2·popcount(a XOR w)
+    sweep = np.zeros(1, np.uint8)
+    for direction in (0, 1):  # forwards, then backwards (the flag flips on every call)
+        assert sweep[0] == direction
+        out = np.empty((m, o), np.int32)
+        kernels.xor_popcount_gemm(a, w, out, ranges, sweep)
+        np.testing.assert_array_equal(out, ref_popcount(a, w))
+        np.testing.assert_array_equal(k - 2 * out, sa @ sw.T)  # a·w = K − 2·popcount(a XOR w)
 
 
 @SETTINGS
@@ -55,16 +62,20 @@ def test_xor_popcount_gemm(seed, m, o, k):
     o=st.integers(1, 200),
     k=st.one_of(st.integers(1, 1100), st.sampled_from([512, 1536])),
     chunk=st.sampled_from([1, 3, 64]),
+    ranges=st.integers(1, 5),
 )
-def test_dense_threshold_pack(seed, m, o, k, chunk):
+def test_dense_threshold_pack(seed, m, o, k, chunk, ranges):
     rng = np.random.default_rng(seed)
     (a, _), (w, _) = random_words(rng, (m,), k), random_words(rng, (o,), k)
     cut = rng.integers(-1, k + 2, size=o).astype(np.int64)
     invert = rng.integers(0, 2, size=o).astype(np.uint8)
-    out = np.empty((m, words_for(o)), np.uint64)
-    kernels.dense_threshold_pack(a, w, cut, invert, out, chunk)
-    want = (ref_popcount(a, w) >= cut) ^ invert.astype(bool)
-    np.testing.assert_array_equal(out, ref_pack(want))
+    want = ref_pack((ref_popcount(a, w) >= cut) ^ invert.astype(bool))
+    sweep = np.zeros(1, np.uint8)
+    for direction in (0, 1):  # forwards, then backwards (the flag flips on every call)
+        assert sweep[0] == direction
+        out = np.empty((m, words_for(o)), np.uint64)
+        kernels.dense_threshold_pack(a, w, cut, invert, out, chunk, ranges, sweep)
+        np.testing.assert_array_equal(out, want)
 
 
 @SETTINGS
