@@ -17,7 +17,7 @@ from service.openapi import install_openapi
 from service.protocol.rest import PredictRequest
 from service.protocol.v2 import InferenceRequest, RepositoryIndexRequest
 from service.registry import Loader, ModelRegistry
-from service.routes import health, repository, rest, serving_routes, v2
+from service.routes import InferenceDispatch, health, repository, rest, v2
 from service.routes import metrics as metrics_routes
 from service.settings import Settings
 
@@ -69,10 +69,6 @@ def create_app(settings: Settings, *, loader: Loader | None = None) -> FastAPI:
     app.state.api_key = (
         settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
     )
-    # The inference endpoints first, as plain routes: routing tries routes in order, and these
-    # are the hot ones. Their FastAPI twins below document them in the OpenAPI schema.
-    inference = [*v2.INFERENCE_ENDPOINTS, *rest.INFERENCE_ENDPOINTS]
-    app.router.routes[:0] = serving_routes(inference, app.state.api_key)
     protected = protected_by_key(app.state.api_key)
     for router in (v2.router, rest.router, repository.router):
         app.include_router(router, dependencies=protected)
@@ -80,7 +76,12 @@ def create_app(settings: Settings, *, loader: Loader | None = None) -> FastAPI:
         app.include_router(router)
     install_error_handlers(app)
     install_openapi(app, [InferenceRequest, RepositoryIndexRequest, PredictRequest])
-    # Outermost last: the request context wraps the body limit, so a 413 is logged and counted.
+    # Innermost first. The inference endpoints are dispatched inside the request context and
+    # the body limit, ahead of FastAPI's own stack (see service.routes); their FastAPI twins
+    # above document them in the OpenAPI schema. The request context wraps the body limit, so
+    # a 413 is logged and counted.
+    inference = [*v2.INFERENCE_ENDPOINTS, *rest.INFERENCE_ENDPOINTS]
+    app.add_middleware(InferenceDispatch, endpoints=inference, api_key=app.state.api_key)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, access_log_enabled=settings.access_log

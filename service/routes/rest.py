@@ -6,14 +6,13 @@ POST /v1/models/{name}[/versions/{version}]:predict    {"instances": [...]} → 
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Request, Response
 
 from model.repository import parse_version
 from service.dependencies import DataPlaneDep, dataplane_of
 from service.errors import error_responses
 from service.openapi import path_parameters, raw_body
+from service.protocol import codec
 from service.protocol.rest import (
     OUTPUTS,
     PredictRequest,
@@ -47,7 +46,7 @@ async def predict_endpoint(request: Request) -> Response:
     body = encode_predictions(
         result.model_name, result.model_version, result.outputs, result.labels
     )
-    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+    return Response(codec.to_json(body), media_type="application/json")
 
 
 PREDICT_PATHS = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")

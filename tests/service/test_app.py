@@ -274,6 +274,7 @@ def test_metrics_count_requests_by_model_version_and_status(client):
     assert 'bnn_batch_size_rows_count{model="tiny",version="1"}' in text
     assert 'bnn_batch_queue_seconds_count{model="tiny",version="1"}' in text
     assert 'route="/v2/models/{name}/infer"' in text
+    assert 'route="/v1/models/{name}:predict"' in text
 
 
 def test_openapi_documents_bodies_and_error_responses(client):
