@@ -137,7 +137,13 @@ class NumbaExecutor:
             return _decide_or_real(ep, raw, kset)
         if isinstance(ep, Decide):
             out = kernels.aligned_words((x.shape[0], words_for(op.weight.shape[0])))
-            kset.planes_dense_threshold_pack(planes, op.weight, op.pcw, ep.cut, ep.invert, out)
+            # rows of one word: vectorized across outputs rather than along the row
+            pack = (
+                kset.planes_word_threshold_pack
+                if op.weight.shape[1] == 1
+                else kset.planes_dense_threshold_pack
+            )
+            pack(planes, op.weight, op.pcw, ep.cut, ep.invert, out)
             return out
         acc = np.empty((x.shape[0], op.weight.shape[0]), np.int64)
         kset.planes_dense_acc(planes, op.weight, op.pcw, acc)
@@ -341,7 +347,16 @@ def _decide_or_real(ep: Decide | ToReal, raw: np.ndarray, kset: KernelSet) -> np
 def _to_real(ep: ToReal, raw: np.ndarray) -> np.ndarray:
     if ep.affine is None:
         return raw
-    return affine_f32(raw, ep.affine.scale, ep.affine.bias)
+    scale, bias = ep.affine.scale, ep.affine.bias
+    if (
+        raw.ndim != 2
+        or raw.dtype != F32
+        or any(v is not None and v.dtype != F32 for v in (scale, bias))
+    ):
+        return affine_f32(raw, scale, bias)
+    out = np.empty(raw.shape, F32)
+    kernels.affine_rows(raw, scale, bias, out)
+    return out
 
 
 __all__ = ["NumbaExecutor", "Op"]

@@ -476,6 +476,49 @@ def planes_dense_threshold_pack(planes, w, pcw, cut, invert, out):
 
 
 @njit(**_PAR)
+def planes_word_threshold_pack(planes, w, pcw, cut, invert, out):
+    """:func:`planes_dense_threshold_pack` for inputs of at most 64 features (weight rows of
+    one word), vectorized across outputs instead of along the row: for each plane word p_b,
+    acc[o] += (popcount(p_b XOR w[o]) − pcw[o]) << b runs over the contiguous column of weight
+    words (VPOPCNTQ on eight outputs at a time), and so do the decisions before they are
+    packed. planes (B, M, 1), w (O, 1) C-contiguous. The digits mlp's first layer (64 → 1024)
+    takes 2.6 µs a row, against 13.6 µs along the rows."""
+    n_planes, m_rows = planes.shape[0], planes.shape[1]
+    o_rows, words = w.shape[0], out.shape[1]
+    column = w.reshape(o_rows)  # contiguous: the loops below vectorize
+    for m in prange(m_rows):
+        acc = np.zeros(o_rows, np.int64)
+        for b in range(n_planes):
+            p = planes[b, m, 0]
+            for o in range(o_rows):
+                acc[o] += (np.int64(popcount(p ^ column[o])) - pcw[o]) << np.int64(b)
+        fires = np.empty(o_rows, np.uint8)
+        for o in range(o_rows):
+            fires[o] = (np.float64(acc[o]) >= cut[o]) ^ (invert[o] != 0)
+        for j in range(words):
+            word = np.uint64(0)
+            for i in range(min(WORD, o_rows - j * WORD)):
+                word |= np.uint64(fires[j * WORD + i]) << np.uint64(i)
+            out[m, j] = word
+
+
+@njit(nogil=True, cache=True)
+def affine_rows(raw, scale, bias, out):
+    """out[m, o] = fl(fl(raw[m, o]·scale[o]) + bias[o]) in float32, each operation rounded as
+    eager torch rounds it (no fastmath: no fused multiply-add); a step whose array is None is
+    skipped (numba compiles the branch away). raw (M, O) float32, scale and bias (O,) float32
+    or None. The numpy expression costs ~6 µs a call in error-state handling alone."""
+    for m in range(raw.shape[0]):
+        for o in range(raw.shape[1]):
+            y = raw[m, o]
+            if scale is not None:
+                y = np.float32(y * scale[o])
+            if bias is not None:
+                y = np.float32(y + bias[o])
+            out[m, o] = y
+
+
+@njit(**_PAR)
 def threshold_pack_rows(y, cut, invert, out):
     """Real values to packed bits: y (M, O) float, cut (O,) float64, invert (O,) uint8;
     out (M, ⌈O/64⌉) uint64, bit o = (y[m, o] ≥ cut[o]) XOR invert[o]."""
@@ -613,6 +656,7 @@ class KernelSet:
     dense_threshold_pack: object
     planes_dense_acc: object
     planes_dense_threshold_pack: object
+    planes_word_threshold_pack: object
     threshold_pack_rows: object
     signed_dense: object
     real_conv_threshold_pack: object
@@ -628,6 +672,7 @@ PARALLEL = KernelSet(
     dense_threshold_pack,
     planes_dense_acc,
     planes_dense_threshold_pack,
+    planes_word_threshold_pack,
     threshold_pack_rows,
     signed_dense,
     real_conv_threshold_pack,

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from model.engine import kernels
 from model.engine.cpu import integer_bit_planes, unpack_bits
+from model.engine.floatmath import affine_f32
 from model.engine.program import Bits, aligned_empty, pad_rows, row_words
 from model.packing import pack_signs, unpack_signs, words_for
 from model.quantizers import SIGN, STEP
@@ -83,7 +84,7 @@ def test_dense_threshold_pack(seed, m, o, k, chunk, ranges):
     seed=st.integers(0, 2**31),
     m=st.integers(1, 6),
     o=st.integers(1, 130),
-    f=st.integers(1, 200),
+    f=st.one_of(st.integers(1, 200), st.integers(1, 64)),
     high=st.sampled_from([1, 16, 255, 65535]),
 )
 def test_planes_dense(seed, m, o, f, high):
@@ -100,9 +101,14 @@ def test_planes_dense(seed, m, o, f, high):
     np.testing.assert_array_equal(acc, exact)
     cut = (exact[0] + rng.integers(-2, 3, size=o)).astype(np.float64)
     invert = rng.integers(0, 2, size=o).astype(np.uint8)
+    want = ref_pack((exact >= cut) ^ invert.astype(bool))
     out = np.empty((m, words_for(o)), np.uint64)
     kernels.planes_dense_threshold_pack(planes, w, pcw, cut, invert, out)
-    np.testing.assert_array_equal(out, ref_pack((exact >= cut) ^ invert.astype(bool)))
+    np.testing.assert_array_equal(out, want)
+    if w.shape[1] == 1:  # up to 64 features: the kernel vectorized across outputs agrees
+        out = np.empty((m, words_for(o)), np.uint64)
+        kernels.planes_word_threshold_pack(planes, w, pcw, cut, invert, out)
+        np.testing.assert_array_equal(out, want)
 
 
 @SETTINGS
@@ -333,3 +339,18 @@ def test_real_conv_threshold_pack(seed, c, o, hw, stride):
     want = ref_pack(((raw >= cut) ^ invert.astype(bool)).reshape(-1, o)).reshape(out.shape)
     # float64 sums in another order may round to a neighbouring float32 exactly at the cut
     assert (out != want).mean() <= 0.01
+
+
+@pytest.mark.parametrize("parts", ["both", "scale", "bias", "neither"])
+def test_affine_rows_rounds_as_numpy_float32(parts):
+    """The kernel equals the numpy reference bit for bit, overflow to infinity included."""
+    rng = np.random.default_rng(7)
+    raw = (rng.standard_normal((5, 37)) * 1e3).astype(np.float32)
+    raw[0, 0] = np.float32(3e38)  # × scale ≥ 2 overflows to inf, as in float32 eager
+    scale = rng.uniform(-3, 3, 37).astype(np.float32) if parts in ("both", "scale") else None
+    bias = rng.standard_normal(37).astype(np.float32) if parts in ("both", "bias") else None
+    if scale is not None:
+        scale[0] = 2.5
+    out = np.empty_like(raw)
+    kernels.affine_rows(raw, scale, bias, out)
+    np.testing.assert_array_equal(out, affine_f32(raw, scale, bias))
