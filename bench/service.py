@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "service.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 CONCURRENCY = (1, 8, 32)
+ROUNDS = 5  # alternating windows per contender and concurrency (see run_interleaved)
 
 
 # --- load generator (runs in its own process) ----------------------------------------------------
@@ -82,9 +83,9 @@ async def _generate_load(url, path, body, concurrency, duration_s, warmup_s) -> 
     return {
         "requests": len(inside),
         "errors": sum(1 for _, status in inside if status != 200),
-        "rps": len(inside) / duration_s,
-        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+        "seconds": duration_s,
+        "latencies_ms": np.round(lat, 4).tolist(),
+        "all_requests": len(records),  # warm-up included: what the server's CPU time covers
     }
 
 
@@ -103,6 +104,7 @@ def loadgen_main(args: argparse.Namespace) -> None:
 
 
 def run_load(url, path, body, concurrency, duration_s, warmup_s=1.0) -> dict[str, Any]:
+    """One load window (in a fresh load-generator process): requests, errors, latencies."""
     with tempfile.NamedTemporaryFile(suffix=".json") as handle:
         handle.write(body)
         handle.flush()
@@ -113,6 +115,47 @@ def run_load(url, path, body, concurrency, duration_s, warmup_s=1.0) -> dict[str
             cwd=ROOT, capture_output=True, text=True, check=True,
         )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(windows: list[dict[str, Any]], cpu_s: float | None = None) -> dict[str, Any]:
+    """Requests/s over all windows together, pooled p50/p99, errors, and (when the server's
+    CPU time over the windows' whole load, warm-up included, is given) CPU µs per request."""
+    requests = sum(w["requests"] for w in windows)
+    seconds = sum(w["seconds"] for w in windows)
+    lat = np.concatenate([np.asarray(w["latencies_ms"], float) for w in windows])
+    return {
+        "requests": requests,
+        "errors": sum(w["errors"] for w in windows),
+        "rps": requests / seconds,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+        "cpu_us_per_request": (
+            None if cpu_s is None else cpu_s / max(1, sum(w["all_requests"] for w in windows)) * 1e6
+        ),
+    }
+
+
+def run_interleaved(
+    contenders: dict[str, tuple[Server, str, bytes]],
+    concurrency: int,
+    duration_s: float,
+    rounds: int,
+    warmup_s: float = 0.5,
+) -> dict[str, dict[str, Any]]:
+    """Measure each contender (server, path, body) for ``duration_s`` in total, as ``rounds``
+    alternating windows (A, B, A, B, …), so that this shared VM's slow and fast spells fall on
+    every contender alike instead of on whichever ran second. Each window is preceded by
+    ``warmup_s`` of unmeasured load; the server's CPU time is read from /proc around both."""
+    windows: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
+    cpu: dict[str, float] = dict.fromkeys(contenders, 0.0)
+    for _ in range(rounds):
+        for name, (server, path, body) in contenders.items():
+            before = server.cpu_seconds()
+            windows[name].append(
+                run_load(server.url, path, body, concurrency, duration_s / rounds, warmup_s)
+            )
+            cpu[name] += server.cpu_seconds() - before
+    return {name: summarize(runs, cpu[name]) for name, runs in windows.items()}
 
 
 # --- baseline servers ------------------------------------------------------------------------------
@@ -212,6 +255,11 @@ class Server:
             time.sleep(0.1)
         raise RuntimeError(f"server at {self.url} not ready after {timeout_s} s")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def __enter__(self) -> Server:
         return self
 
@@ -301,34 +349,36 @@ def run_benchmark(duration_s: float) -> dict[str, Any]:
 
         rows = []
         with service_server(repo, models="digits-mlp") as service, baseline_server("bare") as bare:
+            target = path.format("digits-mlp")
+            contenders = {"service": (service, target, digits), "bare": (bare, target, digits)}
             for concurrency in CONCURRENCY:
-                ours = run_load(
-                    service.url, path.format("digits-mlp"), digits, concurrency, duration_s
-                )
-                base = run_load(
-                    bare.url, path.format("digits-mlp"), digits, concurrency, duration_s
-                )
+                measured = run_interleaved(contenders, concurrency, duration_s, ROUNDS)
+                ours, base = measured["service"], measured["bare"]
                 rows.append({"concurrency": concurrency, "service": ours, "bare": base,
                              "ratio": ours["rps"] / base["rps"]})  # fmt: skip
                 print(f"digits mlp c={concurrency}: {ours['rps']:.0f} vs bare {base['rps']:.0f} "
-                      f"req/s ({rows[-1]['ratio']:.0%})", file=sys.stderr)  # fmt: skip
+                      f"req/s ({rows[-1]['ratio']:.0%}); CPU/request "
+                      f"{ours['cpu_us_per_request']:.0f} vs {base['cpu_us_per_request']:.0f} µs",
+                      file=sys.stderr)  # fmt: skip
         results["digits_vs_bare"] = rows
 
         big_rows = {}
         for label, settings in (("batching on", {"max_batch_size": 64}),
                                 ("batching off", {"max_batch_size": 1})):  # fmt: skip
             with service_server(repo, models="mlp-4096", **settings) as service:
-                big_rows[label] = run_load(
-                    service.url, path.format("mlp-4096"), big, 32, duration_s
-                )
+                start = service.cpu_seconds()
+                window = run_load(service.url, path.format("mlp-4096"), big, 32, duration_s)
+                big_rows[label] = summarize([window], service.cpu_seconds() - start)
             print(f"mlp-4096 {label}: {big_rows[label]['rps']:.0f} req/s", file=sys.stderr)
         for label, kind in (("eager torch", "eager"),
                             ("eager torch, pre-binarized", "eager-prebinarized")):  # fmt: skip
             with baseline_server(kind, artifacts["mlp-4096"]) as eager:
                 # Slow servers: a longer window, so that enough responses land inside it.
-                big_rows[label] = run_load(
+                start = eager.cpu_seconds()
+                window = run_load(
                     eager.url, path.format("mlp-4096"), big, 32, 2 * duration_s, warmup_s=3.0
                 )
+                big_rows[label] = summarize([window], eager.cpu_seconds() - start)
             print(f"mlp-4096 {label}: {big_rows[label]['rps']:.1f} req/s", file=sys.stderr)
         results["mlp4096_c32"] = big_rows
         ours = big_rows["batching on"]["rps"]
