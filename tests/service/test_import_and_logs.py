@@ -60,3 +60,5 @@ def test_request_id_from_header():
     assert request_id_from("has space") != "has space"
     assert len(request_id_from(None)) == 32
     assert len(request_id_from("x" * 500)) == 32
+    fresh = {request_id_from(None) for _ in range(1000)}
+    assert len(fresh) == 1000 and all(len(rid) == 32 for rid in fresh)
