@@ -20,9 +20,12 @@ with the other core busy its latency tail grows to milliseconds (same call: p99 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import numba
 import numpy as np
+from numba import typed
+from numba import types as numba_types
 from numpy.lib.stride_tricks import sliding_window_view
 
 from model.engine import kernels
@@ -75,6 +78,7 @@ class NumbaExecutor:
         self._serial_rows = serial_rows(program)
         # Per binary layer, the direction flag its kernel flips on each call (kernels._next_sweep).
         self._sweeps = {id(op): np.zeros(1, np.uint8) for op in program.ops}
+        self._mlp = mlp_plan(program, self._sweeps)
 
     @property
     def memory_bytes(self) -> int:
@@ -84,6 +88,10 @@ class NumbaExecutor:
         """x: float32 (batch, *input_shape) → logits float32 (batch, classes). ``kset``: the
         kernels to run, by default the serial ones below :func:`serial_rows` rows."""
         if kset is None:
+            if x.shape[0] < self._serial_rows and self._mlp is not None:
+                logits = self._mlp.run(x)
+                if logits is not None:
+                    return logits
             kset = SERIAL if x.shape[0] < self._serial_rows else PARALLEL
         value = x
         with kernel_guard():
@@ -255,6 +263,74 @@ def row_work(op: Op) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class MlpPlan:
+    """A binary mlp's arrays, laid out for :func:`~model.engine.kernels.mlp_rows`, which runs
+    the whole model in one call for batches below :func:`serial_rows` (single-threaded anyway,
+    and at batch 1 dominated by per-layer call costs: digits mlp 20 → 9 µs a call)."""
+
+    features: int
+    classes: int
+    first: tuple  # (weight, pcw, cut, invert) of the bit-plane input layer
+    hidden: tuple  # typed lists: weights, cuts, inverts, direction flags of the binary layers
+    last: tuple  # (weight_t, base, coef, scale, bias) of the full-precision output layer
+
+    def run(self, x: np.ndarray) -> np.ndarray | None:
+        """Logits of x (batch, …) float32, or None when x is not integers in range (the
+        layer-by-layer path then takes its float route)."""
+        rows = np.ascontiguousarray(x.reshape(x.shape[0], self.features), dtype=F32)
+        logits = np.empty((x.shape[0], self.classes), F32)
+        # serial kernels only: no parallel region, so no kernel_guard whatever the layer
+        done = kernels.mlp_rows(rows, MAX_PLANE_VALUE, self.first, *self.hidden, self.last, logits)
+        return logits if done else None
+
+
+def mlp_plan(program: Program, sweeps: dict[int, np.ndarray]) -> MlpPlan | None:
+    """The :class:`MlpPlan` of ``program`` if it is [flatten,] bit-plane dense, binary dense …,
+    full-precision dense — every binary layer deciding without pooling, the output's affine
+    step in float32 — else None."""
+    ops = [op for op in program.ops if not isinstance(op, RealFlatten)]
+    if len(ops) < 2 or len(ops) + 1 < len(program.ops) or isinstance(program.ops[-1], RealFlatten):
+        return None
+    first, *hidden, last = ops
+    if not (isinstance(first, PlanesDense) and _plain_decide(first.epilogue)):
+        return None
+    if not all(isinstance(op, BinaryDense) and _plain_decide(op.epilogue) for op in hidden):
+        return None
+    if not (isinstance(last, SignedDense) and isinstance(last.epilogue, ToReal)):
+        return None
+    affine = last.epilogue.affine
+    scale, bias = (None, None) if affine is None else (affine.scale, affine.bias)
+    if any(v is not None and v.dtype != F32 for v in (scale, bias)):
+        return None
+    words = numba_types.uint64[:, ::1]
+    hidden_lists = (
+        typed.List.empty_list(words),
+        typed.List.empty_list(numba_types.int64[::1]),
+        typed.List.empty_list(numba_types.uint8[::1]),
+        typed.List.empty_list(numba_types.uint8[::1]),
+    )
+    for op in hidden:
+        for items, value in zip(
+            hidden_lists,
+            (op.weight, op.epilogue.cut, op.epilogue.invert, sweeps[id(op)]),
+            strict=True,
+        ):
+            items.append(value)
+    ep = first.epilogue
+    return MlpPlan(
+        features=first.features,
+        classes=last.weight_t.shape[1],
+        first=(first.weight, first.pcw, ep.cut, ep.invert),
+        hidden=hidden_lists,
+        last=(last.weight_t, last.base, float(last.coef), scale, bias),
+    )
+
+
+def _plain_decide(ep: Decide | ToReal) -> bool:
+    return isinstance(ep, Decide) and not ep.pools
+
+
 def ranges(kset: KernelSet) -> int:
     """Contiguous ranges a kernel splits its work into: one per numba thread, one when serial."""
     return 1 if kset is SERIAL else numba.get_num_threads()
@@ -324,11 +400,13 @@ def real_maxpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]
 
 
 def _packed_matmul(x: np.ndarray, weight: np.ndarray, features: int) -> np.ndarray:
-    """x (M, F) · unpack(weight)ᵀ in float64, unpacking UNPACK_TILE_ROWS weight rows at a time."""
+    """x (M, F) · unpack(weight)ᵀ in float64, unpacking UNPACK_TILE_ROWS weight rows at a time
+    (the rows' zero padding words, up to a cache line, are left out)."""
     x64 = x.astype(F64)
     out = np.empty((x.shape[0], weight.shape[0]), F64)
+    words = words_for(features)
     for r in range(0, weight.shape[0], UNPACK_TILE_ROWS):
-        tile = unpack_signs(weight[r : r + UNPACK_TILE_ROWS], features, dtype=F64)
+        tile = unpack_signs(weight[r : r + UNPACK_TILE_ROWS, :words], features, dtype=F64)
         out[:, r : r + tile.shape[0]] = x64 @ tile.T
     return out
 

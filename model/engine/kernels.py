@@ -680,3 +680,47 @@ PARALLEL = KernelSet(
     pool_bits,
 )
 SERIAL = PARALLEL.serial()
+
+
+# --- whole binary mlp in one call ------------------------------------------------------------------
+_planes_word_serial = SERIAL.planes_word_threshold_pack
+_planes_dense_serial = SERIAL.planes_dense_threshold_pack
+_dense_serial = SERIAL.dense_threshold_pack
+_signed_dense_serial = SERIAL.signed_dense
+MLP_ROW_CHUNK = 64  # as model.engine.cpu.ROW_CHUNK
+
+
+@njit(**_JIT)
+def mlp_rows(x, max_value, first, hidden_w, hidden_cut, hidden_invert, sweeps, last, logits):
+    """A binary mlp on a few rows in one call, on the calling thread: the serial kernels of its
+    layers run back to back, so the per-call costs (dispatch, argument checks, buffers) are paid
+    once instead of once per layer — most of a small model's time at batch 1.
+
+    x (M, F) float32 integer-valued input; first = (w, pcw, cut, invert) of the bit-plane input
+    layer (:func:`planes_dense_threshold_pack`); hidden_* the binary layers' weights, cuts and
+    inverts (:func:`dense_threshold_pack`) and their direction flags; last = (weight_t, base,
+    coef, scale, bias) of the full-precision output layer (:func:`signed_dense`, then
+    :func:`affine_rows`; scale and bias may be None); logits (M, O) float32 receives the result.
+    Returns False, with logits untouched, unless every input is an integer in [0, max_value]
+    (the caller then runs the layers one by one, through the float path).
+    """
+    w, pcw, cut, invert = first
+    planes = integer_bit_planes(x, max_value, w.shape[1])
+    if planes.shape[0] == 0:
+        return False
+    m_rows = x.shape[0]
+    a = aligned_words((m_rows, (w.shape[0] + WORD - 1) // WORD))
+    if w.shape[1] == 1:
+        _planes_word_serial(planes, w, pcw, cut, invert, a)
+    else:
+        _planes_dense_serial(planes, w, pcw, cut, invert, a)
+    for i in range(len(hidden_w)):
+        hw = hidden_w[i]
+        out = aligned_words((m_rows, (hw.shape[0] + WORD - 1) // WORD))
+        _dense_serial(a, hw, hidden_cut[i], hidden_invert[i], out, MLP_ROW_CHUNK, 1, sweeps[i])
+        a = out
+    weight_t, base, coef, scale, bias = last
+    raw = np.empty((m_rows, weight_t.shape[1]), np.float64)
+    _signed_dense_serial(a, weight_t, base, coef, raw)
+    affine_rows(raw.astype(np.float32), scale, bias, logits)
+    return True

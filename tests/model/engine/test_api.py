@@ -228,8 +228,9 @@ def test_workqueue_fallback_serializes_kernels(mlp_path):
 
 
 def test_small_calls_run_serial_kernels(mlp, monkeypatch):
-    """A call whose work is below SERIAL_WORK_LIMIT runs the serial twins of the kernels, a
-    larger one the parallel kernels; neither touches numba's thread count."""
+    """A call whose work is below SERIAL_WORK_LIMIT runs on the calling thread: an mlp in one
+    kernel call (integer inputs) or the serial twins of the kernels; a larger call runs the
+    parallel kernels. None of them touches numba's thread count."""
     import dataclasses
 
     import numba
@@ -238,22 +239,27 @@ def test_small_calls_run_serial_kernels(mlp, monkeypatch):
 
     seen: list[str] = []
 
-    def recording(kset, label):
-        kernel = kset.dense_threshold_pack
-
+    def recording(kernel, label):
         def record(*args):
             seen.append(label)
             return kernel(*args)
 
-        return dataclasses.replace(kset, dense_threshold_pack=record)
+        return record
 
-    monkeypatch.setattr(cpu, "SERIAL", recording(cpu.SERIAL, "serial"))
-    monkeypatch.setattr(cpu, "PARALLEL", recording(cpu.PARALLEL, "parallel"))
+    def recording_set(kset, label):
+        return dataclasses.replace(
+            kset, dense_threshold_pack=recording(kset.dense_threshold_pack, label)
+        )
+
+    monkeypatch.setattr(cpu, "SERIAL", recording_set(cpu.SERIAL, "serial"))
+    monkeypatch.setattr(cpu, "PARALLEL", recording_set(cpu.PARALLEL, "parallel"))
+    monkeypatch.setattr(cpu.kernels, "mlp_rows", recording(cpu.kernels.mlp_rows, "one call"))
     per_row = sum(cpu.row_work(op) for op in mlp.program.ops)
     rows = cpu.serial_rows(mlp.program)
     assert (rows - 1) * per_row < cpu.SERIAL_WORK_LIMIT <= rows * per_row
     before = numba.get_num_threads()
     for batch in (rows - 1, rows):
         mlp.predict(np.zeros((batch, 1, 8, 8), np.float32))
-    assert seen == ["serial", "parallel"]
+    mlp.predict(np.full((rows - 1, 1, 8, 8), 0.5, np.float32))  # not integers: layer by layer
+    assert seen == ["one call", "parallel", "one call", "serial"]
     assert numba.get_num_threads() == before

@@ -132,12 +132,40 @@ def test_flat_input_equals_image_input(compiled, digits_test):
     np.testing.assert_array_equal(model.predict(x.reshape(50, -1)), model.predict(x))
 
 
-@pytest.mark.parametrize("config", [MLPS[1], CNNS[1]], ids=config_id)
-def test_non_integer_inputs_take_the_float_path(compiled, config):
+@pytest.mark.parametrize(
+    ("config", "spec"),
+    [(MLPS[1], DIGITS), (CNNS[1], DIGITS), (MLPConfig(hidden=(200, 130)), MNIST)],
+    ids=[config_id(MLPS[1]), config_id(CNNS[1]), "mlp-mnist-padded-rows"],
+)
+def test_non_integer_inputs_take_the_float_path(compiled, config, spec):
     """Inputs that are not integers cannot use bit-planes; the float path still matches eager
-    (within float32 summation error, so classes are compared, logits loosely)."""
-    model, eager = compiled(config, DIGITS)
-    x = np.random.default_rng(3).uniform(0, 16, size=(64, *DIGITS.shape)).astype(np.float32)
+    (within float32 summation error, so classes are compared, logits loosely). MNIST's 784
+    features fill 13 words, padded to 16 in the weight rows."""
+    model, eager = compiled(config, spec)
+    high = spec.value_range[1]
+    x = np.random.default_rng(3).uniform(0, high, size=(64, *spec.shape)).astype(np.float32)
     got, want = model.predict(x), eager_logits(eager, x)
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
     assert np.allclose(got, want, rtol=0.05, atol=0.05 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(
+    ("config", "spec"),
+    [*((config, DIGITS) for config in MLPS), (MLPConfig(hidden=(200, 130)), MNIST)],
+    ids=[*(config_id(config) for config in MLPS), "mlp-mnist-padded-rows"],
+)
+def test_small_mlp_batches_in_one_call_equal_layer_by_layer(compiled, config, spec):
+    """Below serial_rows an mlp runs in one kernel call (kernels.mlp_rows): the same logits as
+    the layers one by one, bit for bit, for integer inputs; others fall back to the layers."""
+    from model.engine.kernels import SERIAL
+
+    model, _ = compiled(config, spec)
+    executor = model._executor
+    assert executor._mlp is not None
+    for batch in range(1, min(executor._serial_rows, 9)):
+        pixels = random_pixels(spec, batch, seed=batch)
+        fractional = pixels + np.float32(0.5)
+        for x in (pixels, fractional):
+            x = model.check_input(x)
+            np.testing.assert_array_equal(executor.run(x), executor.run(x, SERIAL))
+    assert executor._mlp.run(model.check_input(fractional)) is None
