@@ -8,8 +8,6 @@ traceback, and the body names only the request id.
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,8 +22,6 @@ from model.errors import (
     ManifestError,
     ModelNotFoundError,
 )
-
-log = logging.getLogger("service.errors")
 
 
 class ServiceError(BnnError):
@@ -147,10 +143,8 @@ def install_error_handlers(app: FastAPI) -> None:
     """Route every error through the table so that each body is ``{"error": "..."}``."""
 
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", None)
-        if status_for(exc) == 500:
-            log.exception("unhandled error", exc_info=exc)
-        return error_response(exc, request_id)
+        # A bug (500) is logged once, with its traceback, by the request context around the app.
+        return error_response(exc, getattr(request.state, "request_id", None))
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": describe_request_errors(exc.errors())}, status_code=400)

@@ -8,10 +8,10 @@ that the :class:`RequestIdFilter` copies onto every record logged while the requ
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
-import itertools
 import secrets
 import sys
 from contextvars import ContextVar

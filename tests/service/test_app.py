@@ -297,3 +297,29 @@ def test_draining_turns_readiness_off_but_still_serves_accepted_requests(client)
         client.post("/v2/models/tiny/infer", json={"inputs": [v2_input(images(1))]}).status_code
         == 200
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "broken"),
+    [
+        ("post", "/v2/models/tiny/infer", "infer"),  # served by the inference dispatch
+        ("get", "/v1/models", "list_models"),  # served by FastAPI's router
+    ],
+)
+def test_a_bug_is_one_logged_500_naming_the_request_id(
+    client, monkeypatch, caplog, method, path, broken
+):
+    def bug(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(client.app.state.dataplane, broken, bug)
+    body = {"json": {"inputs": [v2_input(images(1))]}} if method == "post" else {}
+    with caplog.at_level("ERROR", logger="service"):
+        response = getattr(client, method)(path, headers={"X-Request-ID": "bug-1"}, **body)
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal server error (request id bug-1)"}
+    assert response.headers["x-request-id"] == "bug-1"
+    tracebacks = [
+        r for r in caplog.records if r.exc_info and "secret internals" in str(r.exc_info[1])
+    ]
+    assert len(tracebacks) == 1
