@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba import typed
-from numba import types as numba_types
 from numpy.lib.stride_tricks import sliding_window_view
 
 from model.engine import kernels
@@ -272,7 +270,7 @@ class MlpPlan:
     features: int
     classes: int
     first: tuple  # (weight, pcw, cut, invert) of the bit-plane input layer
-    hidden: tuple  # typed lists: weights, cuts, inverts, direction flags of the binary layers
+    hidden: tuple  # (weights, cuts, inverts, direction flags) of the binary layers, each a tuple
     last: tuple  # (weight_t, base, coef, scale, bias) of the full-precision output layer
 
     def run(self, x: np.ndarray) -> np.ndarray | None:
@@ -286,13 +284,15 @@ class MlpPlan:
 
 
 def mlp_plan(program: Program, sweeps: dict[int, np.ndarray]) -> MlpPlan | None:
-    """The :class:`MlpPlan` of ``program`` if it is [flatten,] bit-plane dense, binary dense …,
-    full-precision dense — every binary layer deciding without pooling, the output's affine
-    step in float32 — else None."""
+    """The :class:`MlpPlan` of ``program`` if it is [flatten,] bit-plane dense, binary dense (one
+    or more), full-precision dense — every binary layer deciding without pooling, the output's
+    affine step in float32 — else None."""
     ops = [op for op in program.ops if not isinstance(op, RealFlatten)]
     if len(ops) < 2 or len(ops) + 1 < len(program.ops) or isinstance(program.ops[-1], RealFlatten):
         return None
     first, *hidden, last = ops
+    if not hidden:  # the kernel indexes the hidden layers' tuples, which must not be empty
+        return None
     if not (isinstance(first, PlanesDense) and _plain_decide(first.epilogue)):
         return None
     if not all(isinstance(op, BinaryDense) and _plain_decide(op.epilogue) for op in hidden):
@@ -303,26 +303,25 @@ def mlp_plan(program: Program, sweeps: dict[int, np.ndarray]) -> MlpPlan | None:
     scale, bias = (None, None) if affine is None else (affine.scale, affine.bias)
     if any(v is not None and v.dtype != F32 for v in (scale, bias)):
         return None
-    words = numba_types.uint64[:, ::1]
-    hidden_lists = (
-        typed.List.empty_list(words),
-        typed.List.empty_list(numba_types.int64[::1]),
-        typed.List.empty_list(numba_types.uint8[::1]),
-        typed.List.empty_list(numba_types.uint8[::1]),
-    )
-    for op in hidden:
-        for items, value in zip(
-            hidden_lists,
-            (op.weight, op.epilogue.cut, op.epilogue.invert, sweeps[id(op)]),
+    # Tuples, not typed lists: numba checks a tuple's items in C, a typed list in Python
+    # (7.5 → 4.8 µs a call for the digits mlp).
+    hidden_arrays = tuple(
+        tuple(values)
+        for values in zip(
+            *((op.weight, op.epilogue.cut, op.epilogue.invert, sweeps[id(op)]) for op in hidden),
             strict=True,
-        ):
-            items.append(value)
+        )
+    )
+    # the kernel indexes each tuple by a loop variable: its items must have one numba type
+    for arrays, dtype in zip(hidden_arrays, (np.uint64, np.int64, np.uint8, np.uint8), strict=True):
+        if not all(a.dtype == dtype and a.flags.c_contiguous for a in arrays):
+            return None
     ep = first.epilogue
     return MlpPlan(
         features=first.features,
         classes=last.weight_t.shape[1],
         first=(first.weight, first.pcw, ep.cut, ep.invert),
-        hidden=hidden_lists,
+        hidden=hidden_arrays,
         last=(last.weight_t, last.base, float(last.coef), scale, bias),
     )
 

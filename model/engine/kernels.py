@@ -698,7 +698,7 @@ def mlp_rows(x, max_value, first, hidden_w, hidden_cut, hidden_invert, sweeps, l
 
     x (M, F) float32 integer-valued input; first = (w, pcw, cut, invert) of the bit-plane input
     layer (:func:`planes_dense_threshold_pack`); hidden_* the binary layers' weights, cuts and
-    inverts (:func:`dense_threshold_pack`) and their direction flags; last = (weight_t, base,
+    inverts (:func:`dense_threshold_pack`) and their direction flags, as non-empty tuples; last = (weight_t, base,
     coef, scale, bias) of the full-precision output layer (:func:`signed_dense`, then
     :func:`affine_rows`; scale and bias may be None); logits (M, O) float32 receives the result.
     Returns False, with logits untouched, unless every input is an integer in [0, max_value]
