@@ -1,9 +1,22 @@
-"""Prometheus metrics, in a ``CollectorRegistry`` of each app's own (tests build many apps)."""
+"""Prometheus metrics, in a ``CollectorRegistry`` of each app's own (tests build many apps).
+
+The per-request series (request counts, latency, queue time, batch size, engine time) are
+updated on the event loop, several times per request. They are kept by :class:`LoopCounter`
+and :class:`LoopHistogram`: plain numbers per label set, found in a dict, with the bucket found
+by bisection — no lock per update, which is what prometheus-client's own metrics take (~1 µs
+per observation; together ~8 % of a small model's request). The registry exports them in the
+standard text format through their ``collect``; the other metrics are prometheus-client's.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from service.batcher import BatchStats
 
@@ -14,19 +27,85 @@ _LATENCY_BUCKETS = (
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
-class _CachedLabels:
-    """A metric whose labelled children are looked up in a dict: ``Metric.labels`` takes a lock
-    and builds keys on every call, several microseconds per request on the hot path."""
+class _CounterSeries:
+    __slots__ = ("value",)
 
-    def __init__(self, metric: Counter | Histogram) -> None:
-        self.metric = metric
-        self._children: dict[tuple[str, ...], object] = {}
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _HistogramSeries:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: list[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value ≤ le
+        self.sum += value
+
+
+class _LoopMetric:
+    """Series by label values, for one thread's updates (the event loop's)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        self._series: dict[tuple[str, ...], object] = {}
 
     def labels(self, *values: str):
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self.metric.labels(*values)
-        return child
+        series = self._series.get(values)
+        if series is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+            series = self._series[values] = self._new_series()
+        return series
+
+    def _new_series(self) -> object:
+        raise NotImplementedError
+
+    def _items(self) -> list[tuple[tuple[str, ...], object]]:
+        return list(self._series.items())  # a snapshot: a scrape may overlap new label sets
+
+
+class LoopCounter(_LoopMetric):
+    """A labelled counter (exported as ``<name>_total``) updated from the event loop only."""
+
+    def _new_series(self) -> _CounterSeries:
+        return _CounterSeries()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, series in self._items():
+            family.add_metric(values, series.value)
+        yield family
+
+
+class LoopHistogram(_LoopMetric):
+    """A labelled histogram (``_bucket``, ``_count``, ``_sum``) updated from the event loop
+    only; ``buckets`` are the upper bounds, +Inf added."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets) -> None:
+        super().__init__(name, documentation, labelnames)
+        self.bounds = [float(b) for b in buckets]
+
+    def _new_series(self) -> _HistogramSeries:
+        return _HistogramSeries(self.bounds)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        for values, series in self._items():
+            cumulative, buckets = 0, []
+            for le, count in zip(les, list(series.counts), strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(values, buckets, sum_value=series.sum)
+        yield family
 
 
 class ServiceMetrics:
@@ -36,49 +115,34 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._ready: set[tuple[str, str]] = set()
         registry = self.registry
-        self.inference_requests = _CachedLabels(
-            Counter(
-                "bnn_inference_requests",
-                "Inference requests by model, version, protocol and HTTP status",
-                ["model", "version", "protocol", "status"],
-                registry=registry,
-            )
+        self.inference_requests = LoopCounter(
+            "bnn_inference_requests",
+            "Inference requests by model, version, protocol and HTTP status",
+            ["model", "version", "protocol", "status"],
         )
-        self.inference_latency = _CachedLabels(
-            Histogram(
-                "bnn_inference_request_duration_seconds",
-                "Time from decoded request to model outputs (queue + engine), by model",
-                ["model", "version"],
-                buckets=_LATENCY_BUCKETS,
-                registry=registry,
-            )
+        self.inference_latency = LoopHistogram(
+            "bnn_inference_request_duration_seconds",
+            "Time from decoded request to model outputs (queue + engine), by model",
+            ["model", "version"],
+            _LATENCY_BUCKETS,
         )
-        self.queue_time = _CachedLabels(
-            Histogram(
-                "bnn_batch_queue_seconds",
-                "Time a request waited in the batcher's queue before its engine call",
-                ["model", "version"],
-                buckets=_LATENCY_BUCKETS,
-                registry=registry,
-            )
+        self.queue_time = LoopHistogram(
+            "bnn_batch_queue_seconds",
+            "Time a request waited in the batcher's queue before its engine call",
+            ["model", "version"],
+            _LATENCY_BUCKETS,
         )
-        self.batch_size = _CachedLabels(
-            Histogram(
-                "bnn_batch_size_rows",
-                "Rows per engine call after dynamic batching",
-                ["model", "version"],
-                buckets=_BATCH_BUCKETS,
-                registry=registry,
-            )
+        self.batch_size = LoopHistogram(
+            "bnn_batch_size_rows",
+            "Rows per engine call after dynamic batching",
+            ["model", "version"],
+            _BATCH_BUCKETS,
         )
-        self.engine_time = _CachedLabels(
-            Histogram(
-                "bnn_engine_seconds",
-                "Duration of one engine call (one batch)",
-                ["model", "version"],
-                buckets=_LATENCY_BUCKETS,
-                registry=registry,
-            )
+        self.engine_time = LoopHistogram(
+            "bnn_engine_seconds",
+            "Duration of one engine call (one batch)",
+            ["model", "version"],
+            _LATENCY_BUCKETS,
         )
         self.models_loaded = Gauge(
             "bnn_models_loaded", "Model versions loaded and serving", registry=registry
@@ -95,14 +159,20 @@ class ServiceMetrics:
             ["model"],
             registry=registry,
         )
-        self.http_requests = _CachedLabels(
-            Counter(
-                "bnn_http_requests",
-                "HTTP requests by method, route template and status",
-                ["method", "route", "status"],
-                registry=registry,
-            )
+        self.http_requests = LoopCounter(
+            "bnn_http_requests",
+            "HTTP requests by method, route template and status",
+            ["method", "route", "status"],
         )
+        for metric in (
+            self.inference_requests,
+            self.inference_latency,
+            self.queue_time,
+            self.batch_size,
+            self.engine_time,
+            self.http_requests,
+        ):
+            registry.register(metric)
 
     def observe_batch(self, model: str, version: str, stats: BatchStats) -> None:
         self.batch_size.labels(model, version).observe(stats.rows)
