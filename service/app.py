@@ -36,13 +36,15 @@ class ServingApp(FastAPI):
     """FastAPI with the service's own layers outermost: the request context (request id, access
     log, HTTP metrics, last-resort 500), the body limit, and :class:`InferenceDispatch`, which
     serves the inference POSTs itself. Every other request goes on into FastAPI's stack (error,
-    telemetry, body-size and exception middleware, router); the inference requests skip it,
-    ~50 µs of a small model's ~200 µs request (see service.routes)."""
+    telemetry, body-size and exception middleware, router); the inference requests skip it
+    (see service.routes)."""
 
     def build_middleware_stack(self) -> ASGIApp:
         settings: Settings = self.state.settings
-        inference = [*v2.INFERENCE_ENDPOINTS, *rest.INFERENCE_ENDPOINTS]
-        app = InferenceDispatch(super().build_middleware_stack(), inference, self.state.api_key)
+        handlers = [*v2.INFERENCE_HANDLERS, *rest.INFERENCE_HANDLERS]
+        app = InferenceDispatch(
+            super().build_middleware_stack(), handlers, self.state.dataplane, self.state.api_key
+        )
         app = BodySizeLimitMiddleware(app, max_body_bytes=settings.max_body_bytes)
         return RequestContextMiddleware(
             app, metrics=self.state.metrics, access_log_enabled=settings.access_log

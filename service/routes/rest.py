@@ -6,10 +6,11 @@ POST /v1/models/{name}[/versions/{version}]:predict    {"instances": [...]} → 
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
 from model.repository import parse_version
-from service.dependencies import DataPlaneDep, dataplane_of
+from service.dataplane import DataPlane
+from service.dependencies import DataPlaneDep
 from service.errors import error_responses
 from service.openapi import path_parameters, raw_body
 from service.protocol import codec
@@ -20,6 +21,7 @@ from service.protocol.rest import (
     decode_predict_request,
     encode_predictions,
 )
+from service.routes import Reply, request_endpoint
 
 router = APIRouter(prefix="/v1", tags=["simple REST"])
 _ERRORS = error_responses(400, 401, 404, 413, 503, 504)
@@ -30,27 +32,28 @@ async def list_models(dataplane: DataPlaneDep) -> dict:
     return {"models": dataplane.list_models()}
 
 
-async def predict_endpoint(request: Request) -> Response:
-    """``{"instances": [...]}`` → ``{"predictions": [...]}``; reads its path parameters itself
-    (served by a plain Starlette route, see service.routes)."""
-    params = request.path_params
+async def predict(
+    dataplane: DataPlane, params: dict[str, str], body: bytes, header_length: str | None
+) -> Reply:
+    """``{"instances": [...]}`` → ``{"predictions": [...]}`` (served by
+    service.routes.InferenceDispatch; ``header_length`` is a V2 header, unused here)."""
     version = params.get("version")
-    tensor = decode_predict_request(await request.body())
-    result = await dataplane_of(request).infer(
+    tensor = decode_predict_request(body)
+    result = await dataplane.infer(
         params["name"],
         None if version is None else parse_version(version),
         [tensor],
         OUTPUTS,
         protocol="v1",
     )
-    body = encode_predictions(
+    predictions = encode_predictions(
         result.model_name, result.model_version, result.outputs, result.labels
     )
-    return Response(codec.to_json(body), media_type="application/json")
+    return codec.to_json(predictions), {}, codec.JSON_MEDIA_TYPE
 
 
 PREDICT_PATHS = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")
-INFERENCE_ENDPOINTS = [(path, predict_endpoint) for path in PREDICT_PATHS]
+INFERENCE_HANDLERS = [(path, predict) for path in PREDICT_PATHS]
 
 for _path, _summary, _params in (
     (PREDICT_PATHS[0], "Predict labels and class probabilities (newest version)", ("name",)),
@@ -58,7 +61,7 @@ for _path, _summary, _params in (
 ):
     router.add_api_route(
         _path.removeprefix("/v1"),
-        predict_endpoint,
+        request_endpoint(predict),
         methods=["POST"],
         response_class=Response,
         responses={200: {"model": PredictResponse}, **_ERRORS},

@@ -8,11 +8,11 @@ POST /v2/models/{name}[/versions/{version}]/infer   (JSON, or JSON + binary tens
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
 from model.repository import parse_version
 from service.dataplane import DataPlane
-from service.dependencies import DataPlaneDep, dataplane_of
+from service.dependencies import DataPlaneDep
 from service.errors import error_responses
 from service.openapi import path_parameters, raw_body
 from service.protocol import codec
@@ -22,6 +22,7 @@ from service.protocol.v2 import (
     ModelMetadataResponse,
     ModelReadyResponse,
 )
+from service.routes import Reply, request_endpoint
 
 router = APIRouter(tags=["v2 models"])
 _ERRORS = error_responses(400, 401, 404, 503)
@@ -34,30 +35,27 @@ def _version(version: str | None) -> int | None:
 
 
 # --- inference -----------------------------------------------------------------------------------
-# Served by plain Starlette routes (see service.routes), so the endpoint reads the path itself;
-# its path parameters are declared for the OpenAPI schema by openapi_extra.
-async def infer_endpoint(request: Request) -> Response:
-    params = request.path_params
-    version = _version(params.get("version"))
-    body = await request.body()
-    header_length = request.headers.get(codec.HEADER_LENGTH)
+async def infer(
+    dataplane: DataPlane, params: dict[str, str], body: bytes, header_length: str | None
+) -> Reply:
+    """V2 inference: JSON tensors, or a JSON header of ``header_length`` bytes followed by
+    binary tensor data (served by service.routes.InferenceDispatch)."""
     infer_request, tensors = codec.decode_infer_request(body, header_length)
     names, binary = codec.requested_outputs(infer_request)
-    result = await dataplane_of(request).infer(
-        params["name"], version, tensors, names, protocol="v2"
+    result = await dataplane.infer(
+        params["name"], _version(params.get("version")), tensors, names, protocol="v2"
     )
-    content, headers, media_type = codec.encode_infer_response(
+    return codec.encode_infer_response(
         model_name=result.model_name,
         model_version=result.model_version,
         request_id=infer_request.id,
         outputs=result.outputs,
         binary=binary,
     )
-    return Response(content, headers=headers, media_type=media_type)
 
 
 INFERENCE_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
-INFERENCE_ENDPOINTS = [(path, infer_endpoint) for path in INFERENCE_PATHS]
+INFERENCE_HANDLERS = [(path, infer) for path in INFERENCE_PATHS]
 
 for _path, _summary, _params in (
     (INFERENCE_PATHS[0], "Inference (newest version)", ("name",)),
@@ -65,7 +63,7 @@ for _path, _summary, _params in (
 ):
     router.add_api_route(
         _path,
-        infer_endpoint,
+        request_endpoint(infer),
         methods=["POST"],
         response_class=Response,
         responses={200: {"model": InferenceResponse}, **_INFER_ERRORS},

@@ -323,3 +323,34 @@ def test_a_bug_is_one_logged_500_naming_the_request_id(
         r for r in caplog.records if r.exc_info and "secret internals" in str(r.exc_info[1])
     ]
     assert len(tracebacks) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "key"),
+    [
+        ("/v2/models/{name}/infer", {"inputs": [v2_input(images(2))]}, "outputs"),
+        ("/v1/models/{name}:predict", {"instances": images(2).tolist()}, "predictions"),
+    ],
+)
+def test_documented_endpoints_run_the_same_handlers(client, path, body, key):
+    """The endpoints that the routers register for /docs (never reached over HTTP: the
+    inference dispatch answers first) wrap the same handlers and give the same response."""
+    from starlette.requests import Request
+
+    from service.routes import request_endpoint, rest, v2
+
+    handler = dict(v2.INFERENCE_HANDLERS + rest.INFERENCE_HANDLERS)[path]
+    raw = json.dumps(body).encode()
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def call():
+        scope = {"type": "http", "method": "POST", "app": client.app, "headers": [],
+                 "path_params": {"name": "tiny"}, "query_string": b""}  # fmt: skip
+        return await request_endpoint(handler)(Request(scope, receive))
+
+    response = client.portal.call(call)
+    over_http = client.post(path.format(name="tiny"), content=raw)
+    assert response.status_code == over_http.status_code == 200
+    assert json.loads(response.body)[key] == over_http.json()[key]
