@@ -569,7 +569,7 @@ def gemm_bound_lines(bound: dict[str, Any], g1: dict[str, Any]) -> list[str]:
         "The fused kernel on one thread, best of many calls: "
         + ", ".join(f"{v:.0f} GB/s over {k}" for k, v in rates.items())
         + " of weight rows (from L2, and from L3 past it; Zen 4 fills L1 from L2 at 32 bytes a "
-        "cycle, about 95 GB/s at this clock). With each core streaming "
+        "cycle). With each core streaming "
         f"its 1 MiB half, exactly the size of its L2, that is {stream_s * 1e6:.1f} µs, plus "
         f"{bound['parallel_region_s'] * 1e6:.1f} µs to start and join an empty parallel region "
         f"(numba's launch and libgomp's two barriers, each a futex call): {best_case * 1e6:.1f} µs "
