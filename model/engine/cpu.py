@@ -265,7 +265,7 @@ def row_work(op: Op) -> int:
 class MlpPlan:
     """A binary mlp's arrays, laid out for :func:`~model.engine.kernels.mlp_rows`, which runs
     the whole model in one call for batches below :func:`serial_rows` (single-threaded anyway,
-    and at batch 1 dominated by per-layer call costs: digits mlp 20 → 9 µs a call)."""
+    and at batch 1 dominated by per-layer call costs: digits mlp 21 → 8 µs a call)."""
 
     features: int
     classes: int
@@ -287,8 +287,9 @@ def mlp_plan(program: Program, sweeps: dict[int, np.ndarray]) -> MlpPlan | None:
     """The :class:`MlpPlan` of ``program`` if it is [flatten,] bit-plane dense, binary dense (one
     or more), full-precision dense — every binary layer deciding without pooling, the output's
     affine step in float32 — else None."""
-    ops = [op for op in program.ops if not isinstance(op, RealFlatten)]
-    if len(ops) < 2 or len(ops) + 1 < len(program.ops) or isinstance(program.ops[-1], RealFlatten):
+    flattens = [i for i, op in enumerate(program.ops) if isinstance(op, RealFlatten)]
+    ops = program.ops[len(flattens) :]
+    if flattens not in ([], [0]) or len(ops) < 2:  # a flatten may only come first
         return None
     first, *hidden, last = ops
     if not hidden:  # the kernel indexes the hidden layers' tuples, which must not be empty
