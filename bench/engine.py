@@ -236,7 +236,7 @@ def bench_gemm(budget_s: float) -> list[dict[str, Any]]:
     import torch
 
     from model.engine import kernels
-    from model.engine.cpu import ROW_CHUNK
+    from model.engine.kernels import ROW_CHUNK
     from model.engine.program import aligned_empty, pad_rows
     from model.packing import pack_signs
 
@@ -298,7 +298,7 @@ def bench_gemm_bound(repeats: int = 200) -> dict[str, Any]:
     from numba import njit, prange
 
     from model.engine import kernels
-    from model.engine.cpu import ROW_CHUNK
+    from model.engine.kernels import ROW_CHUNK
     from model.engine.program import aligned_empty, pad_rows
     from model.packing import pack_signs
 

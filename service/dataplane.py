@@ -155,9 +155,9 @@ class DataPlane:
             served = await self.registry.get_or_load(name, version)
             version_label = str(served.version)
             rows = conform_input(inputs, served.input_spec, self.settings.max_request_batch)
-            check_output_names(outputs, served.logits_name)
+            names = check_output_names(outputs, served.logits_name)  # before the engine runs
             logits = await served.batcher.submit(rows)  # (n, classes) float32
-            tensors = derive_outputs(outputs, logits, served.labels, served.logits_name)
+            tensors = derive_outputs(names, logits, served.labels, served.logits_name)
             status = 200
             self.metrics.inference_latency.labels(name, version_label).observe(
                 time.perf_counter() - started

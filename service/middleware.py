@@ -14,13 +14,17 @@ from service.logs import request_id_from, request_id_var
 from service.metrics import ServiceMetrics
 
 access_log = logging.getLogger("service.access")
+# Status recorded (metrics, access log) for a request whose client left before it was answered,
+# as nginx logs it; never sent.
+CLIENT_CLOSED_REQUEST = 499
 log = logging.getLogger("service.errors")
 
 
 class RequestContextMiddleware:
     """Gives each request an id (``X-Request-ID`` in, echoed out), counts it by route template
     and status, logs one access line (always for errors, for successes when enabled), and turns
-    an unexpected exception into a logged 500."""
+    an unexpected exception into a logged 500. A request left unanswered because its client went
+    away counts as 499."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics, access_log_enabled: bool) -> None:
         self.app = app
@@ -31,7 +35,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = request_id_from(_header(scope, b"x-request-id"))
+        request_id = request_id_from(scope_header(scope, b"x-request-id"))
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
@@ -51,6 +55,8 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+            if not response_started:
+                status = CLIENT_CLOSED_REQUEST  # the app had no one left to answer
         except Exception as exc:
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not response_started:
@@ -83,7 +89,7 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _header(scope, b"content-length")
+        declared = scope_header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._reject(int(declared), scope, receive, send)
             return
@@ -112,7 +118,8 @@ class BodySizeLimitMiddleware:
         )
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def scope_header(scope: Scope, name: bytes) -> str | None:
+    """The first value of request header ``name`` (lower case, as ASGI servers give them)."""
     for key, value in scope["headers"]:
         if key == name:
             return value.decode("latin-1")

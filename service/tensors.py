@@ -63,10 +63,9 @@ def output_signatures(logits_name: str, classes: int) -> list[tuple[str, str, li
 
 
 def derive_outputs(
-    names: Sequence[str] | None, logits: np.ndarray, labels: Sequence[str], logits_name: str
+    names: Sequence[str], logits: np.ndarray, labels: Sequence[str], logits_name: str
 ) -> list[Tensor]:
-    """The requested outputs (all of them when ``names`` is None), in the order asked."""
-    names = check_output_names(names, logits_name)
+    """The outputs ``names`` (as :func:`check_output_names` returned them), in that order."""
     tensors = []
     for name in names:
         if name == logits_name:

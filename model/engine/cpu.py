@@ -28,7 +28,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from model.engine import kernels
 from model.engine.floatmath import F32, F64, affine_f32, fma_f32
-from model.engine.kernels import PARALLEL, SERIAL, KernelSet
+from model.engine.kernels import PARALLEL, ROW_CHUNK, SERIAL, KernelSet
 from model.engine.program import (
     MAX_PLANE_VALUE,
     BinaryConv,
@@ -52,7 +52,6 @@ from model.engine.program import (
 from model.engine.runtime import kernel_guard
 from model.packing import unpack_signs, words_for
 
-ROW_CHUNK = 64
 # Work (see row_work) of one predict call below which its kernels run single-threaded: the digits
 # mlp (64 → 1024 → 256 → 10, 12,288 per row) up to batch 5, a 4096-wide binary mlp never.
 SERIAL_WORK_LIMIT = 1 << 16

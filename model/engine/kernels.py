@@ -33,6 +33,8 @@ from model.engine import runtime  # noqa: F401  (cache directory and threading l
 
 WORD = 64
 CACHE_LINE_WORDS = 8  # 64 bytes (see model.engine.program.CACHE_LINE)
+# Rows of a batch that stream past one block of 64 weight rows (dense_threshold_pack).
+ROW_CHUNK = 64
 _JIT = {"nogil": True, "cache": True, "fastmath": True}
 _PAR = {**_JIT, "parallel": True}
 # Float kernels keep IEEE semantics: no reassociation, no contraction of float64 → float32 casts.
@@ -687,7 +689,6 @@ _planes_word_serial = SERIAL.planes_word_threshold_pack
 _planes_dense_serial = SERIAL.planes_dense_threshold_pack
 _dense_serial = SERIAL.dense_threshold_pack
 _signed_dense_serial = SERIAL.signed_dense
-MLP_ROW_CHUNK = 64  # as model.engine.cpu.ROW_CHUNK
 
 
 @njit(**_JIT)
@@ -717,7 +718,7 @@ def mlp_rows(x, max_value, first, hidden_w, hidden_cut, hidden_invert, sweeps, l
     for i in range(len(hidden_w)):
         hw = hidden_w[i]
         out = aligned_words((m_rows, (hw.shape[0] + WORD - 1) // WORD))
-        _dense_serial(a, hw, hidden_cut[i], hidden_invert[i], out, MLP_ROW_CHUNK, 1, sweeps[i])
+        _dense_serial(a, hw, hidden_cut[i], hidden_invert[i], out, ROW_CHUNK, 1, sweeps[i])
         a = out
     weight_t, base, coef, scale, bias = last
     raw = np.empty((m_rows, weight_t.shape[1]), np.float64)

@@ -16,20 +16,57 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
+from fastapi import APIRouter
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model.errors import BnnError
+from model.repository import parse_version
 from service.auth import check_api_key
 from service.dataplane import DataPlane
 from service.dependencies import dataplane_of
-from service.errors import error_response
+from service.errors import error_response, error_responses
+from service.middleware import scope_header
+from service.openapi import path_parameters
 from service.protocol.codec import HEADER_LENGTH
 
 Reply = tuple[bytes, dict[str, str], str]  # content, extra headers, media type
 InferenceHandler = Callable[[DataPlane, dict[str, str], bytes, str | None], Awaitable[Reply]]
+
+
+INFERENCE_ERRORS = error_responses(400, 401, 404, 413, 503, 504)
+
+
+def optional_version(version: str | None) -> int | None:
+    """A path's ``{version}`` as a number (None: the newest)."""
+    return None if version is None else parse_version(version)
+
+
+def document_inference(
+    router: APIRouter,
+    handler: InferenceHandler,
+    summaries: Sequence[tuple[str, str]],
+    *,
+    response_model: type,
+    body: dict,
+    operation: str,
+) -> None:
+    """Register ``handler`` in ``router`` for the OpenAPI docs, once per (path, summary); the
+    path parameters (name, and version where the path has one) are read off the path."""
+    for path, summary in summaries:
+        versioned = "{version}" in path
+        router.add_api_route(
+            path.removeprefix(router.prefix),
+            request_endpoint(handler),
+            methods=["POST"],
+            response_class=Response,
+            responses={200: {"model": response_model}, **INFERENCE_ERRORS},
+            openapi_extra={**body, **path_parameters("name", *(["version"] if versioned else []))},
+            summary=summary,
+            operation_id=f"{operation}_version" if versioned else operation,
+        )
 
 
 def request_endpoint(handler: InferenceHandler) -> Callable[[Request], Awaitable[Response]]:
@@ -67,7 +104,8 @@ class InferenceDispatch:
     ) -> None:
         self.app = app
         self.routes = [
-            (Route(path, handler, methods=["POST"]), handler) for path, handler in handlers
+            (Route(path, request_endpoint(handler), methods=["POST"]), handler)
+            for path, handler in handlers
         ]
         self.dataplane = dataplane
         self.api_key = api_key
@@ -87,20 +125,21 @@ class InferenceDispatch:
     async def _serve(
         self, handler: InferenceHandler, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        headers = scope["headers"]
         try:
             if self.api_key is not None:
-                check_api_key(self.api_key, _header(headers, b"authorization"))
+                check_api_key(self.api_key, scope_header(scope, b"authorization"))
             body = await _read_body(receive)
             content, extra, media_type = await handler(
                 self.dataplane,
                 scope["path_params"],
                 body,
-                _header(headers, HEADER_LENGTH.encode()),
+                scope_header(scope, HEADER_LENGTH.encode()),
             )
         except BnnError as exc:
             await error_response(exc)(scope, receive, send)
             return
+        except ClientDisconnect:
+            return  # the client left before sending its whole body: no one to answer
         response_headers = [
             (b"content-type", media_type.encode()),
             (b"content-length", str(len(content)).encode()),
@@ -120,14 +159,6 @@ async def _read_body(receive: Receive) -> bytes:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    """The first value of header ``name`` (lower case, as ASGI servers give them)."""
-    for key, value in headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 def _route_path(scope: Scope) -> str:

@@ -8,13 +8,12 @@ POST /v2/models/{name}[/versions/{version}]/infer   (JSON, or JSON + binary tens
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
 
-from model.repository import parse_version
 from service.dataplane import DataPlane
 from service.dependencies import DataPlaneDep
 from service.errors import error_responses
-from service.openapi import path_parameters, raw_body
+from service.openapi import raw_body
 from service.protocol import codec
 from service.protocol.v2 import (
     InferenceRequest,
@@ -22,16 +21,10 @@ from service.protocol.v2 import (
     ModelMetadataResponse,
     ModelReadyResponse,
 )
-from service.routes import Reply, request_endpoint
+from service.routes import Reply, document_inference, optional_version
 
 router = APIRouter(tags=["v2 models"])
 _ERRORS = error_responses(400, 401, 404, 503)
-_INFER_ERRORS = error_responses(400, 401, 404, 413, 503, 504)
-_INFER_DOC = raw_body(InferenceRequest, binary=True)
-
-
-def _version(version: str | None) -> int | None:
-    return None if version is None else parse_version(version)
 
 
 # --- inference -----------------------------------------------------------------------------------
@@ -43,7 +36,7 @@ async def infer(
     infer_request, tensors = codec.decode_infer_request(body, header_length)
     names, binary = codec.requested_outputs(infer_request)
     result = await dataplane.infer(
-        params["name"], _version(params.get("version")), tensors, names, protocol="v2"
+        params["name"], optional_version(params.get("version")), tensors, names, protocol="v2"
     )
     return codec.encode_infer_response(
         model_name=result.model_name,
@@ -56,26 +49,21 @@ async def infer(
 
 INFERENCE_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 INFERENCE_HANDLERS = [(path, infer) for path in INFERENCE_PATHS]
-
-for _path, _summary, _params in (
-    (INFERENCE_PATHS[0], "Inference (newest version)", ("name",)),
-    (INFERENCE_PATHS[1], "Inference (one version)", ("name", "version")),
-):
-    router.add_api_route(
-        _path,
-        request_endpoint(infer),
-        methods=["POST"],
-        response_class=Response,
-        responses={200: {"model": InferenceResponse}, **_INFER_ERRORS},
-        openapi_extra={**_INFER_DOC, **path_parameters(*_params)},
-        summary=_summary,
-        operation_id=f"infer{'_version' if 'version' in _params else ''}",
-    )
+document_inference(
+    router,
+    infer,
+    list(
+        zip(INFERENCE_PATHS, ("Inference (newest version)", "Inference (one version)"), strict=True)
+    ),
+    response_model=InferenceResponse,
+    body=raw_body(InferenceRequest, binary=True),
+    operation="infer",
+)
 
 
 # --- metadata ------------------------------------------------------------------------------------
 async def _metadata(dataplane: DataPlane, name: str, version: str | None) -> dict:
-    return dataplane.model_metadata(await dataplane.model(name, _version(version)))
+    return dataplane.model_metadata(await dataplane.model(name, optional_version(version)))
 
 
 @router.get("/v2/models/{name}", response_model=ModelMetadataResponse, responses=_ERRORS)
@@ -92,7 +80,7 @@ async def model_version_metadata(name: str, version: str, dataplane: DataPlaneDe
 
 # --- readiness -----------------------------------------------------------------------------------
 async def _ready(dataplane: DataPlane, name: str, version: str | None) -> dict:
-    served = await dataplane.model(name, _version(version))
+    served = await dataplane.model(name, optional_version(version))
     return {"name": served.name, "ready": True}
 
 
@@ -117,7 +105,7 @@ async def model_version_ready(name: str, version: str, dataplane: DataPlaneDep) 
 
 # --- config --------------------------------------------------------------------------------------
 async def _config(dataplane: DataPlane, name: str, version: str | None) -> dict:
-    return dataplane.model_config(await dataplane.model(name, _version(version)))
+    return dataplane.model_config(await dataplane.model(name, optional_version(version)))
 
 
 @router.get("/v2/models/{name}/config", responses=_ERRORS, summary="Model configuration")

@@ -354,3 +354,38 @@ def test_documented_endpoints_run_the_same_handlers(client, path, body, key):
     over_http = client.post(path.format(name="tiny"), content=raw)
     assert response.status_code == over_http.status_code == 200
     assert json.loads(response.body)[key] == over_http.json()[key]
+
+
+def test_a_client_that_leaves_mid_body_gets_no_answer_and_is_counted_499(client, caplog):
+    """The body never arrives whole: nothing is sent, nothing is logged as an error, and the
+    request is counted with nginx's 499 (client closed request)."""
+    app = client.app
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"inputs": [', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def call() -> None:
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/tiny/infer",
+                 "raw_path": b"/v2/models/tiny/infer", "root_path": "", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+        await app(scope, receive, send)
+
+    with caplog.at_level("INFO", logger="service"):
+        client.portal.call(call)
+    assert sent == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    text = client.get("/metrics").text
+    assert (
+        'bnn_http_requests_total{method="POST",route="/v2/models/{name}/infer",status="499"} 1.0'
+        in text
+    )
