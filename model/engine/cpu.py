@@ -8,13 +8,20 @@ numpy's BLAS, also accumulating in float64. Every call allocates its own buffers
 calls share nothing mutable; packed buffers start on a cache line (see
 :func:`~model.engine.kernels.aligned_words`).
 
-Threads: a call whose work (:func:`row_work` × batch) is below :data:`SERIAL_WORK_LIMIT` runs the
-serial twins of the kernels (:data:`~model.engine.kernels.SERIAL`) on the calling thread alone,
-which also saves starting a parallel region in each kernel (~1 µs) and switching numba's thread
-count. Small calls gain little from the second core (digits mlp, batch 3: 61 µs on one thread,
-50 µs on two, idle machine) but a parallel kernel waits for every worker to be scheduled, so
-with the other core busy its latency tail grows to milliseconds (same call: p99 0.2 ms, worst
-8 ms on two threads; p99 0.11 ms on one).
+Threads, by the call's work (:func:`row_work` × batch):
+
+* below :data:`SERIAL_WORK_LIMIT`, the serial twins of the kernels
+  (:data:`~model.engine.kernels.SERIAL`) on the calling thread alone, which also saves starting
+  a parallel region in each kernel (~1 µs) and switching numba's thread count. Small calls gain
+  little from the second core (digits mlp, batch 3: 61 µs on one thread, 50 µs on two, idle
+  machine) but a parallel kernel waits for every worker to be scheduled, so with the other core
+  busy its latency tail grows to milliseconds (same call: p99 0.2 ms, worst 8 ms on two
+  threads; p99 0.11 ms on one);
+* below :data:`TEAM_WORK_LIMIT`, for a model of dense layers only, the binary dense kernels on
+  a :class:`~model.engine.team.Team` of helper threads that stay awake between calls (a
+  4096² binary layer at batch 1: ~15% faster than starting an OpenMP region for it), and the
+  other layers serial, so that no OpenMP worker competes with the helpers for a core;
+* above, the parallel (OpenMP) kernels.
 """
 
 from __future__ import annotations
@@ -50,11 +57,19 @@ from model.engine.program import (
     handlers,
 )
 from model.engine.runtime import kernel_guard
+from model.engine.team import shared_team
 from model.packing import unpack_signs, words_for
 
 # Work (see row_work) of one predict call below which its kernels run single-threaded: the digits
 # mlp (64 → 1024 → 256 → 10, 12,288 per row) up to batch 5, a 4096-wide binary mlp never.
 SERIAL_WORK_LIMIT = 1 << 16
+# Work below which a dense-only model's calls run on the helper team (see the module docstring):
+# the 784 → 3×4096 mlp (~1.07e6 per row) at batch 1 to 3. Larger batches gain nothing from it
+# (batch 4: even) and lose on the layers that run serially in a team call.
+TEAM_WORK_LIMIT = 1 << 22
+# Operations a call on the team may contain: the binary ones run on the team, the others are
+# small and run serially.
+TEAM_OPS = (RealFlatten, PlanesDense, BinaryDense, SignedDense)
 # Bit-planes assumed for the integer input layer (pixels 0..255) when estimating work.
 PLANES_ESTIMATE = 8
 # Rows of a packed weight matrix unpacked at once on the float path (bounded scratch memory).
@@ -73,6 +88,14 @@ class NumbaExecutor:
         self.program = program
         self._handlers = handlers(self)
         self._serial_rows = serial_rows(program)
+        self._team_rows, self._team = self._serial_rows, None
+        if all(isinstance(op, TEAM_OPS) for op in program.ops):
+            team = shared_team(numba.get_num_threads())
+            if team is not None:
+                self._team_rows, self._team = (
+                    rows_below(program, TEAM_WORK_LIMIT),
+                    team.kernel_set(),
+                )
         # Per binary layer, the direction flag its kernel flips on each call (kernels._next_sweep).
         self._sweeps = {id(op): np.zeros(1, np.uint8) for op in program.ops}
         self._mlp = mlp_plan(program, self._sweeps)
@@ -89,12 +112,20 @@ class NumbaExecutor:
                 logits = self._mlp.run(x)
                 if logits is not None:
                     return logits
-            kset = SERIAL if x.shape[0] < self._serial_rows else PARALLEL
+            kset = self.kernel_set(x.shape[0])
         value = x
         with kernel_guard():
             for op in self.program.ops:
                 value = self._handlers[type(op)](op, value, kset)
         return np.ascontiguousarray(value, dtype=F32)
+
+    def kernel_set(self, batch: int) -> KernelSet:
+        """The kernels a call of ``batch`` rows runs (see the module docstring)."""
+        if batch < self._serial_rows:
+            return SERIAL
+        if batch < self._team_rows:
+            return self._team
+        return PARALLEL
 
     # --- binary layers ----------------------------------------------------------------------------
     def _binary_dense(
@@ -331,15 +362,21 @@ def _plain_decide(ep: Decide | ToReal) -> bool:
 
 
 def ranges(kset: KernelSet) -> int:
-    """Contiguous ranges a kernel splits its work into: one per numba thread, one when serial."""
-    return 1 if kset is SERIAL else numba.get_num_threads()
+    """Contiguous ranges a kernel splits its work into: one per numba thread for the parallel
+    kernels, else one (the team's kernels ignore it: they split the work their own way)."""
+    return numba.get_num_threads() if kset is PARALLEL else 1
 
 
 def serial_rows(program: Program) -> int:
     """The smallest batch whose work reaches SERIAL_WORK_LIMIT: smaller batches run the serial
     kernels, this one and larger the parallel ones."""
+    return rows_below(program, SERIAL_WORK_LIMIT)
+
+
+def rows_below(program: Program, limit: int) -> int:
+    """The smallest batch whose work (:func:`row_work` × batch) reaches ``limit``."""
     per_row = sum(row_work(op) for op in program.ops)
-    return -(-SERIAL_WORK_LIMIT // per_row) if per_row else sys.maxsize
+    return -(-limit // per_row) if per_row else sys.maxsize
 
 
 # --- shared helpers (also used by tests as references) --------------------------------------------

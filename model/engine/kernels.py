@@ -238,44 +238,64 @@ def _next_sweep(sweep):
     return reverse
 
 
+@njit(**_JIT)
+def gemm_parts(a, w, ranges):
+    """How many contiguous ranges :func:`xor_popcount_gemm` splits its work into: ``ranges``, at
+    most one per work item (a row × a block of 64 weight rows)."""
+    return max(1, min(ranges, a.shape[0] * ((w.shape[0] + WORD - 1) // WORD)))
+
+
 @njit(**_PAR)
 def xor_popcount_gemm(a, w, out, ranges, sweep):
     """out[m, o] = popcount(a[m] XOR w[o]) for a (M, L), w (O, L) uint64; out (M, O) int32.
     The work is split into ``ranges`` contiguous ranges (one per thread), each walked in the
     direction the (1,) uint8 flag ``sweep`` gives (see :func:`_next_sweep`)."""
-    m_rows, o_rows = a.shape[0], w.shape[0]
-    blocks = (o_rows + WORD - 1) // WORD
-    items = m_rows * blocks
     reverse = _next_sweep(sweep)
-    parts = max(1, min(ranges, items))
+    parts = gemm_parts(a, w, ranges)
     for t in prange(parts):
-        first, last = t * items // parts, (t + 1) * items // parts
-        for i in range(last - first):
-            item = _swept(i, first, last, reverse)
-            b, m = item // m_rows, item % m_rows
-            o, o1 = b * WORD, min(o_rows, (b + 1) * WORD)
-            if a.shape[1] % 8 == 0:
-                while o + 8 <= o1:
-                    s = xor_popcount8(a, w, m, o)
-                    for i8 in range(8):
-                        out[m, o + i8] = s[i8]
-                    o += 8
-            while o + 4 <= o1:
-                s0, s1, s2, s3 = _xor_popcount4(a, w, m, o)
-                out[m, o] = s0
-                out[m, o + 1] = s1
-                out[m, o + 2] = s2
-                out[m, o + 3] = s3
-                o += 4
-            while o < o1:
-                out[m, o] = _xor_popcount(a, w, m, o)
-                o += 1
+        gemm_part(a, w, out, parts, t, reverse)
+
+
+@njit(**_JIT)
+def gemm_part(a, w, out, parts, t, reverse):
+    """Range t of ``parts`` of :func:`xor_popcount_gemm`'s work items, walked backwards when
+    ``reverse``."""
+    m_rows, o_rows = a.shape[0], w.shape[0]
+    items = m_rows * ((o_rows + WORD - 1) // WORD)
+    first, last = t * items // parts, (t + 1) * items // parts
+    for i in range(last - first):
+        item = _swept(i, first, last, reverse)
+        b, m = item // m_rows, item % m_rows
+        o, o1 = b * WORD, min(o_rows, (b + 1) * WORD)
+        if a.shape[1] % 8 == 0:
+            while o + 8 <= o1:
+                s = xor_popcount8(a, w, m, o)
+                for i8 in range(8):
+                    out[m, o + i8] = s[i8]
+                o += 8
+        while o + 4 <= o1:
+            s0, s1, s2, s3 = _xor_popcount4(a, w, m, o)
+            out[m, o] = s0
+            out[m, o + 1] = s1
+            out[m, o + 2] = s2
+            out[m, o + 3] = s3
+            o += 4
+        while o < o1:
+            out[m, o] = _xor_popcount(a, w, m, o)
+            o += 1
 
 
 @njit(**_JIT, inline="always")
 def _decide(p, cut, invert, o, o0):
     """The packed bit of channel o: (p ≥ cut[o]) XOR invert[o], at its place in the word."""
     return np.uint64((p >= cut[o]) ^ np.bool_(invert[o])) << np.uint64(o - o0)
+
+
+@njit(**_JIT)
+def dense_parts(a, out, row_chunk, ranges):
+    """How many contiguous ranges :func:`dense_threshold_pack` splits its work into: ``ranges``,
+    at most one per work item (64 output channels × a chunk of ``row_chunk`` rows)."""
+    return max(1, min(ranges, -(-a.shape[0] // row_chunk) * out.shape[1]))
 
 
 @njit(**_PAR)
@@ -289,37 +309,42 @@ def dense_threshold_pack(a, w, cut, invert, out, row_chunk, ranges, sweep):
     contiguous ranges (one per thread), each walked in the direction the (1,) uint8 flag
     ``sweep`` gives (see :func:`_next_sweep`).
     """
+    reverse = _next_sweep(sweep)
+    parts = dense_parts(a, out, row_chunk, ranges)
+    for t in prange(parts):
+        dense_part(a, w, cut, invert, out, row_chunk, parts, t, reverse)
+
+
+@njit(**_JIT)
+def dense_part(a, w, cut, invert, out, row_chunk, parts, t, reverse):
+    """Range t of ``parts`` of :func:`dense_threshold_pack`'s work items, walked backwards when
+    ``reverse``."""
     m_rows, o_rows = a.shape[0], w.shape[0]
     words = out.shape[1]
     chunks = (m_rows + row_chunk - 1) // row_chunk
     items = chunks * words
-    reverse = _next_sweep(sweep)
-    parts = max(1, min(ranges, items))
-    for t in prange(parts):
-        first, last = t * items // parts, (t + 1) * items // parts
-        for i in range(last - first):
-            item = _swept(i, first, last, reverse)
-            j, c = item // chunks, item % chunks
-            o0, o1 = j * WORD, min(o_rows, (j + 1) * WORD)
-            for m in range(c * row_chunk, min(m_rows, (c + 1) * row_chunk)):
-                word = np.uint64(0)
-                o = o0
-                if a.shape[1] % 8 == 0:
-                    while o + 8 <= o1:
-                        bits = xor_popcount8_bits(a, w, m, o, cut, invert)
-                        word |= bits << np.uint64(o - o0)
-                        o += 8
-                while o + 4 <= o1:
-                    s0, s1, s2, s3 = _xor_popcount4(a, w, m, o)
-                    word |= _decide(s0, cut, invert, o, o0) | _decide(s1, cut, invert, o + 1, o0)
-                    word |= _decide(s2, cut, invert, o + 2, o0) | _decide(
-                        s3, cut, invert, o + 3, o0
-                    )
-                    o += 4
-                while o < o1:
-                    word |= _decide(_xor_popcount(a, w, m, o), cut, invert, o, o0)
-                    o += 1
-                out[m, j] = word
+    first, last = t * items // parts, (t + 1) * items // parts
+    for i in range(last - first):
+        item = _swept(i, first, last, reverse)
+        j, c = item // chunks, item % chunks
+        o0, o1 = j * WORD, min(o_rows, (j + 1) * WORD)
+        for m in range(c * row_chunk, min(m_rows, (c + 1) * row_chunk)):
+            word = np.uint64(0)
+            o = o0
+            if a.shape[1] % 8 == 0:
+                while o + 8 <= o1:
+                    bits = xor_popcount8_bits(a, w, m, o, cut, invert)
+                    word |= bits << np.uint64(o - o0)
+                    o += 8
+            while o + 4 <= o1:
+                s0, s1, s2, s3 = _xor_popcount4(a, w, m, o)
+                word |= _decide(s0, cut, invert, o, o0) | _decide(s1, cut, invert, o + 1, o0)
+                word |= _decide(s2, cut, invert, o + 2, o0) | _decide(s3, cut, invert, o + 3, o0)
+                o += 4
+            while o < o1:
+                word |= _decide(_xor_popcount(a, w, m, o), cut, invert, o, o0)
+                o += 1
+            out[m, j] = word
 
 
 @njit(**_JIT)
@@ -450,11 +475,20 @@ def planes_dense_acc(planes, w, pcw, out):
 @njit(**_PAR)
 def planes_dense_threshold_pack(planes, w, pcw, cut, invert, out):
     """:func:`planes_dense_acc` then bit o = (float(acc) ≥ cut[o]) XOR invert[o], packed;
-    cut (O,) float64 (a float32 threshold: exact for integer accumulators)."""
+    cut (O,) float64 (a float32 threshold: exact for integer accumulators). One work item per
+    (64 output channels, row)."""
+    items = out.shape[1] * planes.shape[1]
+    for t in prange(items):
+        planes_part(planes, w, pcw, cut, invert, out, items, t)
+
+
+@njit(**_JIT)
+def planes_part(planes, w, pcw, cut, invert, out, parts, t):
+    """Range t of ``parts`` of :func:`planes_dense_threshold_pack`'s work items."""
     m_rows, o_rows = planes.shape[1], w.shape[0]
-    words = out.shape[1]
-    for t in prange(words * m_rows):
-        j, m = t // m_rows, t % m_rows
+    items = out.shape[1] * m_rows
+    for item in range(t * items // parts, (t + 1) * items // parts):
+        j, m = item // m_rows, item % m_rows
         o0, o1 = j * WORD, min(o_rows, (j + 1) * WORD)
         word = np.uint64(0)
         o = o0

@@ -229,8 +229,9 @@ def test_workqueue_fallback_serializes_kernels(mlp_path):
 
 def test_small_calls_run_serial_kernels(mlp, monkeypatch):
     """A call whose work is below SERIAL_WORK_LIMIT runs on the calling thread: an mlp in one
-    kernel call (integer inputs) or the serial twins of the kernels; a larger call runs the
-    parallel kernels. None of them touches numba's thread count."""
+    kernel call (integer inputs) or the serial twins of the kernels; below TEAM_WORK_LIMIT a
+    dense-only model's call runs on the helper team; a larger call runs the parallel kernels.
+    None of them touches numba's thread count."""
     import dataclasses
 
     import numba
@@ -251,15 +252,19 @@ def test_small_calls_run_serial_kernels(mlp, monkeypatch):
             kset, dense_threshold_pack=recording(kset.dense_threshold_pack, label)
         )
 
+    executor = mlp._executor
+    assert executor._team is not None  # 2 or more numba threads on Linux
     monkeypatch.setattr(cpu, "SERIAL", recording_set(cpu.SERIAL, "serial"))
     monkeypatch.setattr(cpu, "PARALLEL", recording_set(cpu.PARALLEL, "parallel"))
+    monkeypatch.setattr(executor, "_team", recording_set(executor._team, "team"))
     monkeypatch.setattr(cpu.kernels, "mlp_rows", recording(cpu.kernels.mlp_rows, "one call"))
     per_row = sum(cpu.row_work(op) for op in mlp.program.ops)
-    rows = cpu.serial_rows(mlp.program)
+    rows, team_rows = cpu.serial_rows(mlp.program), executor._team_rows
     assert (rows - 1) * per_row < cpu.SERIAL_WORK_LIMIT <= rows * per_row
+    assert (team_rows - 1) * per_row < cpu.TEAM_WORK_LIMIT <= team_rows * per_row
     before = numba.get_num_threads()
-    for batch in (rows - 1, rows):
+    for batch in (rows - 1, rows, team_rows - 1, team_rows):
         mlp.predict(np.zeros((batch, 1, 8, 8), np.float32))
     mlp.predict(np.full((rows - 1, 1, 8, 8), 0.5, np.float32))  # not integers: layer by layer
-    assert seen == ["one call", "parallel", "one call", "serial"]
+    assert seen == ["one call", "team", "team", "parallel", "one call", "serial"]
     assert numba.get_num_threads() == before
