@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     # region for a scheduler tick; sleeping workers keep small requests fast. Set before the
     # engine loads OpenMP; an explicit OMP_WAIT_POLICY in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Likewise the engine's helper team (model.engine.team) spins only 50 µs after a task: long
+    # enough to stay awake through the layers of one call, short enough to leave the event loop
+    # its core between requests. BNN_SPIN_US in the environment wins.
+    os.environ.setdefault("BNN_SPIN_US", "50")  # not imported: the engine loads lazily
     logging.getLogger("service").info(
         "starting bnn-serve",
         extra={"settings": settings.model_dump(mode="json", exclude={"api_key"})}

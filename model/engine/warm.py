@@ -6,9 +6,10 @@ serving image runs this at build time so that a container's first request does n
 compilation. The signatures do not depend on layer sizes, so two small synthetic graphs — an
 mlp (integer and real inputs, ±1 and {0,1} activations, α scales) and a cnn (full-precision
 first convolution, binary convolutions padded with +1 and −1, max-pooling) — reach every
-kernel, each run at batches small enough for the serial kernels and at one large enough for the
-parallel ones (:func:`model.engine.cpu.serial_rows`). Artifacts or version directories named on
-the command line are warmed too.
+kernel, each run at batches small enough for the serial kernels, at the smallest batch past them
+(:func:`model.engine.cpu.serial_rows`: the helper team's kernels for the mlps, the parallel ones
+for the cnn) and at the smallest one past the team's (the parallel ones). Artifacts or version
+directories named on the command line are warmed too.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def random_tensors(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
 def warm(paths: list[Path], scratch: Path) -> list[tuple[str, float]]:
     """Load and warm the synthetic graphs and every artifact in ``paths``; (name, seconds) each."""
     from model.engine import load_model
-    from model.engine.cpu import serial_rows
+    from model.engine.cpu import TEAM_WORK_LIMIT, rows_below, serial_rows
 
     scratch.mkdir(parents=True, exist_ok=True)
     targets = []
@@ -93,8 +94,11 @@ def warm(paths: list[Path], scratch: Path) -> list[tuple[str, float]]:
     timings = []
     for path in targets:
         model = load_model(path, device="cpu")
-        # small batches run the serial kernels, serial_rows and more the parallel ones
-        batch_sizes = (1, 3, serial_rows(model.program))
+        # small batches run the serial kernels, serial_rows and more the helper team's (dense
+        # models) or the parallel ones, and a dense model's calls past TEAM_WORK_LIMIT the
+        # parallel ones
+        program = model.program
+        batch_sizes = (1, 3, serial_rows(program), rows_below(program, TEAM_WORK_LIMIT))
         timings.append((str(path), model.warmup(batch_sizes=batch_sizes)))
     return timings
 
