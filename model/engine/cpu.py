@@ -96,7 +96,7 @@ class NumbaExecutor:
                     rows_below(program, TEAM_WORK_LIMIT),
                     team.kernel_set(),
                 )
-        # Per binary layer, the direction flag its kernel flips on each call (kernels._next_sweep).
+        # Per binary layer, the direction flag its kernel flips on each call (kernels.next_sweep).
         self._sweeps = {id(op): np.zeros(1, np.uint8) for op in program.ops}
         self._mlp = mlp_plan(program, self._sweeps)
 

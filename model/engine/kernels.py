@@ -224,7 +224,7 @@ def _swept(i, first, last, reverse):
 
 
 @njit(**_JIT, inline="always")
-def _next_sweep(sweep):
+def next_sweep(sweep):
     """This call's direction (sweep[0] ≠ 0: backwards), flipped in place for the next call.
 
     Each thread gets one contiguous range of work items and walks it forwards on one call and
@@ -249,8 +249,8 @@ def gemm_parts(a, w, ranges):
 def xor_popcount_gemm(a, w, out, ranges, sweep):
     """out[m, o] = popcount(a[m] XOR w[o]) for a (M, L), w (O, L) uint64; out (M, O) int32.
     The work is split into ``ranges`` contiguous ranges (one per thread), each walked in the
-    direction the (1,) uint8 flag ``sweep`` gives (see :func:`_next_sweep`)."""
-    reverse = _next_sweep(sweep)
+    direction the (1,) uint8 flag ``sweep`` gives (see :func:`next_sweep`)."""
+    reverse = next_sweep(sweep)
     parts = gemm_parts(a, w, ranges)
     for t in prange(parts):
         gemm_part(a, w, out, parts, t, reverse)
@@ -307,9 +307,9 @@ def dense_threshold_pack(a, w, cut, invert, out, row_chunk, ranges, sweep):
     Work items are (64 output channels) × (chunk of ``row_chunk`` rows): the 64 weight rows
     stay in cache while the chunk's rows stream past them. The items are split into ``ranges``
     contiguous ranges (one per thread), each walked in the direction the (1,) uint8 flag
-    ``sweep`` gives (see :func:`_next_sweep`).
+    ``sweep`` gives (see :func:`next_sweep`).
     """
-    reverse = _next_sweep(sweep)
+    reverse = next_sweep(sweep)
     parts = dense_parts(a, out, row_chunk, ranges)
     for t in prange(parts):
         dense_part(a, w, cut, invert, out, row_chunk, parts, t, reverse)

@@ -47,11 +47,11 @@ from numba.extending import intrinsic
 from model.engine.kernels import (
     SERIAL,
     KernelSet,
-    _next_sweep,
     dense_part,
     dense_parts,
     gemm_part,
     gemm_parts,
+    next_sweep,
     planes_part,
 )
 
@@ -65,7 +65,7 @@ GEN, DONE, STATE, TASK = 0, 8, 16, 24
 ROW_WORDS = 48
 PARKED, IDLE, BUSY, WAKING, STOPPED = 0, 1, 2, 3, 4
 # TASK + i: kind, part, parts, reverse, row_chunk; from OPERANDS on each operand's address then
-# its extents, in the order of the kind's kernel arguments
+# its extents, in the order of the kind's kernel arguments (PLANES, the longest, ends at 45)
 OPERANDS = TASK + 5
 DENSE, GEMM, PLANES = 1, 2, 3
 _JIT = {"nogil": True, "cache": True}
@@ -234,8 +234,8 @@ def _run_task(row):
 @njit(**_JIT)
 def serve(ctl, h, spin):
     """Helper h's loop: run each task published on row h; after ``spin`` idle pauses park
-    (state PARKED, asleep in futex wait) until :func:`rouse` wakes it. Returns, with the number
-    of tasks it ran, once the state is STOPPED. Starts parked."""
+    (state PARKED, asleep in futex wait) until a caller's claim wakes it. Returns, with the
+    number of tasks it ran, once the state is STOPPED. Starts parked."""
     row = ctl[h]
     seen = load_acquire(row, GEN)
     tasks, idle = 0, 0
@@ -302,18 +302,22 @@ def _claim(ctl):
 
 @njit(**_JIT)
 def _publish(ctl, parts, reverse):
-    """Hand part h + 1 of ``parts`` to helper h (the task's operands written first)."""
+    """Hand part h + 1 of ``parts`` to helper h (the task's operands written first); returns the
+    task's generation (every row's counts the same: a call claims all helpers or none)."""
+    gen = ctl[0, GEN] + 1
     for h in range(ctl.shape[0]):
         row = ctl[h]
         row[TASK + 1], row[TASK + 2], row[TASK + 3] = h + 1, parts, reverse
-        store_release(row, GEN, row[GEN] + 1)
+        store_release(row, GEN, gen)
+    return gen
 
 
 @njit(**_JIT)
-def _join(ctl):
+def _join(ctl, gen):
+    """Wait until every helper has finished task ``gen`` (a helper is IDLE, so claimable by the
+    next call, a moment before it stores ``done``: hence ≥)."""
     for h in range(ctl.shape[0]):
-        row = ctl[h]
-        while load_acquire(row, DONE) != row[GEN]:
+        while load_acquire(ctl[h], DONE) < gen:
             cpu_pause()
 
 
@@ -329,10 +333,10 @@ def team_dense(ctl, a, w, cut, invert, out, row_chunk, sweep):
         row[TASK], row[TASK + 4] = DENSE, row_chunk
         at = _put(row, _put(row, OPERANDS, a), w)
         _put(row, _put(row, _put(row, at, cut), invert), out)
-    reverse = _next_sweep(sweep)
-    _publish(ctl, parts, reverse)
+    reverse = next_sweep(sweep)
+    gen = _publish(ctl, parts, reverse)
     dense_part(a, w, cut, invert, out, row_chunk, parts, 0, reverse)
-    _join(ctl)
+    _join(ctl, gen)
     return True
 
 
@@ -347,10 +351,10 @@ def team_gemm(ctl, a, w, counts, sweep):
         row = ctl[h]
         row[TASK] = GEMM
         _put(row, _put(row, _put(row, OPERANDS, a), w), counts)
-    reverse = _next_sweep(sweep)
-    _publish(ctl, parts, reverse)
+    reverse = next_sweep(sweep)
+    gen = _publish(ctl, parts, reverse)
     gemm_part(a, w, counts, parts, 0, reverse)
-    _join(ctl)
+    _join(ctl, gen)
     return True
 
 
@@ -366,9 +370,9 @@ def team_planes(ctl, planes, w, pcw, cut, invert, out):
         row[TASK] = PLANES
         at = _put(row, _put(row, _put(row, OPERANDS, planes), w), pcw)
         _put(row, _put(row, _put(row, at, cut), invert), out)
-    _publish(ctl, parts, False)  # planes_part walks its range forwards only
+    gen = _publish(ctl, parts, False)  # planes_part walks its range forwards only
     planes_part(planes, w, pcw, cut, invert, out, parts, 0)
-    _join(ctl)
+    _join(ctl, gen)
     return True
 
 
@@ -395,8 +399,8 @@ _TEAMS: weakref.WeakSet[Team] = weakref.WeakSet()
 
 class Team:
     """``helpers`` threads that run the other ranges of binary layer kernels, spinning for
-    ``spin_s`` seconds after each task before they park (see the module docstring). Threads
-    start on the first call that finds the team parked; a forked child starts its own."""
+    ``spin_s`` seconds after each task before they park (see the module docstring). The threads
+    start parked with the team; a forked child starts its own."""
 
     def __init__(self, helpers: int, spin_s: float = DEFAULT_SPIN_S) -> None:
         if not SUPPORTED:

@@ -187,6 +187,22 @@ def test_a_forked_child_gets_helpers_of_its_own(team):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_a_new_teams_first_call_waits_for_its_helpers():
+    """A call that finds helpers just started (parked, or coming up) wakes them and waits:
+    the first call of a new team runs on it, every time (a helper that turns IDLE between the
+    caller's compare-and-swap and its next look once made the call give up)."""
+    a, w, cut, invert, want = dense_case(6, 1, 256, 256)
+    for _ in range(100):  # the race showed in ~1 of 40 new teams
+        t = Team(2, SPIN_S)
+        try:
+            out = np.zeros((1, 4), np.uint64)
+            t.dense_threshold_pack(a, w, cut, invert, out, 64, 2, np.zeros(1, np.uint8))
+            np.testing.assert_array_equal(out, want)
+            np.testing.assert_array_equal(t.ctl[:, DONE], [1, 1])
+        finally:
+            t.close()
+
+
 def test_close_stops_every_helper():
     t = Team(2, SPIN_S)
     a, w, cut, invert, want = dense_case(4, 1, 256, 256)
