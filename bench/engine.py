@@ -583,30 +583,35 @@ def gemm_bound_lines(bound: dict[str, Any], g1: dict[str, Any]) -> list[str]:
     rates = {k: v / 1e9 for k, v in bound["bytes_per_second"].items()}
     half = GEMM_SIZE * GEMM_SIZE // 16  # one core's half of the packed matrix, bytes
     stream_s = half / bound["bytes_per_second"]["1 MiB"]
-    best_case = stream_s + bound["parallel_region_s"]
+    region_s = bound["parallel_region_s"]
     macs = GEMM_SIZE * GEMM_SIZE
+    openmp = g1.get("fused_openmp")
     return [
         "**What bounds the batch-1 GEMM.** One call streams the 2 MiB of packed weights once. "
         "The fused kernel on one thread, best of many calls: "
         + ", ".join(f"{v:.0f} GB/s over {k}" for k, v in rates.items())
         + " of weight rows (from L2, and from L3 past it; Zen 4 fills L1 from L2 at 32 bytes a "
-        "cycle). With each core streaming "
-        f"its 1 MiB half, exactly the size of its L2, that is {stream_s * 1e6:.1f} µs, plus "
-        f"{bound['parallel_region_s'] * 1e6:.1f} µs to start and join an empty parallel region "
-        f"(numba's launch and libgomp's two barriers, each a futex call): {best_case * 1e6:.1f} µs "
-        f"or {macs / best_case:.2e} MAC/s when nothing else runs. The engine runs batch-1 "
-        "calls of dense models on a team of helper threads that spin for 200 µs after each "
-        "task (`model/engine/team.py`), so a call hands over its second half through one "
-        "cache line instead of starting a parallel region. This run's best call took "
+        f"cycle). With each core streaming its 1 MiB half, exactly the size of its L2, that is "
+        f"{stream_s * 1e6:.1f} µs ({macs / stream_s:.2e} MAC/s). The OpenMP kernel adds "
+        f"{region_s * 1e6:.1f} µs to start and join an empty parallel region (numba's launch "
+        "and libgomp's two barriers, each a futex call): "
+        f"{(stream_s + region_s) * 1e6:.1f} µs. The engine runs batch-1 calls of dense models on "
+        "a team of helper threads that spin for 200 µs after each task (`model/engine/team.py`) "
+        "instead: a call hands the second half over through the helper's cache lines (on a "
+        "128×512 layer, whose work is negligible, measured apart: 0.9 µs a call on the team, "
+        "0.8 µs on one thread, 2.1 µs as an OpenMP kernel). This run's best team call took "
         f"{g1['fused']['best_s'] * 1e6:.1f} µs and its median {g1['fused']['median_s'] * 1e6:.1f} µs"
         + (
-            f" (OpenMP kernel: {g1['fused_openmp']['median_s'] * 1e6:.1f} µs median)"
-            if "fused_openmp" in g1
+            f" (OpenMP kernel: best {openmp['best_s'] * 1e6:.1f} µs, median "
+            f"{openmp['median_s'] * 1e6:.1f} µs)"
+            if openmp
             else ""
         )
-        + ": with both cores streaming at once they contend for L3 and the VM's scheduling, "
-        "and the median call carries that. Each thread walks its rows forwards and backwards "
-        "on alternate calls, so a call starts on the rows the previous one left in L2.",
+        + ". The streaming rates are measured at another moment than the calls, and this VM's "
+        "speed drifts by tens of percent over minutes, so a best call can beat them; the median "
+        "call carries the two cores' contention for L3 and the VM's scheduling. Each thread "
+        "walks its rows forwards and backwards on alternate calls, so a call starts on the rows "
+        "the previous one left in L2.",
         "",
     ]
 
