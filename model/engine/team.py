@@ -503,22 +503,20 @@ def spin_seconds() -> float:
     return value * 1e-6
 
 
-_shared: Team | None = None
+_shared: dict[int, Team] = {}  # by number of helpers
 _shared_lock = threading.Lock()
 
 
 def shared_team(threads: int) -> Team | None:
-    """The process's team for ``threads`` cores (threads − 1 helpers), created on first use; None
+    """The process's team for ``threads`` cores (threads − 1 helpers), created on first use and
+    kept for the process (models loaded under another numba thread count keep theirs); None
     with fewer than 2 threads or BNN_SPIN_US=0."""
-    global _shared
     if threads < 2 or not SUPPORTED:
         return None
     with _shared_lock:
-        if _shared is None or _shared.helpers != threads - 1:
+        if threads - 1 not in _shared:
             spin = spin_seconds()
             if spin == 0:
                 return None
-            if _shared is not None:
-                _shared.close(timeout=0)
-            _shared = Team(threads - 1, spin)
-        return _shared
+            _shared[threads - 1] = Team(threads - 1, spin)
+        return _shared[threads - 1]

@@ -232,8 +232,9 @@ def test_team_arguments_are_checked(helpers, spin_s, message):
 )
 def test_spin_setting_errors_name_the_variable(monkeypatch, value, message):
     monkeypatch.setenv(team_module.SPIN_ENV, value)
+    monkeypatch.setattr(team_module, "_shared", {})
     with pytest.raises(ValueError, match=f"{team_module.SPIN_ENV} {message}"):
-        team_module.spin_seconds()
+        team_module.shared_team(2)  # as the executor asks for it when a model loads
 
 
 def test_spin_setting(monkeypatch):
@@ -241,7 +242,25 @@ def test_spin_setting(monkeypatch):
     assert team_module.spin_seconds() == pytest.approx(125e-6)
     monkeypatch.delenv(team_module.SPIN_ENV)
     assert team_module.spin_seconds() == team_module.DEFAULT_SPIN_S
-    monkeypatch.setattr(team_module, "_shared", None)
+    monkeypatch.setattr(team_module, "_shared", {})
     monkeypatch.setenv(team_module.SPIN_ENV, "0")
     assert team_module.shared_team(2) is None  # 0 turns the team off
     assert team_module.shared_team(1) is None  # nothing to share with one thread
+
+
+def test_shared_teams_by_thread_count(monkeypatch):
+    """A team per thread count, kept: a model loaded under another count keeps working."""
+    monkeypatch.setattr(team_module, "_shared", {})
+    monkeypatch.setenv(team_module.SPIN_ENV, "50")
+    two, three = team_module.shared_team(2), team_module.shared_team(3)
+    try:
+        assert (two.helpers, three.helpers) == (1, 2)
+        assert team_module.shared_team(2) is two
+        a, w, cut, invert, want = dense_case(7, 1, 256, 256)
+        out = np.zeros((1, 4), np.uint64)
+        two.dense_threshold_pack(a, w, cut, invert, out, 64, 2, np.zeros(1, np.uint8))
+        np.testing.assert_array_equal(out, want)
+        assert two.ctl[0, DONE] == 1  # ran on the first team's helper, not stopped by the second
+    finally:
+        two.close()
+        three.close()
