@@ -83,3 +83,24 @@ def rewrite_metadata(data: bytes, edit) -> bytes:
     edit(doc)
     header["__metadata__"][METADATA_KEY] = json.dumps(doc)
     return join_header(header, body)
+
+
+def replace_tensor(data: bytes, name: str, edit) -> bytes:
+    """Apply ``edit(array) -> array`` (same shape and dtype) to tensor ``name`` in artifact bytes
+    and re-record its sha256, so the result is a checksum-valid file with poisoned numbers."""
+    import hashlib
+
+    from model.artifact import DTYPES
+
+    header, body = split_header(data)
+    entry = header[name]
+    begin, end = entry["data_offsets"]
+    array = np.frombuffer(body[begin:end], DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    new = np.ascontiguousarray(edit(array.copy()), dtype=array.dtype)
+    assert new.shape == array.shape, f"edit changed {name!r}'s shape"
+    raw = new.tobytes()
+    body = body[:begin] + raw + body[end:]
+    doc = json.loads(header["__metadata__"][METADATA_KEY])
+    doc["tensors"][name]["sha256"] = hashlib.sha256(raw).hexdigest()
+    header["__metadata__"][METADATA_KEY] = json.dumps(doc)
+    return join_header(header, body)
