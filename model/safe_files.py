@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from model.errors import LinkOutsideRepositoryError, NotARegularFileError
 
@@ -83,7 +83,7 @@ def read_regular_file(
         return handle.read()
 
 
-def _raise_for_open_error(path: object, resolved: Path, exc: OSError) -> None:
+def _raise_for_open_error(path: object, resolved: Path, exc: OSError) -> NoReturn:
     """Translate what ``open`` says about a special file into a named error; re-raise others."""
     try:
         mode = os.lstat(resolved).st_mode

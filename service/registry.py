@@ -439,6 +439,9 @@ class ModelRegistry:
         except LoadAbandonedError:
             entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, "unloaded")
             raise
+        except asyncio.CancelledError:  # shutdown, or the request that asked for it went away
+            entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, "load cancelled")
+            raise
         except Exception as exc:  # named errors, but also anything a broken artifact provokes
             # Relative to the repository: the reason is shown to clients.
             reason = f"{type(exc).__name__}: {exc}".replace(f"{self._repo}/", "")

@@ -221,9 +221,10 @@ def test_an_artifact_the_manifest_does_not_list_is_never_served(client, repo):
     assert response.status_code == 400
     assert "does not list model.safetensors" in response.json()["error"]
     assert infer(client).json()["model_version"] == "1"
-    labels = client.get("/v2/models/tiny/config").json()
-    assert list(spec.labels) == ["a", "b", "c"] and "c" in json.dumps(labels)
+    assert client.get("/v2/models/tiny").json()["parameters"]["labels"] == ["a", "b", "c"]
     assert index(client)[("tiny", "2")]["state"] == "UNAVAILABLE"
+    refused = infer(client, "/v2/models/tiny/versions/2/infer")
+    assert refused.status_code == 503 and "does not list model.safetensors" in refused.text
 
 
 @pytest.mark.timeout(60)
