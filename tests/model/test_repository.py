@@ -245,6 +245,9 @@ def test_links_inside_the_repository_are_followed(tmp_path):
     os.symlink("1", tmp_path / "m" / "3")  # a version directory linked to a sibling
     assert list_versions(tmp_path, "m") == [1, 2, 3]
     assert verify_version(tmp_path / "m" / "3")["version"] == 1
+    linked_root = tmp_path.parent / f"{tmp_path.name}-link"  # the repository itself via a link
+    linked_root.symlink_to(tmp_path)
+    assert verify_version(linked_root / "m" / "2", root=linked_root)["version"] == 2
 
 
 def test_links_that_leave_the_repository_are_refused(tmp_path):
@@ -262,6 +265,11 @@ def test_links_that_leave_the_repository_are_refused(tmp_path):
     assert list_versions(repo, "m") == [1, 2]
     with pytest.raises(LinkOutsideRepositoryError, match=r"m/2 resolves to .*elsewhere/m/1"):
         verify_version(repo / "m" / "2")
+    # A whole model directory linked out of the repository.
+    os.symlink(tmp_path / "elsewhere" / "m", repo / "linked")
+    assert list_versions(repo, "linked") == [1]
+    with pytest.raises(LinkOutsideRepositoryError, match="outside the repository"):
+        verify_version(repo / "linked" / "1")
 
 
 @pytest.mark.parametrize("name", ["m\n", "m\nn", "\nm"])
