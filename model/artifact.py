@@ -37,6 +37,7 @@ from model.errors import (
     TruncatedArtifactError,
     UnsupportedFormatVersionError,
 )
+from model.safe_files import read_regular_file
 from model.spec import FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, ModelSpec, TensorExpectation
 
 METADATA_KEY = "bnnserve"
@@ -103,7 +104,7 @@ def write_artifact(
 
 def read_artifact(path: str | os.PathLike[str], *, verify_checksums: bool = True) -> Artifact:
     """Read and validate an artifact file; each malformed case raises its own ArtifactError."""
-    data = Path(path).read_bytes()
+    data = read_regular_file(path)  # a FIFO or device planted as the artifact is refused
     try:
         return decode_artifact(data, verify_checksums=verify_checksums)
     except ArtifactError as exc:

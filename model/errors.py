@@ -77,6 +77,22 @@ class ManifestError(RepositoryError):
     """A version directory's manifest is missing, malformed or disagrees with the files."""
 
 
+class VersionLimitError(RepositoryError):
+    """Publishing would need a version number above the largest one the repository lists."""
+
+
+class UnsafeRepositoryEntryError(RepositoryError):
+    """A repository entry is not what a reader may open; the subclass says why."""
+
+
+class NotARegularFileError(UnsafeRepositoryEntryError):
+    """A file to read is a FIFO, socket, device or directory instead of a regular file."""
+
+
+class LinkOutsideRepositoryError(UnsafeRepositoryEntryError):
+    """A symbolic link (of a version directory or a file) resolves outside the repository."""
+
+
 # --- inference -----------------------------------------------------------------------------------
 class InvalidInputError(BnnError):
     """An input tensor has the wrong shape, dtype or values (NaN, infinity)."""

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.logs import configure_logging
+from service.registry import Loader
 from service.settings import Settings, describe_validation_error
 
 
@@ -38,7 +39,9 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     sys.exit(0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, loader: Loader | None = None) -> int:
+    """Serve until SIGTERM; ``loader`` replaces :func:`model.load_model` (tests inject a slow
+    one to exercise shutdown during a load)."""
     if argv if argv is not None else sys.argv[1:]:
         print(
             "bnn-serve takes no arguments; configure it with BNN_* environment variables "
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         extra={"settings": settings.model_dump(mode="json", exclude={"api_key"})}
         | {"api_key_set": settings.api_key is not None},
     )
-    app = create_app(settings)
+    app = create_app(settings, loader=loader)
     config = uvicorn.Config(
         app,
         host=settings.host,

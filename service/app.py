@@ -16,7 +16,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.openapi import install_openapi
 from service.protocol.rest import PredictRequest
-from service.protocol.v2 import InferenceRequest, RepositoryIndexRequest
+from service.protocol.v2 import InferenceRequest, RepositoryIndexRequest, RepositoryLoadRequest
 from service.registry import Loader, ModelRegistry
 from service.routes import InferenceDispatch, health, repository, rest, v2
 from service.routes import metrics as metrics_routes
@@ -95,5 +95,7 @@ def create_app(settings: Settings, *, loader: Loader | None = None) -> ServingAp
     for router in (health.router, metrics_routes.router):
         app.include_router(router)
     install_error_handlers(app)
-    install_openapi(app, [InferenceRequest, RepositoryIndexRequest, PredictRequest])
+    install_openapi(
+        app, [InferenceRequest, RepositoryIndexRequest, RepositoryLoadRequest, PredictRequest]
+    )
     return app

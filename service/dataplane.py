@@ -118,8 +118,8 @@ class DataPlane:
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         return self.registry.index(ready_only)
 
-    async def load(self, name: str) -> ServedModel:
-        return await self.registry.load(name)
+    async def load(self, name: str, version: int | None = None) -> ServedModel:
+        return await self.registry.load(name, version)
 
     async def unload(self, name: str) -> None:
         await self.registry.unload(name)

@@ -21,6 +21,7 @@ from model.errors import (
     InvalidModelNameError,
     ManifestError,
     ModelNotFoundError,
+    UnsafeRepositoryEntryError,
 )
 
 
@@ -50,6 +51,14 @@ class ModelLoadError(ServiceError):
     """An explicit load was refused: the version is corrupt or invalid (the old one keeps serving)."""
 
 
+class LoadTimeoutError(ServiceError):
+    """A version did not verify, compile and warm up within BNN_LOAD_TIMEOUT_S."""
+
+
+class LoadAbandonedError(ServiceError):
+    """A load in progress was abandoned: its model was unloaded or the server is stopping."""
+
+
 class OverloadedError(ServiceError):
     """The model's queue is full; the client should retry after ``retry_after_s``."""
 
@@ -74,6 +83,9 @@ STATUS_BY_ERROR: dict[type[BaseException], int] = {
     # A version that cannot be loaded makes its model unavailable, not the request wrong.
     ArtifactError: 503,
     ManifestError: 503,
+    UnsafeRepositoryEntryError: 503,
+    LoadTimeoutError: 503,
+    LoadAbandonedError: 503,
     DeviceUnavailableError: 503,
     RequestTimeoutError: 504,
 }

@@ -10,6 +10,18 @@ version keeps serving.
 New versions are found by polling the repository every ``BNN_POLL_INTERVAL_S`` and by the
 explicit load call of the repository extension. A request for a specific older version loads
 it on first use.
+
+Lifecycle, after Triton's poll mode: each scan brings a model to its newest loadable version;
+when the serving version's directory has been deleted, the model falls back to the newest
+remaining loadable version, or is unloaded when none is left; removed versions that were
+loaded alongside are retired too. An explicit load of one version pins it (the poller leaves
+it serving) until a load without a version, an unload, or the removal of its directory.
+
+Isolation: every model has its own lock and its own refresh task, and each load runs in its own
+daemon thread under ``BNN_LOAD_TIMEOUT_S``. A load that times out is refused ("load timed out")
+and its thread abandoned (a thread cannot be killed; its late result is discarded); an unload
+abandons a load in progress at once. So one model's slow or stuck version never delays another
+model, a scan, an unload or shutdown, and a stuck thread never keeps the process alive.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +41,12 @@ from typing import Any
 from model.errors import BnnError, ModelNotFoundError
 from model.repository import ModelVersion, list_models, list_versions, resolve, verify_version
 from service.batcher import DynamicBatcher
-from service.errors import ModelLoadError, ModelNotReadyError
+from service.errors import (
+    LoadAbandonedError,
+    LoadTimeoutError,
+    ModelLoadError,
+    ModelNotReadyError,
+)
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -82,6 +100,38 @@ class _Model:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     unloaded: bool = False  # explicitly unloaded: the poller leaves it alone
     reason: str = ""  # why there is no default (no versions, all refused...)
+    pinned: int | None = None  # chosen by an explicit load of that version: the poller keeps it
+    loading: asyncio.Future[Any] | None = None  # the load in progress; unload cancels it
+
+
+def run_in_daemon_thread(function: Callable[[], Any], name: str) -> asyncio.Future[Any]:
+    """Run ``function()`` in a new daemon thread; its outcome settles the returned future.
+
+    Not an executor: ``asyncio.run`` joins the default executor's threads and the interpreter
+    joins every non-daemon thread at exit, so a thread stuck in a blocking call would keep the
+    process alive. Cancelling the future abandons the thread: its result is discarded.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: Exception | None) -> None:
+        if future.done():  # timed out or abandoned meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = function(), None
+        except Exception as exc:  # handed to the awaiting task
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return future
 
 
 class ModelRegistry:
@@ -93,20 +143,28 @@ class ModelRegistry:
         self._models: dict[str, _Model] = {}
         self._draining: set[asyncio.Task[None]] = set()
         self._background: asyncio.Task[None] | None = None
+        self._startup: asyncio.Task[None] | None = None
+        self._refreshing: dict[str, asyncio.Task[None]] = {}  # one refresh task per model
         self.startup_complete = False
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         """Load the configured models, then poll for new versions, in the background."""
-        self._background = asyncio.get_running_loop().create_task(self._load_then_poll())
+        loop = asyncio.get_running_loop()
+        self._startup = loop.create_task(self._initial_loads())
+        self._background = loop.create_task(self._poll_forever())
 
     async def close(self) -> None:
-        """Stop polling and loading, then let every batcher finish its queue."""
-        if self._background is not None:
-            self._background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._background
+        """Stop polling and abandon loads in progress, then let every batcher finish its
+        queue. Never waits for a load's thread."""
+        tasks = [self._startup, self._background, *self._refreshing.values()]
+        tasks = [task for task in tasks if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for entry in self._models.values():
+            if entry.loading is not None:
+                entry.loading.cancel()
             for served in entry.served.values():
                 self._retire(served)
             entry.served.clear()
@@ -114,7 +172,9 @@ class ModelRegistry:
         if self._draining:
             await asyncio.gather(*self._draining, return_exceptions=True)
 
-    async def _load_then_poll(self) -> None:
+    async def _initial_loads(self) -> None:
+        """Startup is complete (readiness may turn true) once every model's first refresh has
+        finished; the poller does not wait for it."""
         await self.poll()
         self.startup_complete = True
         if not self._models:
@@ -123,18 +183,42 @@ class ModelRegistry:
                 extra={"repository": str(self._repo)},
             )
         log.info("startup loading complete", extra={"ready": self.is_ready()})
+
+    async def _poll_forever(self) -> None:
         interval = self._settings.poll_interval_s
         while interval > 0:
             await asyncio.sleep(interval)
-            await self.poll()
+            try:
+                self._schedule_refreshes()  # without waiting: a slow model delays no scan
+            except Exception:  # an unreadable repository must not stop the poller
+                log.exception("scanning the repository failed")
 
     async def poll(self) -> None:
-        """Bring every model in scope to its newest loadable version."""
+        """Bring every model in scope to its newest loadable version, each in its own task;
+        returns when every one has finished (each load is bounded by BNN_LOAD_TIMEOUT_S)."""
+        tasks = self._schedule_refreshes()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def _schedule_refreshes(self) -> list[asyncio.Task[None]]:
+        """A refresh task per model in scope; a model whose previous refresh still runs keeps
+        that one (its next scan comes after it)."""
+        tasks = []
         for name in self._names_in_scope():
-            try:
-                await self.refresh(name)
-            except Exception:  # one bad model must not stop the others or the poller
-                log.exception("refreshing model failed", extra={"model": name})
+            task = self._refreshing.get(name)
+            if task is None or task.done():
+                task = asyncio.get_running_loop().create_task(
+                    self._refresh_logged(name), name=f"refresh {name}"
+                )
+                self._refreshing[name] = task
+            tasks.append(task)
+        return tasks
+
+    async def _refresh_logged(self, name: str) -> None:
+        try:
+            await self.refresh(name)
+        except Exception:  # one bad model must not stop the others or the poller
+            log.exception("refreshing model failed", extra={"model": name})
 
     def _names_in_scope(self) -> list[str]:
         names = list(self._settings.models) or list_models(self._repo)
@@ -219,34 +303,84 @@ class ModelRegistry:
         return rows
 
     # --- loading -------------------------------------------------------------------------
-    async def refresh(self, name: str, *, explicit: bool = False) -> ServedModel | None:
-        """Serve the newest version of ``name`` that loads, trying only versions newer than the
-        one serving; refused versions are skipped unless ``explicit``."""
+    async def refresh(
+        self, name: str, *, explicit: bool = False, version: int | None = None
+    ) -> ServedModel | None:
+        """Serve the newest version of ``name`` that loads (see :meth:`_candidates`), then
+        retire versions whose directories are gone. Refused versions are skipped unless
+        ``explicit``; an explicit ``version`` is loaded and pinned."""
         entry = self._entry(name)
         async with entry.lock:
-            current = entry.default.version if entry.default is not None else 0
-            candidates = [v for v in reversed(list_versions(self._repo, name)) if v > current]
-            if not candidates and entry.default is None:
+            if entry.unloaded and not explicit:
+                return None
+            versions = list_versions(self._repo, name)
+            refusals: list[str] = []
+            for candidate in self._candidates(entry, versions, explicit, version):
+                status = entry.status.get(candidate)
+                if status is not None and status.failed and not explicit:
+                    continue
+                try:  # a version already loaded alongside is reused, never compiled twice
+                    served = entry.served.get(candidate) or await self._load(entry, candidate)
+                except LoadAbandonedError:
+                    break
+                except BnnError:
+                    reason = entry.status[candidate].reason
+                    refusals.append(f"version {candidate} refused: {reason}")
+                    continue
+                self._switch_default(entry, served)
+                entry.pinned = version
+                break
+            self._retire_removed(entry, versions, refusals)
+            if not versions:
                 entry.reason = f"no published versions in {self._repo}"
                 if explicit:
                     raise ModelNotFoundError(f"model {name!r} has no published versions")
-            refusals = []
-            for version in candidates:
-                status = entry.status.get(version)
-                if status is not None and status.failed and not explicit:
-                    continue
-                try:
-                    served = await self._load(entry, version)
-                except BnnError:
-                    refusals.append(f"version {version} refused: {entry.status[version].reason}")
-                    continue
-                self._switch_default(entry, served)
-                return served
             if explicit and refusals:
                 serving = entry.default.version if entry.default else None
                 keeps = f"; version {serving} keeps serving" if serving else ""
                 raise ModelLoadError(f"model {name!r}: {'; '.join(refusals)}{keeps}")
             return entry.default
+
+    def _candidates(
+        self, entry: _Model, versions: list[int], explicit: bool, version: int | None
+    ) -> list[int]:
+        """Versions to try, best first: the requested one; nothing while a pinned version
+        serves a scan; versions newer than the serving one; every version, newest first, when
+        none serves or the serving version's directory is gone (the fall-back)."""
+        if version is not None:
+            if version not in versions:
+                raise ModelNotFoundError(
+                    f"model {entry.name!r} has no version {version}; available: {versions[-20:]}"
+                )
+            return [version]
+        if explicit:
+            entry.pinned = None
+        current = entry.default.version if entry.default is not None else None
+        if current is None or current not in versions:
+            return list(reversed(versions))
+        if entry.pinned == current:
+            return []
+        return [v for v in reversed(versions) if v > current]
+
+    def _retire_removed(self, entry: _Model, versions: list[int], refusals: list[str]) -> None:
+        """Stop serving versions whose directories were deleted; forget their states."""
+        present = set(versions)
+        default = entry.default
+        if default is not None and default.version not in present:
+            entry.default = entry.pinned = None
+            because = f": {'; '.join(refusals)}" if refusals else ""
+            entry.reason = (
+                f"version {default.version} was removed from the repository and no other "
+                f"version loads{because}"
+            )
+            log.warning(
+                "serving version removed; model unloaded",
+                extra={"model": entry.name, "version": default.version},
+            )
+        for version in [v for v in entry.served if v not in present]:
+            self._retire(entry.served.pop(version))
+        for version in [v for v in entry.status if v not in present]:
+            del entry.status[version]
 
     async def load_version(self, name: str, version: int) -> ServedModel:
         """Load one specific version alongside the default (first request for an old one)."""
@@ -255,30 +389,38 @@ class ModelRegistry:
         async with entry.lock:
             if version in entry.served:
                 return entry.served[version]
+            if entry.unloaded:
+                raise ModelNotReadyError(f"model {name!r} was unloaded")
             try:
                 return await self._load(entry, version)
             except BnnError as exc:
                 raise ModelNotReadyError(f"model {name!r} version {version}: {exc}") from None
 
-    async def load(self, name: str) -> ServedModel:
-        """The repository extension's load: (re)try the newest version, clearing refusals."""
-        self._resolve(name, None)
+    async def load(self, name: str, version: int | None = None) -> ServedModel:
+        """The repository extension's load: (re)try the newest version, clearing refusals;
+        with ``version``, load that one and pin it (see the module docstring)."""
+        self._resolve(name, version)
         entry = self._entry(name)
         entry.unloaded = False
-        served = await self.refresh(name, explicit=True)
+        served = await self.refresh(name, explicit=True, version=version)
         if served is None:
             raise ModelLoadError(f"model {name!r} could not be loaded: {entry.reason}")
         return served
 
     async def unload(self, name: str) -> None:
-        """Stop serving every version of ``name``; queued requests still finish."""
+        """Stop serving every version of ``name``; queued requests still finish, a load in
+        progress is abandoned."""
         entry = self._models.get(name)
         if entry is None:
             self._resolve(name, None)
             entry = self._entry(name)
+        entry.unloaded = True
+        if entry.loading is not None:
+            entry.loading.cancel()  # the loading task lets go of the lock at once
         async with entry.lock:
             entry.unloaded = True
             entry.reason = "unloaded"
+            entry.pinned = None
             for version, served in entry.served.items():
                 entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, "unloaded")
                 self._retire(served)
@@ -293,7 +435,13 @@ class ModelRegistry:
         model_version = ModelVersion(name, version, self._repo / name / str(version))
         started = time.perf_counter()
         try:
-            engine = await asyncio.to_thread(self._open, model_version)
+            engine = await self._open_with_time_limit(entry, model_version)
+        except LoadAbandonedError:
+            entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, "unloaded")
+            raise
+        except asyncio.CancelledError:  # shutdown, or the request that asked for it went away
+            entry.status[version] = VersionStatus(ModelState.UNAVAILABLE, "load cancelled")
+            raise
         except Exception as exc:  # named errors, but also anything a broken artifact provokes
             # Relative to the repository: the reason is shown to clients.
             reason = f"{type(exc).__name__}: {exc}".replace(f"{self._repo}/", "")
@@ -326,9 +474,31 @@ class ModelRegistry:
         )
         return served
 
+    async def _open_with_time_limit(self, entry: _Model, model_version: ModelVersion) -> Any:
+        """:meth:`_open` in a daemon thread, waited for at most BNN_LOAD_TIMEOUT_S;
+        LoadTimeoutError after that, LoadAbandonedError when an unload cancels it."""
+        limit = self._settings.load_timeout_s
+        future = run_in_daemon_thread(
+            partial(self._open, model_version),
+            name=f"load {model_version.name}/{model_version.version}",
+        )
+        entry.loading = future
+        try:
+            done, _ = await asyncio.wait({future}, timeout=limit)
+        finally:
+            entry.loading = None
+            future.cancel()  # no-op when settled; else the thread's late result is discarded
+        if not done:
+            raise LoadTimeoutError(
+                f"load timed out after {limit:g} s (BNN_LOAD_TIMEOUT_S); its thread was abandoned"
+            )
+        if future.cancelled():
+            raise LoadAbandonedError(f"load of model {entry.name!r} abandoned: unloaded")
+        return future.result()
+
     def _open(self, model_version: ModelVersion) -> Any:
-        """Blocking: check the manifest's sha256s, load and compile, warm up."""
-        verify_version(model_version.path)
+        """Blocking: check the manifest's sizes and sha256s, load and compile, warm up."""
+        verify_version(model_version.path, root=self._repo)
         engine = self._loader(model_version.artifact_path, device=self._settings.device)
         if self._settings.warmup:
             engine.warmup(batch_sizes=(1, min(self._settings.max_batch_size, 256)))

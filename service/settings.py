@@ -42,6 +42,12 @@ class Settings(BaseSettings):
         5.0, ge=0, description="Seconds between repository scans for new versions; 0 = off"
     )
     warmup: bool = Field(True, description="Run a warm-up batch before a version serves")
+    load_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds a version may take to verify, compile and warm up; a slower one "
+        "is refused ('load timed out') and its worker thread abandoned",
+    )
 
     # --- HTTP server -----------------------------------------------------------------------
     host: str = Field("0.0.0.0", min_length=1, description="Address to bind")

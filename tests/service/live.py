@@ -29,7 +29,9 @@ def free_port() -> int:
 class ServiceProcess:
     """``python -m service`` with ``BNN_*`` settings; stderr (JSON logs) goes to ``log_path``."""
 
-    def __init__(self, repo: Path, log_path: Path, **settings: object) -> None:
+    def __init__(
+        self, repo: Path, log_path: Path, *, module: str = "service", **settings: object
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -38,7 +40,7 @@ class ServiceProcess:
         env |= {f"BNN_{key.upper()}": str(value) for key, value in settings.items()}
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=self._log, stderr=self._log
+            [sys.executable, "-m", module], cwd=ROOT, env=env, stdout=self._log, stderr=self._log
         )
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
