@@ -34,7 +34,8 @@ class BinaryLinearFunction(torch.autograd.Function):
     @staticmethod
     def symbolic(g: Any, x: Any, weight: Any, bias: Any) -> Any:
         """ONNX export: Y = Gemm(X, W, B) = X·Wᵀ + B (``transB=1``; no C input without a bias)."""
-        operands = (x, weight) if bias.node().mustBeNone() else (x, weight, bias)
+        no_bias = bias is None or bias.node().mustBeNone()
+        operands = (x, weight) if no_bias else (x, weight, bias)
         return g.op("Gemm", *operands, transB_i=1)
 
     @staticmethod
