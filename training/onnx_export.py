@@ -175,8 +175,8 @@ def export_artifact_to_onnx(
     """(artifact, ``onnx.ModelProto``) for the artifact file at ``artifact_path``: no training
     state needed, only the file."""
     import_onnx()
+    artifact = read_artifact(artifact_path)  # named errors for a missing or malformed file
     data = Path(artifact_path).read_bytes()
-    artifact = read_artifact(artifact_path)
     spec = artifact.spec
     check_exportable(spec.layers)
     proto = export_onnx(
