@@ -7,8 +7,8 @@ Two entry points share one path:
   eager module with :func:`training.export.module_from_artifact` (±1 weights unpacked from the
   packed signs, α and BatchNorm statistics as stored) and exports that.
 
-The exporter is torch's TorchScript-based one (``torch.onnx.export(..., dynamo=False)``), which
-emits each autograd Function's ``symbolic`` (:mod:`training.quantizers`,
+The exporter is torch's TorchScript-based one (``torch.onnx.export(..., dynamo=False,
+autograd_inlining=False)``), which emits each autograd Function's ``symbolic`` (:mod:`training.quantizers`,
 :mod:`training.functional`) instead of tracing its forward. Before tracing, a copy of the module
 is *frozen*: every binary weight is replaced by q_k(W) ∈ {−1, +1} and its kernel quantizer by the
 identity, α is fixed to mean|W_latent|, so the graph holds ±1 weight initializers and binarizes
@@ -135,17 +135,24 @@ def export_onnx(
         # export; ONNX Runtime folds it when it loads the model.
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
-        torch.onnx.export(
-            frozen,
-            (example,),
-            buffer,
-            dynamo=False,
-            input_names=[input_name],
-            output_names=[output_name],
-            opset_version=opset,
-            dynamic_axes={input_name: {0: BATCH_AXIS}, output_name: {0: BATCH_AXIS}},
-            do_constant_folding=True,
-        )
+        try:
+            torch.onnx.export(
+                frozen,
+                (example,),
+                buffer,
+                dynamo=False,
+                input_names=[input_name],
+                output_names=[output_name],
+                opset_version=opset,
+                dynamic_axes={input_name: {0: BATCH_AXIS}, output_name: {0: BATCH_AXIS}},
+                do_constant_folding=True,
+                # Emit each autograd Function's symbolic, never a trace of its forward: a
+                # Function without one fails here rather than exporting unreviewed ops.
+                autograd_inlining=False,
+            )
+        except RuntimeError as exc:  # e.g. "Couldn't export Python operator <Function>"
+            message = str(exc).strip().splitlines()[0]
+            raise OnnxExportError(f"torch.onnx.export failed: {message}") from None
     proto = onnx.load_from_string(buffer.getvalue())
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()

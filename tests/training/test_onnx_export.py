@@ -110,10 +110,19 @@ class Binarize(nn.Module):
 
 
 def torch_export(module: nn.Module, example: torch.Tensor):
+    """torch.onnx.export without inlining autograd Functions: one without a symbolic fails."""
     buffer = io.BytesIO()
     with warnings_off():
-        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=18,
-                          input_names=["input"], output_names=["logits"])  # fmt: skip
+        torch.onnx.export(
+            module,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=18,
+            autograd_inlining=False,
+            input_names=["input"],
+            output_names=["logits"],
+        )
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -165,6 +174,26 @@ def test_custom_linear_exports_as_one_gemm(bias):
     assert {a.name: a.i for a in gemm.attribute} == {"transB": 1}
     with torch.no_grad():
         np.testing.assert_allclose(run_onnx(proto, x.numpy()), module(x).numpy(), rtol=1e-5)
+
+
+def test_plain_torch_onnx_export_of_a_training_module_goes_through_the_symbolics():
+    """Without freezing: every dense layer is one Gemm (the custom linear's symbolic; traced, its
+    forward would be Transpose + MatMul + Add) and each binary layer binarizes its weight and its
+    input with GreaterOrEqual + Where."""
+    torch.manual_seed(0)
+    model = build_model(MLPConfig(hidden=(40, 30)), DIGITS.shape, 10).eval()
+    proto = torch_export(model, torch.zeros(2, *DIGITS.shape))
+    check_onnx(proto)
+    ops = ops_of(proto)
+    assert set(ops) <= STANDARD_OPS and "MatMul" not in ops
+    assert ops.count("Gemm") == 3
+    # weights of dense1, dense2; inputs of dense2, output (dense1 sees real-valued pixels)
+    assert ops.count("GreaterOrEqual") == ops.count("Where") == 4
+    x = random_inputs(DIGITS_SPEC, 2)  # this graph's batch axis is fixed at the example's
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            run_onnx(proto, x), model(torch.from_numpy(x)).numpy(), atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("config", RANDOM_CONFIGS[:1] + RANDOM_CONFIGS[2:3], ids=["mlp", "cnn"])
