@@ -41,6 +41,7 @@ from training.onnx_export import (  # noqa: E402
     export_onnx,
     export_published,
     import_onnx,
+    onnx_runtime_session,
     random_inputs,
     write_bytes,
 )
@@ -412,9 +413,12 @@ def test_bad_options_are_usage_errors(published, capsys):
     assert status == 2 and "expected an integer ≥ 0, got '-1'" in stderr
 
 
-def test_missing_onnx_package_names_the_extra_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
-    with pytest.raises(OnnxDependencyError, match=r"pip install bnnserve\[onnx\]"):
+def test_missing_onnx_packages_name_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    with pytest.raises(OnnxDependencyError, match=r"needs onnxruntime; .*bnnserve\[onnx\]"):
+        onnx_runtime_session(b"")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(OnnxDependencyError, match=r"needs the onnx package; .*bnnserve\[onnx\]"):
         import_onnx()
 
 
