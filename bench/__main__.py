@@ -1,4 +1,4 @@
-"""``python -m bench [engine|service] [options]``: run one benchmark, or every available one.
+"""``python -m bench [engine|service|onnx] [options]``: run one benchmark, or every available one.
 
 Each subcommand is a module of this package with a ``main(argv) -> int``; with no subcommand
 all of them run in turn with their default options.
@@ -13,6 +13,7 @@ import sys
 BENCHMARKS = {
     "engine": "bench.engine",  # packed inference engine vs eager torch
     "service": "bench.service",  # HTTP serving
+    "onnx": "bench.onnx_runtime",  # ONNX Runtime on the exported float graph vs the engine
 }
 
 

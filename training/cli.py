@@ -3,6 +3,7 @@
     bnn-train train --arch mlp --dataset digits --repo models --name digits-mlp
     bnn-train evaluate --repo models --name digits-mlp            # newest version, its test split
     bnn-train summary --arch cnn --channels 32,64 --pool 0,1
+    bnn-train export-onnx --repo models --name digits-mlp --out digits-mlp.onnx
 
 ``train`` prints the model summary and the metrics, and the published version's directory as the
 last line of stdout (the progress bar goes to stderr). Every usage or validation error is one line
@@ -119,6 +120,37 @@ def build_parser() -> OneLineParser:
     _add_model_options(summary)
     summary.add_argument("--json", action="store_true", help="print the summary as JSON")
     summary.set_defaults(handler=run_summary, parser=summary)
+
+    export = commands.add_parser(
+        "export-onnx",
+        help="export a published artifact to ONNX (and a Triton model-repository entry)",
+        description="Rebuild the float graph of an artifact (no training state needed) and "
+        "write it as ONNX: opset >= 17, dynamic batch axis, input and output named as the "
+        "service names them, labels and input spec in metadata_props. The graph is checked "
+        "with onnx.checker and ONNX Runtime is compared with the bnnserve engine on random "
+        "inputs before anything is written. Needs: pip install bnnserve[onnx].",
+    )
+    _add_artifact_options(export)
+    out = export.add_argument_group("output")
+    out.add_argument("--out", type=Path, help="ONNX file to write, e.g. model.onnx")
+    out.add_argument(
+        "--triton-repo",
+        type=Path,
+        help="also write a Triton entry: DIR/NAME/1/model.onnx, config.pbtxt and labels.txt",
+    )
+    out.add_argument(
+        "--triton-max-batch", type=_positive_int, default=64,
+        help="max_batch_size of the Triton config (default: %(default)s)",
+    )  # fmt: skip
+    out.add_argument(
+        "--opset", type=int, default=18, help="ONNX opset, 17 or later (default: %(default)s)"
+    )
+    out.add_argument(
+        "--verify", type=_natural_int, default=256, metavar="N",
+        help="random inputs on which ONNX Runtime must match the engine; 0 skips "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    export.set_defaults(handler=run_export_onnx, parser=export)
     return parser
 
 
@@ -223,6 +255,27 @@ def run_summary(args: argparse.Namespace) -> int:
         model = build_model(_model_config(args), data.input_shape, data.num_classes)
         summary = summarize_model(model, name=f"{args.dataset}-{args.arch}")
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.to_text())
+    return 0
+
+
+def run_export_onnx(args: argparse.Namespace) -> int:
+    if args.out is None and args.triton_repo is None:
+        raise ConfigError("give --out FILE.onnx, --triton-repo DIR or both")
+    if args.opset < 17:
+        raise ConfigError(f"--opset must be 17 or later, got {args.opset}")
+    path = _artifact_path(args)
+    from training.onnx_export import export_published
+
+    report = export_published(
+        path,
+        out=args.out,
+        triton_repo=args.triton_repo,
+        version=_version_of(path),
+        opset=args.opset,
+        max_batch_size=args.triton_max_batch,
+        verify_samples=args.verify,
+    )
+    print(report.to_text())
     return 0
 
 
@@ -380,6 +433,16 @@ def _artifact_path(args: argparse.Namespace) -> Path:
     return resolve(args.repo, args.name, args.version).artifact_path
 
 
+def _version_of(artifact_path: Path) -> int | None:
+    """The version of a published artifact (REPO/NAME/VERSION/model.safetensors), else None."""
+    from model.repository import parse_version
+
+    try:
+        return parse_version(artifact_path.parent.name)
+    except BnnError:
+        return None
+
+
 # --- argument types ------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     try:
@@ -388,6 +451,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _natural_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
     return value
 
 

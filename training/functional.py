@@ -2,7 +2,8 @@
 
 Unlike the quantizers (gradient *estimators*), this is the exact gradient of its forward, so
 ``torch.autograd.gradcheck`` verifies it in float64. :class:`training.layers.BinaryLinear`
-applies it to the quantized input and weights.
+applies it to the quantized input and weights. Exported to ONNX (``dynamo=False``), it is one
+``Gemm(X, W, B, transB=1)`` node.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ class BinaryLinearFunction(torch.autograd.Function):
         x, weight, bias = inputs
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, weight: Any, bias: Any) -> Any:
+        """ONNX export: Y = Gemm(X, W, B) = X·Wᵀ + B (``transB=1``; no C input without a bias)."""
+        no_bias = bias is None or bias.node().mustBeNone()
+        operands = (x, weight) if no_bias else (x, weight, bias)
+        return g.op("Gemm", *operands, transB_i=1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:

@@ -23,6 +23,13 @@ once per call; in evaluation (``training=False``) it is the hard step 1{x > 0}, 
 inference computes. Layers hold a :class:`Quantizer` module, which passes ``self.training``, so
 ``model.eval()`` switches it. It is an activation quantizer only: its values are {0, 1}, and a
 weight must be one sign bit (see :func:`check_kernel_quantizer`).
+
+ONNX: every Function carries a ``symbolic`` that ``torch.onnx.export(..., dynamo=False)`` emits
+in place of tracing its forward, in standard ops only: the sign family as
+``Where(GreaterOrEqual(x, 0), 1, −1)`` (so sign(0) = +1, which ONNX's own ``Sign`` would map to
+0) and ``stochastic_binary`` as its evaluation form ``Cast(Greater(x, 0), FLOAT)``, whatever mode
+the module is in (an exported graph is for inference; a random draw baked into it would be
+wrong).
 """
 
 from __future__ import annotations
@@ -43,6 +50,23 @@ def _sign(x: Tensor) -> Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
+def _onnx_constant(g: Any, value: float) -> Any:
+    """A float32 scalar constant in the ONNX graph ``g`` (broadcasts against any shape)."""
+    return g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32))
+
+
+def onnx_sign(g: Any, x: Any) -> Any:
+    """ONNX nodes for sign(x) with sign(0) = +1: Where(x ≥ 0, +1, −1)."""
+    fires = g.op("GreaterOrEqual", x, _onnx_constant(g, 0.0))
+    return g.op("Where", fires, _onnx_constant(g, 1.0), _onnx_constant(g, -1.0))
+
+
+def onnx_step(g: Any, x: Any) -> Any:
+    """ONNX nodes for the step 1{x > 0} as float32: Cast(x > 0, FLOAT)."""
+    fires = g.op("Greater", x, _onnx_constant(g, 0.0))
+    return g.op("Cast", fires, to_i=torch.onnx.TensorProtoDataType.FLOAT)
+
+
 class _SignWithGradient(torch.autograd.Function):
     """Base of the sign family: forward sign(x), backward ``surrogate_grad(x, g)``."""
 
@@ -55,6 +79,11 @@ class _SignWithGradient(torch.autograd.Function):
         x, *params = inputs
         ctx.save_for_backward(x)
         ctx.params = params
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, *params: Any) -> Any:
+        """ONNX export: the forward only (the parameters shape the backward alone)."""
+        return onnx_sign(g, x)
 
 
 class SteSignFunction(_SignWithGradient):
@@ -108,6 +137,11 @@ class StochasticBinaryFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, hard: bool) -> Any:
+        """ONNX export: the evaluation form 1{x > 0}, whatever ``hard`` this call drew."""
+        return onnx_step(g, x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
