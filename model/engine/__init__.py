@@ -179,7 +179,7 @@ def load_model(
     else:
         from model.engine.torch_backend import TorchExecutor
 
-        executor = TorchExecutor(program, resolved)
+        executor = TorchExecutor(program, resolved, input_range=artifact.spec.input.value_range)
     return CompiledModel(artifact.spec, program, executor, resolved, time.perf_counter() - start)
 
 
