@@ -109,6 +109,12 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
+def release_cuda_memory() -> None:
+    """Hand cached blocks of dropped tensors back to the driver (after a model left the GPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @dataclass(frozen=True)
 class Precision:
     """Dtypes of one executor: ``binary`` for ±1 activations and weights (their sums exact, see
