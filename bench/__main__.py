@@ -13,6 +13,7 @@ import sys
 BENCHMARKS = {
     "engine": "bench.engine",  # packed inference engine vs eager torch
     "service": "bench.service",  # HTTP serving
+    "gpu": "bench.gpu",  # the torch backend on a GPU: correctness and speed (a lent GPU's check)
 }
 
 
