@@ -502,6 +502,7 @@ class CudaRunner:
         self._graphs: dict[int, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self._lock = threading.Lock()
+        torch.cuda.synchronize(self.device)  # the weights' copies, made on the default stream
 
     def run(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
@@ -532,7 +533,11 @@ class CudaRunner:
             forward(static_in)
         self.stream.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self.stream):
+        # thread_local: other models' threads keep using CUDA while this one captures
+        capture = torch.cuda.graph(
+            graph, pool=self._pool, stream=self.stream, capture_error_mode="thread_local"
+        )
+        with capture:
             static_out = forward(static_in)
         captured = _Graph(graph, static_in, static_out)
         self._graphs[bucket] = captured

@@ -168,8 +168,12 @@ def test_batches_round_up_to_a_power_of_two_for_cuda_graphs():
 @pytest.mark.parametrize("config", [MLPS[0], MLPS[5], CNNS[1], CNNS[4]], ids=config_id)
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "auto"])
 def test_cuda_backend_matches_eager(compiled, config, device):
+    """cuda and cuda:N force the GPU; auto lands where it measured faster (either is right)."""
     model, eager = compiled(config, DIGITS, backend="auto", device=device)
-    assert model.device == "cuda:0" and model.backend == "torch"
+    if device == "auto":
+        assert model.device == model.device_choice.device in ("cpu", "cuda:0")
+    else:
+        assert model.device == "cuda:0" and model.backend == "torch"
     for batch in (1, 7, 64, 1000):
         x = random_pixels(DIGITS, batch, seed=batch)
         with torch.no_grad():
@@ -197,3 +201,28 @@ def test_cuda_backend_is_thread_safe(compiled):
     for t in threads:
         t.join()
     assert not failures
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; torch sees none here")
+def test_cuda_graphs_serve_every_batch_size_like_the_eager_forward(compiled):
+    """Graph replay (padded to a power of two, pinned staging, the model's stream) gives the
+    outputs of the same forward run eagerly, and the CPU engine's decisions."""
+    numba_model, _ = compiled(CNNS[1], DIGITS, backend="numba")
+    graphs = TorchExecutor(numba_model.program, "cuda:0", max_batch=64)
+    eager = TorchExecutor(numba_model.program, "cuda:0", max_batch=64, cuda_graphs=False)
+    for batch in (1, 3, 8, 33, 64, 1500):  # 1500: past MAX_GRAPH_BATCH, runs eagerly
+        x = random_pixels(DIGITS, batch, seed=batch)
+        got = graphs.run(x)
+        np.testing.assert_array_equal(got, eager.run(x))
+        assert_same(got, numba_model.predict(x))
+    assert sorted(graphs._runner._graphs) == [1, 4, 8, 64]
+    assert graphs.call_bytes > 0 and graphs.precision.binary == torch.float16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; torch sees none here")
+def test_cuda_memory_limit_refuses_a_model(compiled):
+    numba_model, _ = compiled(MLPS[0], DIGITS, backend="numba")
+    with pytest.raises(ModelMemoryError, match="over the limit of 1000 bytes"):
+        TorchExecutor(numba_model.program, "cuda:0", max_memory_bytes=1000)
