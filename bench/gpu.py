@@ -296,6 +296,90 @@ def bench_speed(device: str, small: bool, tmp: Path) -> list[dict[str, Any]]:
     return results
 
 
+# --- the torch backend on the CPU, against an earlier revision of it -----------------------------
+LEGACY_SECTION = "Torch backend on the CPU"
+LEGACY_BATCHES = (1, 64)
+
+
+def legacy_executor_class(rev: str) -> type:
+    """``TorchExecutor`` of ``model/engine/torch_backend.py`` as of git revision ``rev``."""
+    import importlib.util
+    import subprocess
+
+    source = subprocess.run(
+        ["git", "show", f"{rev}:model/engine/torch_backend.py"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    spec = importlib.util.spec_from_loader(f"legacy_torch_backend_{rev}", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source, f"{rev}:model/engine/torch_backend.py", "exec"), module.__dict__)
+    return module.TorchExecutor
+
+
+def compare_legacy(rev: str, budget_s: float = 1.0) -> dict[str, Any]:
+    """The torch backend now vs at ``rev``, both on the CPU, timed in alternating rounds
+    (:func:`bench.engine.timed_together`), on the bench mlp and cnn at LEGACY_BATCHES."""
+    from bench.engine import machine, timed_together
+    from model import load_model
+
+    legacy_class = legacy_executor_class(rev)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        for i, (name, config, spec) in enumerate(speed_models()):
+            path = build_artifact(config, spec, Path(tmp_name) / f"legacy{i}.safetensors")
+            new = load_model(path, device="cpu", backend="torch", batch_sizes=LEGACY_BATCHES)
+            old = legacy_class(new.program, "cpu")
+            for batch in LEGACY_BATCHES:
+                x = new.check_input(pixels(spec, batch, seed=batch))
+                same = bool(np.array_equal(new.predict(x), old.run(x)))
+                timed = timed_together(
+                    {
+                        "new": lambda x=x, m=new: m.predict(x),
+                        "old": lambda x=x, m=old: m.run(x),
+                    },
+                    min_rounds=3,
+                    budget_s=budget_s,
+                )
+                rows.append(
+                    {
+                        "model": name,
+                        "batch": batch,
+                        "new_s": timed["new"]["median_s"],
+                        "old_s": timed["old"]["median_s"],
+                        "identical": same,
+                    }
+                )
+    return {
+        "rev": rev,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "rows": rows,
+    }
+
+
+def render_legacy(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        f"## {LEGACY_SECTION}",
+        "",
+        f'The torch backend (`backend="torch", device="cpu"`) against its version at '
+        f"`{r['rev']}`, side by side in one run ({r['date']}; {m['cpu']}, {m['cores']} cores "
+        f"shared with other work, load {m['load_average'][0]:.1f}; torch {m['torch']}, "
+        f"{m['torch_threads']} threads): `python -m bench gpu --legacy {r['rev']}`. Median ms "
+        "per call, alternating rounds.",
+        "",
+        "| model | batch | before | now | speed-up | same logits |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['batch']} | {row['old_s'] * 1e3:.2f} | "
+            f"{row['new_s'] * 1e3:.2f} | {row['old_s'] / row['new_s']:.1f}× | "
+            f"{'yes' if row['identical'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # --- report ---------------------------------------------------------------------------------------
 def summary(speed: list[dict[str, Any]]) -> dict[str, Any]:
     """Against the issue's acceptance: bnnserve ≥ 2× eager fp16 at batch 256, and the smallest
@@ -413,7 +497,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="small models and batches (tests)")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON output path")
+    parser.add_argument(
+        "--legacy",
+        metavar="REV",
+        help="instead: time the torch backend on the CPU against its version at git REV",
+    )
     args = parser.parse_args(argv)
+    if args.legacy:
+        legacy = compare_legacy(args.legacy)
+        markdown = render_legacy(legacy)
+        print(markdown)
+        if args.write_docs:
+            write_docs_section(markdown, title=LEGACY_SECTION)
+        return 0
     results = run(args.device, args.small)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=2))
