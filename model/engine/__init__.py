@@ -100,7 +100,9 @@ class CompiledModel:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held by the compiled model's arrays (packed weights, thresholds, masks)."""
+        """Bytes the model needs: the CPU engine's arrays (packed weights, thresholds, masks);
+        on the torch backend, its device tensors plus one call's peak at the largest served
+        batch."""
         return self._executor.memory_bytes
 
     def predict(self, x: np.ndarray) -> np.ndarray:
