@@ -248,7 +248,7 @@ def _measure_and_choose(
         why = f"GPU {gpu} failed while measuring: {type(exc).__name__}: {exc}"
         return cpu, choose_device(cpu_seconds, None, gpu, gpu_name=name, why_no_gpu=why)
     choice = choose_device(cpu_seconds, gpu_seconds, gpu, gpu_name=name)
-    if choice.device != gpu:
+    if not choice.on_gpu:
         del gpu_executor
         torch_backend.release_cuda_memory()
         return cpu, choice

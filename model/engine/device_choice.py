@@ -35,6 +35,7 @@ class DeviceChoice:
     cpu_seconds: Mapping[int, float] = field(default_factory=dict)
     gpu_seconds: Mapping[int, float] = field(default_factory=dict)
     gpu: str | None = None  # "cuda:0 (NVIDIA H200)" when one was probed
+    on_gpu: bool = False  # the GPU candidate was chosen
 
     def as_metadata(self) -> dict[str, Any]:
         """JSON-ready: {device, reason, gpu, cpu_ms_per_call, gpu_ms_per_call}."""
@@ -68,7 +69,9 @@ def choose_device(
         reason = f"GPU not faster than the CPU engine at batch sizes {slower}"
         return DeviceChoice("cpu", reason, dict(cpu_seconds), dict(gpu_seconds), label)
     reason = f"GPU faster at every served batch size {sorted(cpu_seconds)}"
-    return DeviceChoice(gpu_device, reason, dict(cpu_seconds), dict(gpu_seconds), label)
+    return DeviceChoice(
+        gpu_device, reason, dict(cpu_seconds), dict(gpu_seconds), label, on_gpu=True
+    )
 
 
 def time_calls(

@@ -20,7 +20,8 @@ def test_auto_never_picks_a_slower_device():
         cpu = {int(b): float(rng.uniform(1e-5, 1e-2)) for b in sizes}
         gpu = {b: t * float(rng.choice([0.3, 0.99, 1.0, 1.01, 3.0])) for b, t in cpu.items()}
         choice = choose_device(cpu, gpu, "cuda:0", gpu_name="NVIDIA H200")
-        if choice.device == "cuda:0":
+        assert choice.on_gpu == (choice.device == "cuda:0")
+        if choice.on_gpu:
             picked_gpu += 1
             assert all(gpu[b] < cpu[b] for b in cpu), (cpu, gpu)
         else:
