@@ -202,9 +202,17 @@ class TorchExecutor:
         return torch.zeros((batch, *self.program.input_shape), device=self.device)
 
     # --- preparation ------------------------------------------------------------------------------
-    def _hold(self, array: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _tensor(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """``array`` on the device as ``dtype`` (not counted: see :meth:`_hold`)."""
         tensor = torch.as_tensor(np.asarray(array)).to(device=self.device, dtype=dtype)
-        tensor = tensor.contiguous()
+        return tensor.contiguous()
+
+    def _hold(self, value: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor a step keeps for the model's lifetime, counted in ``weight_bytes``."""
+        if isinstance(value, torch.Tensor):
+            tensor = value.to(device=self.device, dtype=dtype).contiguous()
+        else:
+            tensor = self._tensor(value, dtype)
         self._held.append(tensor)
         return tensor
 
@@ -255,7 +263,7 @@ class TorchExecutor:
         """(weights with the per-channel sign folded in, epilogue on their float32 sum u)."""
         ep = op.epilogue
         if isinstance(ep, ToReal):
-            return self._hold(signs, self.precision.binary), self._to_real_step(ep)
+            return self._tensor(signs, self.precision.binary), self._to_real_step(ep)
         sigma, threshold = popcount_to_sum_domain(ep, op.input, op.features, op.pcw)
         rows = signs * sigma.reshape((-1,) + (1,) * (signs.ndim - 1))
         t = self._hold(threshold, torch.float32)
@@ -272,7 +280,7 @@ class TorchExecutor:
                 u = F.max_pool2d(u * flip, kernel, stride) * flip
             return torch.where(u >= t, one, zero)
 
-        return self._hold(rows, self.precision.binary), epilogue
+        return self._tensor(rows, self.precision.binary), epilogue
 
     def _pool_flip(self, and_words: np.ndarray, channels: int) -> torch.Tensor:
         """(1, C, 1, 1): −1 for the channels the pool ANDs (their min is −max(−u)), else 1."""
@@ -289,16 +297,16 @@ class TorchExecutor:
         """a (M, K) binary dtype → a·rowsᵀ (M, O) float32, exact (see the module docstring)."""
         o, k = rows.shape
         if rows.dtype != torch.float16 or k <= FP16_EXACT_TERMS:
-            w_t = rows.T.contiguous()
+            w_t = self._hold(rows.T, rows.dtype)
             return lambda a: torch.mm(a, w_t).to(torch.float32)
         chunks = -(-k // FP16_EXACT_TERMS)
         width = -(-k // chunks)
         padded = F.pad(rows, (0, chunks * width - k))  # zero terms add nothing
-        w_c = padded.reshape(o, chunks, width).permute(1, 2, 0).contiguous()  # (chunks, width, O)
-        self._held.append(w_c)
+        w_c = self._hold(padded.reshape(o, chunks, width).permute(1, 2, 0), rows.dtype)
+        extra = chunks * width - k  # (w_c: chunks, width, O)
 
         def matmul(a: torch.Tensor) -> torch.Tensor:
-            a_c = F.pad(a, (0, chunks * width - k)).reshape(a.shape[0], chunks, width)
+            a_c = (F.pad(a, (0, extra)) if extra else a).reshape(a.shape[0], chunks, width)
             return torch.bmm(a_c.transpose(0, 1), w_c).sum(0, dtype=torch.float32)
 
         return matmul
@@ -307,6 +315,7 @@ class TorchExecutor:
         """a (N, C, H, W) binary dtype, padded → conv (N, O, OH, OW) float32, exact."""
         o, c, kh, kw = kernel.shape
         if kernel.dtype != torch.float16 or c * kh * kw <= FP16_EXACT_TERMS:
+            kernel = self._hold(kernel, kernel.dtype)
             return lambda a: F.conv2d(a, kernel, stride=stride).to(torch.float32)
         # channel groups of ≤ 2048 terms: group g's outputs are the partial sums over its inputs
         groups = -(-c * kh * kw // FP16_EXACT_TERMS)
@@ -315,8 +324,7 @@ class TorchExecutor:
         width = -(-c // groups)
         padded = F.pad(kernel, (0, 0, 0, 0, 0, groups * width - c))  # (O, G·width, kh, kw)
         grouped = padded.reshape(o, groups, width, kh, kw).transpose(0, 1)
-        grouped = grouped.reshape(groups * o, width, kh, kw).contiguous()
-        self._held.append(grouped)
+        grouped = self._hold(grouped.reshape(groups * o, width, kh, kw), kernel.dtype)
         extra = groups * width - c
 
         def conv(a: torch.Tensor) -> torch.Tensor:
