@@ -55,8 +55,11 @@ class ServingApp(FastAPI):
 def _default_loader(settings: Settings) -> Loader:
     from model import load_model
 
-    # BNN_DEVICE=auto times the model at the batch sizes it will serve
-    return partial(load_model, batch_sizes=settings.served_batch_sizes)
+    # BNN_DEVICE=auto times the model at the batch sizes it will serve; a GPU model's memory
+    # is counted at the largest call the batcher makes
+    return partial(
+        load_model, batch_sizes=settings.served_batch_sizes, max_batch=settings.max_batch_size
+    )
 
 
 @asynccontextmanager

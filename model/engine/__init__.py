@@ -178,11 +178,13 @@ def load_model(
     backend: str = "auto",
     *,
     batch_sizes: Iterable[int] = (1, 64),
+    max_batch: int | None = None,
     max_memory_bytes: int | None = None,
 ) -> CompiledModel:
     """Read an artifact (a file, or a version directory holding ``model.safetensors``), compile
     it for ``device`` and return the :class:`CompiledModel`. ``batch_sizes``: the batch sizes
-    the model will serve (``auto`` measures them; the torch backend prepares for the largest).
+    the model will serve (``auto`` measures them). ``max_batch``: the largest call the torch
+    backend prepares for and counts in its memory (default: the largest of ``batch_sizes``).
     ``max_memory_bytes``: the torch backend refuses a model needing more device memory."""
     start = time.perf_counter()
     if backend not in BACKENDS:
@@ -199,7 +201,7 @@ def load_model(
     program = compile_program(artifact.spec, artifact.tensors)
     options = {
         "input_range": artifact.spec.input.value_range,
-        "max_batch": max(batch_sizes),
+        "max_batch": max_batch or max(batch_sizes),
         "max_memory_bytes": max_memory_bytes,
     }
     choice = None

@@ -157,6 +157,14 @@ def test_memory_bytes_are_weights_plus_a_calls_peak(compiled):
         TorchExecutor(numba_model.program, "cpu", max_batch=256, max_memory_bytes=1000)
 
 
+def test_load_model_counts_memory_at_the_largest_served_call(tmp_path):
+    path = write_model(tmp_path / "m.safetensors", GRAPHS["tiny-factory"], np.random.default_rng(1))
+    small = load_model(path, backend="torch", batch_sizes=(1, 8))
+    large = load_model(path, backend="torch", batch_sizes=(1, 8), max_batch=512)
+    assert small._executor.max_batch == 8 and large._executor.max_batch == 512
+    assert large.memory_bytes > small.memory_bytes
+
+
 def test_batches_round_up_to_a_power_of_two_for_cuda_graphs():
     assert [batch_bucket(n) for n in (1, 2, 3, 7, 8, 9, 300, 1024)] == [
         1, 2, 4, 8, 8, 16, 512, 1024,
