@@ -14,6 +14,7 @@ BENCHMARKS = {
     "engine": "bench.engine",  # packed inference engine vs eager torch
     "service": "bench.service",  # HTTP serving
     "onnx": "bench.onnx_runtime",  # ONNX Runtime on the exported float graph vs the engine
+    "gpu": "bench.gpu",  # the torch backend on a GPU: correctness and speed (a lent GPU's check)
 }
 
 

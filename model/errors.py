@@ -100,3 +100,7 @@ class InvalidInputError(BnnError):
 
 class DeviceUnavailableError(BnnError):
     """The requested device (e.g. 'cuda') is not available on this machine."""
+
+
+class ModelMemoryError(BnnError):
+    """A model would need more device memory (weights plus one call's peak) than its limit."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp
@@ -51,10 +52,14 @@ class ServingApp(FastAPI):
         )
 
 
-def _default_loader() -> Loader:
+def _default_loader(settings: Settings) -> Loader:
     from model import load_model
 
-    return load_model
+    # BNN_DEVICE=auto times the model at the batch sizes it will serve; a GPU model's memory
+    # is counted at the largest call the batcher makes
+    return partial(
+        load_model, batch_sizes=settings.served_batch_sizes, max_batch=settings.max_batch_size
+    )
 
 
 @asynccontextmanager
@@ -75,7 +80,7 @@ def create_app(settings: Settings, *, loader: Loader | None = None) -> ServingAp
     artifact path and device into an object with ``predict``, ``warmup``, ``input_spec``,
     ``labels`` and ``spec``."""
     metrics = ServiceMetrics()
-    registry = ModelRegistry(settings, loader or _default_loader(), metrics)
+    registry = ModelRegistry(settings, loader or _default_loader(settings), metrics)
     app = ServingApp(
         title="bnnserve",
         version=SERVER_VERSION,

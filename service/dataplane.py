@@ -77,6 +77,7 @@ class DataPlane:
                 "labels": list(served.labels),
                 "device": str(getattr(served.engine, "device", "")),
                 "backend": str(getattr(served.engine, "backend", "")),
+                "device_choice": device_choice(served.engine),
                 "value_range": list(spec.value_range) if spec.value_range else None,
                 "accepted_input_datatypes": list(ACCEPTED_INPUT_DATATYPES),
             },
@@ -214,3 +215,9 @@ def conform_input(inputs: Sequence[Tensor], spec: Any, max_rows: int) -> np.ndar
         row = int(np.argmin(np.isfinite(rows.reshape(batch, -1)).all(axis=1)))
         raise InvalidInputError(f"input {spec.name!r}: instance {row} contains NaN or infinity")
     return rows
+
+
+def device_choice(engine: Any) -> dict[str, Any] | None:
+    """How BNN_DEVICE=auto chose the engine's device, with the timings (None when named)."""
+    choice = getattr(engine, "device_choice", None)
+    return None if choice is None else choice.as_metadata()

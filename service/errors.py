@@ -20,6 +20,7 @@ from model.errors import (
     InvalidInputError,
     InvalidModelNameError,
     ManifestError,
+    ModelMemoryError,
     ModelNotFoundError,
     UnsafeRepositoryEntryError,
 )
@@ -87,6 +88,7 @@ STATUS_BY_ERROR: dict[type[BaseException], int] = {
     LoadTimeoutError: 503,
     LoadAbandonedError: 503,
     DeviceUnavailableError: 503,
+    ModelMemoryError: 503,  # the model does not fit its device-memory limit
     RequestTimeoutError: 504,
 }
 

@@ -501,7 +501,7 @@ class ModelRegistry:
         verify_version(model_version.path, root=self._repo)
         engine = self._loader(model_version.artifact_path, device=self._settings.device)
         if self._settings.warmup:
-            engine.warmup(batch_sizes=(1, min(self._settings.max_batch_size, 256)))
+            engine.warmup(batch_sizes=self._settings.served_batch_sizes)
         return engine
 
     def _batcher(self, name: str, version: int, engine: Any) -> DynamicBatcher:
@@ -514,7 +514,7 @@ class ModelRegistry:
             timeout_s=settings.request_timeout_s,
             on_batch=partial(self._metrics.observe_batch, name, str(version)),
             name=name,
-            inline_below_s=settings.inline_compute_ms / 1000.0,
+            inline_below_s=inline_below_s(settings, engine),
         )
 
     def _switch_default(self, entry: _Model, served: ServedModel) -> None:
@@ -550,3 +550,10 @@ class ModelRegistry:
         if entry is None:
             entry = self._models[name] = _Model(name)
         return entry
+
+
+def inline_below_s(settings: Settings, engine: Any) -> float:
+    """BNN_INLINE_COMPUTE_MS for CPU models; 0 (never inline) for a model on a GPU: its calls
+    wait on the device and must not block the event loop."""
+    on_gpu = str(getattr(engine, "device", "cpu")).startswith("cuda")
+    return 0.0 if on_gpu else settings.inline_compute_ms / 1000.0

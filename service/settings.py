@@ -36,7 +36,9 @@ class Settings(BaseSettings):
         (), description="Comma-separated models to load at start; empty = every model in the repo"
     )
     device: str = Field(
-        "auto", description="auto | cpu | cuda | cuda:N (auto picks a GPU when one is present)"
+        "auto",
+        description="auto | cpu | cuda | cuda:N (auto: the GPU only when one is present and "
+        "the model measured faster there at the served batch sizes)",
     )
     poll_interval_s: float = Field(
         5.0, ge=0, description="Seconds between repository scans for new versions; 0 = off"
@@ -127,6 +129,11 @@ class Settings(BaseSettings):
     @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
+
+    @property
+    def served_batch_sizes(self) -> tuple[int, ...]:
+        """Batch sizes a model is warmed at, and timed at when BNN_DEVICE=auto chooses."""
+        return (1, min(self.max_batch_size, 256))
 
 
 def describe_validation_error(exc: ValidationError) -> str:

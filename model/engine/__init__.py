@@ -6,8 +6,10 @@
     m = load_model("models/digits-mlp/1/model.safetensors", device="cpu")
     logits = m.predict(x)          # x: (batch, *input.shape) or (batch, prod(input.shape))
 
-``device``: "cpu" (numba kernels, no torch), "cuda" / "cuda:N" (the torch backend), or "auto"
-(CUDA when torch is importable and a GPU is present, else "cpu"). ``backend``: "auto",
+``device``: "cpu" (numba kernels, no torch), "cuda" / "cuda:N" (the torch backend, forced), or
+"auto": the GPU only when one is present *and* the model runs faster there than on the CPU at
+every one of its served ``batch_sizes``, measured at load (:mod:`model.engine.device_choice`;
+the figures are in ``CompiledModel.device_choice``), else the CPU engine. ``backend``: "auto",
 "numba" (CPU only) or "torch" (any torch device; with ``device="cpu"`` it runs the torch
 backend on the CPU, which is how CI tests it). Only :mod:`model.engine.torch_backend` imports
 torch, and only when that backend is chosen (or "auto" finds a GPU driver).
@@ -19,6 +21,7 @@ into integer thresholds, weights stay packed at 1 bit each. ``predict`` is threa
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 import time
@@ -29,13 +32,27 @@ from typing import Any, Protocol
 import numpy as np
 
 from model.artifact import ARTIFACT_FILENAME, read_artifact
+from model.engine.device_choice import DeviceChoice, choose_device, time_calls
 from model.engine.program import Program, compile_program
 from model.errors import DeviceUnavailableError, InvalidInputError
 from model.spec import InputSpec, ModelSpec
 
-__all__ = ["BACKENDS", "CompiledModel", "Executor", "load_model", "resolve_device"]
+__all__ = [
+    "BACKENDS",
+    "CompiledModel",
+    "Executor",
+    "load_model",
+    "probe_gpu",
+    "resolve_device",
+    "warmup_inputs",
+]
 
 BACKENDS = ("auto", "numba", "torch")
+# Files whose presence says a GPU driver is installed: NVIDIA on Linux, and WSL2's GPU
+# paravirtualization device (which has no /dev/nvidia*).
+GPU_DRIVER_FILES = ("/proc/driver/nvidia/gpus", "/dev/nvidia0", "/dev/dxg")
+
+log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
@@ -64,6 +81,8 @@ class CompiledModel:
         self.device = device
         self.load_seconds = load_seconds
         self.warmup_seconds = 0.0
+        # how device="auto" chose (None when the device was named)
+        self.device_choice: DeviceChoice | None = None
         self._input_shape = tuple(spec.input.shape)
         self._flat_features = math.prod(self._input_shape)
 
@@ -81,7 +100,9 @@ class CompiledModel:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held by the compiled model's arrays (packed weights, thresholds, masks)."""
+        """Bytes the model needs: the CPU engine's arrays (packed weights, thresholds, masks);
+        on the torch backend, its device tensors plus one call's peak at the largest served
+        batch."""
         return self._executor.memory_bytes
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -139,14 +160,7 @@ class CompiledModel:
     def warmup(self, batch_sizes: Iterable[int] = (1, 64)) -> float:
         """Compile (or load cached) kernels and run each batch size once; returns seconds."""
         start = time.perf_counter()
-        rng = np.random.default_rng(0)
-        low, high = self.spec.input.value_range or (0.0, 1.0)
-        for size in batch_sizes:
-            shape = (int(size), *self.spec.input.shape)
-            if self.spec.input.integer_valued:
-                x = rng.integers(int(low), int(high) + 1, size=shape).astype(np.float32)
-            else:
-                x = rng.uniform(low, high, size=shape).astype(np.float32)
+        for x in warmup_inputs(self.spec.input, batch_sizes):
             self.predict(x)
         self.warmup_seconds = time.perf_counter() - start
         return self.warmup_seconds
@@ -159,41 +173,115 @@ class CompiledModel:
 
 
 def load_model(
-    path: str | os.PathLike[str], device: str = "cpu", backend: str = "auto"
+    path: str | os.PathLike[str],
+    device: str = "cpu",
+    backend: str = "auto",
+    *,
+    batch_sizes: Iterable[int] = (1, 64),
+    max_batch: int | None = None,
+    max_memory_bytes: int | None = None,
 ) -> CompiledModel:
     """Read an artifact (a file, or a version directory holding ``model.safetensors``), compile
-    it for ``device`` and return the :class:`CompiledModel`."""
+    it for ``device`` and return the :class:`CompiledModel`. ``batch_sizes``: the batch sizes
+    the model will serve (``auto`` measures them). ``max_batch``: the largest call the torch
+    backend prepares for and counts in its memory (default: the largest of ``batch_sizes``).
+    ``max_memory_bytes``: the torch backend refuses a model needing more device memory."""
     start = time.perf_counter()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    resolved = resolve_device(device, backend)
+    batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
+    if device == "auto":
+        gpu, why_no_gpu = probe_gpu(backend)
+    else:
+        gpu, why_no_gpu = resolve_device(device, backend), ""
     path = Path(path)
     if path.is_dir():
         path = path / ARTIFACT_FILENAME
     artifact = read_artifact(path)
     program = compile_program(artifact.spec, artifact.tensors)
-    if resolved == "cpu" and backend in ("auto", "numba"):
+    options = {
+        "input_range": artifact.spec.input.value_range,
+        "max_batch": max_batch or max(batch_sizes),
+        "max_memory_bytes": max_memory_bytes,
+    }
+    choice = None
+    if device != "auto":
+        executor = _executor(program, gpu, backend, options)
+    elif gpu == "cpu" or gpu is None:
+        executor = _executor(program, "cpu", backend, options)
+        choice = choose_device({}, None, None, why_no_gpu=why_no_gpu)
+    else:
+        executor, choice = _measure_and_choose(
+            program, gpu, backend, options, warmup_inputs(artifact.spec.input, batch_sizes)
+        )
+    if choice is not None:
+        log.info("device chosen: %s (%s)", choice.device, choice.reason, extra=choice.as_metadata())
+    resolved = choice.device if choice is not None else gpu
+    model = CompiledModel(artifact.spec, program, executor, resolved, time.perf_counter() - start)
+    model.device_choice = choice
+    return model
+
+
+def _executor(program: Program, device: str, backend: str, options: dict) -> Executor:
+    if device == "cpu" and backend in ("auto", "numba"):
         from model.engine.cpu import NumbaExecutor
 
-        executor: Executor = NumbaExecutor(program)
-    else:
-        from model.engine.torch_backend import TorchExecutor
+        return NumbaExecutor(program)
+    from model.engine.torch_backend import TorchExecutor
 
-        executor = TorchExecutor(program, resolved)
-    return CompiledModel(artifact.spec, program, executor, resolved, time.perf_counter() - start)
+    return TorchExecutor(program, device, **options)
+
+
+def _measure_and_choose(
+    program: Program, gpu: str, backend: str, options: dict, inputs: list[np.ndarray]
+) -> tuple[Executor, DeviceChoice]:
+    """Time the CPU candidate and the GPU at each input's batch size; keep the chosen one."""
+    from model.engine import torch_backend
+
+    cpu = _executor(program, "cpu", backend, options)
+    cpu_seconds = time_calls(cpu.run, inputs)
+    name = None
+    try:
+        name = torch_backend.device_name(gpu)
+        gpu_executor = torch_backend.TorchExecutor(program, gpu, **options)
+        gpu_seconds = time_calls(gpu_executor.run, inputs)
+    except RuntimeError as exc:  # busy exclusive-mode GPU, out of memory, driver errors
+        torch_backend.release_cuda_memory()
+        why = f"GPU {gpu} failed while measuring: {type(exc).__name__}: {exc}"
+        return cpu, choose_device(cpu_seconds, None, gpu, gpu_name=name, why_no_gpu=why)
+    choice = choose_device(cpu_seconds, gpu_seconds, gpu, gpu_name=name)
+    if not choice.on_gpu:
+        del gpu_executor
+        torch_backend.release_cuda_memory()
+        return cpu, choice
+    return gpu_executor, choice
+
+
+def probe_gpu(backend: str = "auto") -> tuple[str | None, str]:
+    """(the CUDA device "auto" may use, or None, and why not). A RuntimeError while probing
+    (a busy exclusive-mode GPU, a broken driver) means no GPU."""
+    if backend == "numba":
+        return None, "backend 'numba' runs on the CPU only"
+    if not _gpu_driver_present():
+        return None, f"no GPU driver (none of {', '.join(GPU_DRIVER_FILES)})"
+    if not _torch_importable():
+        return None, "a GPU driver is present but torch is not installed"
+    from model.engine.torch_backend import cuda_device
+
+    try:
+        return cuda_device("cuda"), ""
+    except DeviceUnavailableError as exc:
+        return None, str(exc)
+    except RuntimeError as exc:
+        return None, f"probing CUDA failed: {type(exc).__name__}: {exc}"
 
 
 def resolve_device(device: str, backend: str = "auto") -> str:
-    """ "cpu", "cuda", "cuda:N" or "auto" → the device string the model runs on."""
+    """ "cpu", "cuda", "cuda:N" or "auto" → the device string the model runs on ("auto": the
+    GPU when one can be probed, before any measurement; see :func:`load_model`)."""
     if device == "auto":
-        if backend != "numba" and _gpu_driver_present() and _torch_importable():
-            from model.engine.torch_backend import cuda_device
-
-            try:
-                return cuda_device("cuda")
-            except DeviceUnavailableError:
-                pass
-        return "cpu"
+        gpu, _ = probe_gpu(backend)
+        return gpu or "cpu"
     if device == "cpu":
         return "cpu"
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
@@ -211,10 +299,26 @@ def resolve_device(device: str, backend: str = "auto") -> str:
     raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
 
 
+def warmup_inputs(spec: InputSpec, batch_sizes: Iterable[int]) -> list[np.ndarray]:
+    """Random float32 inputs of each batch size within the spec's value range (integers when
+    the input is integer-valued), seeded."""
+    rng = np.random.default_rng(0)
+    low, high = spec.value_range or (0.0, 1.0)
+    inputs = []
+    for size in batch_sizes:
+        shape = (int(size), *spec.shape)
+        if spec.integer_valued:
+            x = rng.integers(int(low), int(high) + 1, size=shape).astype(np.float32)
+        else:
+            x = rng.uniform(low, high, size=shape).astype(np.float32)
+        inputs.append(x)
+    return inputs
+
+
 def _torch_importable() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
 def _gpu_driver_present() -> bool:
-    """A cheap check that avoids importing torch on machines without an NVIDIA driver."""
-    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/nvidia0")
+    """A cheap check that avoids importing torch on machines without a GPU driver."""
+    return any(os.path.exists(f) for f in GPU_DRIVER_FILES)

@@ -1,27 +1,63 @@
 """The torch backend: the same compiled program on a torch device (CUDA, or CPU for CI).
 
-Weights stay packed on the device (int64 words, the bit patterns of the uint64 ones) and are
-unpacked per layer per call into {0, 1} bit matrices. A binary layer computes the popcount the
-CPU kernels use, exactly, with a float32 matrix product of 0/1 values:
+At load every operation of the program becomes a *step* holding device tensors prepared once:
+packed weights are unpacked to ±1 in the binary dtype, thresholds moved into the accumulator's
+domain. Between steps, binary activations stay unpacked on the device as values (±1 for
+``sign``, {0, 1} for ``step``) in (N, C, H, W) or (N, F) — never re-packed to bits.
 
-    P = popcount(a XOR w) = Σa + Σw − 2·(a·w)         (a, w ∈ {0, 1}; exact below 2**24)
+Binary layers (``BinaryDense``, ``BinaryConv``) compute the signed sum exactly::
 
-then the same folded thresholds and bit-pools, and packs its decisions into words again, so
-both backends agree bit for bit. The 0/1 operands are exact even in TF32 (which only shortens
-input mantissas) and the float32 accumulation is exact below 2**24, so no global precision
-setting can change a decision. Real-valued layers (first layer, full-precision output layer)
-run in float64 like the CPU backend; binary convolutions run as unfold + matmul.
+    acc = Σ_i a_i·s_i,   a_i ∈ {±1} or {0, 1},  s_i ∈ {±1},  |acc| ≤ K
+
+* float32 (CPU): one matmul / ``F.conv2d``; exact while K < 2**24.
+* float16 (CUDA, tensor cores): every partial sum of at most 2048 terms is an integer of
+  magnitude ≤ 2048, which float16 holds exactly, so the product is exact whatever the library
+  accumulates in. Longer sums are split into chunks of ≤ 2048 terms (a batched matmul, or a
+  grouped convolution over channel groups) whose float16 results are added in float32.
+
+Binary convolutions pad explicitly with the trained pad value (±1, or the ``step`` value)
+before a ``padding=0`` convolution, so padded positions count as in training. The popcount
+threshold of the CPU engine, ``bit = (P ≥ cut) XOR invert``, is moved at load into the
+accumulator's domain with a per-output-channel sign folded into the weight rows::
+
+    sign input: P = (K − acc)/2   ⇒ bit ⇔ −acc ≥ 2·cut − K
+    step input: P = acc + pcw     ⇒ bit ⇔  acc ≥ cut − pcw
+    invert:     NOT (u ≥ T)       ⇔ −u ≥ 1 − T              (u, T integers)
+
+so the epilogue is one compare ``u ≥ T`` and a ``where`` to the next layer's values. Max-pools
+of decisions pool ``u`` before the compare (OR of ``u ≥ T`` = max u ≥ T; AND = min u ≥ T).
+
+Exactness policy. Binary layers and integer-input bit-plane layers are exact integer
+arithmetic on every device, so their decisions equal the CPU engine's. Full-precision layers
+(float weights, or real-valued inputs) accumulate in ``real_dtype``: float64 on the CPU, the
+CPU engine's own rounding (then rounded to float32), so the torch backend on the CPU is bit
+identical to the CPU engine for integer inputs; float32 on CUDA (float64 runs at 1/32–1/64
+speed on most cards), where logits agree to float32 rounding of the sums and a stem decision
+can flip only when its float64 sum lies within that rounding of the threshold.
+
+On CUDA each model owns a stream and, per served batch size (rounded up to a power of two), a
+CUDA graph of the whole forward with static input/output buffers and pinned host staging; a
+call copies in, replays, copies out. :attr:`TorchExecutor.memory_bytes` is the weights plus the
+peak device memory of a call at the largest prepared batch.
 
 This is the only module of ``model`` that imports torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.engine.program import (
+    MAX_PLANE_VALUE,
     BinaryConv,
     BinaryDense,
     Bits,
@@ -37,10 +73,17 @@ from model.engine.program import (
     SignedDense,
     ToReal,
     Unpack,
-    handlers,
 )
-from model.errors import DeviceUnavailableError
-from model.packing import words_for
+from model.errors import DeviceUnavailableError, ModelMemoryError
+
+# Longest sum a float16 product may carry: its partial sums are integers of magnitude ≤ 2048.
+FP16_EXACT_TERMS = 2048
+# Longest sum float32 holds exactly.
+FP32_EXACT_TERMS = 2**24
+# Largest batch captured as a CUDA graph; larger calls run eagerly on the model's stream.
+MAX_GRAPH_BATCH = 1024
+
+Step = Callable[[torch.Tensor], torch.Tensor]
 
 
 def cuda_device(device: str) -> str:
@@ -59,219 +102,593 @@ def cuda_device(device: str) -> str:
     return f"cuda:{index}"
 
 
+def device_name(device: str) -> str:
+    """A human name of ``device`` ("NVIDIA H200", "cpu")."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def release_cuda_memory() -> None:
+    """Hand cached blocks of dropped tensors back to the driver (after a model left the GPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Dtypes of one executor: ``binary`` for ±1 activations and weights (their sums exact, see
+    the module docstring), ``real`` for the accumulation of full-precision layers."""
+
+    binary: torch.dtype
+    real: torch.dtype
+
+    @staticmethod
+    def for_device(device: torch.device) -> Precision:
+        if device.type == "cuda":
+            return Precision(binary=torch.float16, real=torch.float32)
+        return Precision(binary=torch.float32, real=torch.float64)
+
+
 class TorchExecutor:
-    """Runs a program with torch on ``device``; ``run`` is thread-safe."""
+    """Runs a program with torch on ``device``; ``run`` is thread-safe.
+
+    ``precision``: dtypes (default :meth:`Precision.for_device`). ``max_batch``: the largest
+    batch the memory figure and the CUDA graphs are prepared for. ``max_memory_bytes``: refuse
+    (:class:`~model.errors.ModelMemoryError`) a model whose weights plus a call's peak at
+    ``max_batch`` exceed it. ``cuda_graphs``: capture graphs on CUDA (off: eager on the stream).
+    """
 
     name = "torch"
 
-    def __init__(self, program: Program, device: str) -> None:
+    def __init__(
+        self,
+        program: Program,
+        device: str,
+        *,
+        precision: Precision | None = None,
+        max_batch: int = 64,
+        max_memory_bytes: int | None = None,
+        cuda_graphs: bool = True,
+        input_range: tuple[float, float] | None = None,
+    ) -> None:
         self.program = program
+        self.input_range = input_range
         self.device = torch.device(device)
-        self._shifts = torch.arange(64, dtype=torch.int64, device=self.device)
-        self._tensors: dict[int, torch.Tensor] = {}
-        self._nbytes = 0
-        self._handlers = handlers(self)
-        for op in program.ops:  # move every array to the device once
-            self._register(op)
+        self.precision = precision or Precision.for_device(self.device)
+        self.max_batch = max_batch
+        self._held: list[torch.Tensor] = []
+        self._steps = [self._prepare(op) for op in program.ops]
+        self.weight_bytes = sum(t.element_size() * t.nelement() for t in self._held)
+        self._runner = CudaRunner(self, graphs=cuda_graphs) if self.device.type == "cuda" else None
+        self.call_bytes = self._measure_call_bytes(max_batch)
+        if max_memory_bytes is not None and self.memory_bytes > max_memory_bytes:
+            raise ModelMemoryError(
+                f"model needs {self.memory_bytes} bytes on {self.device} ({self.weight_bytes} "
+                f"of weights + {self.call_bytes} for a call of {max_batch} rows), over the "
+                f"limit of {max_memory_bytes} bytes"
+            )
 
     @property
     def memory_bytes(self) -> int:
-        return self._nbytes
+        """Weights on the device plus the peak of one call at ``max_batch`` rows."""
+        return self.weight_bytes + self.call_bytes
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        if self._runner is not None:
+            return self._runner.run(x)
         with torch.inference_mode():
-            value = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-            for op in self.program.ops:
-                value = self._handlers[type(op)](op, value)
-            return value.to(torch.float32).cpu().numpy()
+            return self.forward(torch.from_numpy(np.ascontiguousarray(x))).numpy()
 
-    # --- device arrays ----------------------------------------------------------------------------
-    def _register(self, value: object) -> None:
-        if isinstance(value, np.ndarray):
-            if id(value) not in self._tensors:
-                array = value.view(np.int64) if value.dtype == np.uint64 else value
-                tensor = torch.from_numpy(np.array(array, copy=True)).to(self.device)
-                self._tensors[id(value)] = tensor
-                self._nbytes += tensor.element_size() * tensor.nelement()
-        elif hasattr(value, "__dataclass_fields__"):
-            for name in value.__dataclass_fields__:
-                self._register(getattr(value, name))
-        elif isinstance(value, tuple):
-            for item in value:
-                self._register(item)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x float32 (batch, *input_shape) on the device → logits float32 (batch, classes)."""
+        value = x
+        for step in self._steps:
+            value = step(value)
+        return value.to(torch.float32)
 
-    def _t(self, array: np.ndarray) -> torch.Tensor:
-        return self._tensors[id(array)]
+    # --- memory -----------------------------------------------------------------------------------
+    def _measure_call_bytes(self, batch: int) -> int:
+        """Peak bytes a call of ``batch`` rows allocates beyond the weights: measured by the CUDA
+        allocator on a GPU, else by tracking live tensors at batches 1 and 2 and extrapolating
+        linearly (every activation is proportional to the batch)."""
+        if self._runner is not None:
+            return self._runner.peak_bytes(batch)
+        held = {t.untyped_storage().data_ptr() for t in self._held}
+        one, two = (peak_live_bytes(self.forward, self._zeros(b), held) for b in (1, 2))
+        return max(one + (two - one) * (batch - 1), one)
 
-    # --- bit helpers ------------------------------------------------------------------------------
-    def _unpack(self, op: Unpack, words: torch.Tensor) -> torch.Tensor:
-        return self._values(words, op.input)
+    def _zeros(self, batch: int) -> torch.Tensor:
+        return torch.zeros((batch, *self.program.input_shape), device=self.device)
 
-    def _bits(self, words: torch.Tensor) -> torch.Tensor:
-        """(..., L) int64 words → (..., 64·L) float32 bits in {0, 1}."""
-        bits = (words.unsqueeze(-1) >> self._shifts) & 1
-        return bits.reshape(*words.shape[:-1], -1).to(torch.float32)
+    # --- preparation ------------------------------------------------------------------------------
+    def _tensor(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """``array`` on the device as ``dtype`` (not counted: see :meth:`_hold`)."""
+        tensor = torch.as_tensor(np.asarray(array)).to(device=self.device, dtype=dtype)
+        return tensor.contiguous()
 
-    def _pack(self, bits: torch.Tensor) -> torch.Tensor:
-        """(..., C) bool → (..., ⌈C/64⌉) int64 words (little-endian bits)."""
-        c = bits.shape[-1]
-        padded = F.pad(bits.to(torch.int64), (0, words_for(c) * 64 - c))
-        grouped = padded.reshape(*bits.shape[:-1], -1, 64)
-        return (grouped << self._shifts).sum(dim=-1)
-
-    def _values(self, words: torch.Tensor, bits: Bits) -> torch.Tensor:
-        """Packed decisions → float32 ±1 / {0, 1} in the spec's layout."""
-        n = words.shape[0]
-        if bits.layout == "flat":
-            b = self._bits(words)[:, : bits.features]
+    def _hold(self, value: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor a step keeps for the model's lifetime, counted in ``weight_bytes``."""
+        if isinstance(value, torch.Tensor):
+            tensor = value.to(device=self.device, dtype=dtype).contiguous()
         else:
-            c, h, w = bits.shape
-            b = self._bits(words.reshape(n, h, w, -1))[..., :c].permute(0, 3, 1, 2)
-            if bits.layout == "hwc":
-                b = b.reshape(n, -1)
-        return 1 - 2 * b if bits.binarizer.kind == "sign" else b
+            tensor = self._tensor(value, dtype)
+        self._held.append(tensor)
+        return tensor
 
-    def _decide(self, ep: Decide, raw: torch.Tensor) -> torch.Tensor:
-        """raw (..., C) → bool decisions (..., C): (raw ≥ cut) XOR invert."""
-        cut = self._t(ep.cut)
-        if cut.dtype == torch.float64:
-            raw = raw.to(torch.float64)
-        return (raw >= cut) ^ self._t(ep.invert).to(torch.bool)
+    def _prepare(self, op: object) -> Step:
+        prepare = {
+            BinaryDense: self._binary_dense,
+            BinaryConv: self._binary_conv,
+            PlanesDense: self._planes_dense,
+            FloatDense: self._float_dense,
+            SignedDense: self._signed_dense,
+            FloatConv: self._float_conv,
+            Quantize: self._quantize,
+            Unpack: self._unpack,
+            RealBatchNorm: self._real_batch_norm,
+            RealMaxPool: self._real_max_pool,
+            RealFlatten: self._real_flatten,
+        }[type(op)]
+        return prepare(op)
 
-    def _pool_decisions(self, ep: Decide, bits: torch.Tensor) -> torch.Tensor:
-        """bits (N, C, H, W) bool → pooled, AND where the pool's mask is set, else OR."""
-        for pool in ep.pools:
-            c = bits.shape[1]
-            mask = self._bits(self._t(pool.and_words))[:c].to(torch.bool).view(1, c, 1, 1)
-            as_float = bits.to(torch.float32)
-            any_set = F.max_pool2d(as_float, pool.kernel, pool.stride)
-            all_set = -F.max_pool2d(-as_float, pool.kernel, pool.stride)
-            bits = torch.where(mask, all_set, any_set) > 0.5
-        return bits
+    def _binary_dense(self, op: BinaryDense) -> Step:
+        signs = dense_signs(op.weight, op.input)  # (O, K) ±1
+        rows, epilogue = self._binary_epilogue(op, signs)
+        matmul = self._binary_matmul(rows)
 
-    # --- binary layers ----------------------------------------------------------------------------
-    def _popcounts(self, a_bits: torch.Tensor, op: BinaryDense | BinaryConv, w_bits: torch.Tensor):
-        """P = Σa + Σw − 2 a·w for a (M, L·64) and w (O, L·64) bits → (M, O) float32, exact."""
-        pcw = self._t(op.pcw).to(torch.float32)
-        return a_bits.sum(dim=1, keepdim=True) + pcw - 2 * (a_bits @ w_bits.T)
+        def step(a: torch.Tensor) -> torch.Tensor:
+            return epilogue(matmul(a.reshape(a.shape[0], -1)))
 
-    def _binary_epilogue(self, op: BinaryDense | BinaryConv, p: torch.Tensor):
-        ep = op.epilogue
-        if isinstance(ep, Decide):
-            return self._decide(ep, p.to(torch.int64))
-        if op.input.binarizer.kind == "sign":
-            acc = op.features - 2 * p
-        else:
-            acc = p - self._t(op.pcw).to(torch.float32)
-        return self._to_real(ep, acc.to(torch.float32))
+        return step
 
-    def _binary_dense(self, op: BinaryDense, words: torch.Tensor) -> torch.Tensor:
-        a = self._bits(words.reshape(words.shape[0], -1))
-        out = self._binary_epilogue(op, self._popcounts(a, op, self._bits(self._t(op.weight))))
-        return self._pack(out) if isinstance(op.epilogue, Decide) else out
-
-    def _binary_conv(self, op: BinaryConv, words: torch.Tensor) -> torch.Tensor:
-        n, h, w, wc = words.shape
+    def _binary_conv(self, op: BinaryConv) -> Step:
         (kh, kw), (ph, pw) = op.kernel, op.padding
-        oh, ow = op.out_hw
-        x = self._bits(words).permute(0, 3, 1, 2)  # (N, 64·Wc, H, W)
-        pad = self._bits(self._t(op.pad_words)).view(1, -1, 1, 1)
-        padded = pad.expand(n, -1, h + 2 * ph, w + 2 * pw).clone()
-        padded[:, :, ph : ph + h, pw : pw + w] = x
-        cols = F.unfold(padded, (kh, kw), stride=op.stride)  # (N, 64·Wc·kh·kw, OH·OW), (c, dy, dx)
-        a = cols.transpose(1, 2).reshape(n * oh * ow, -1)
-        words = self._t(op.weight)[:, : kh * kw * wc]  # drop the kernels' zero padding
-        weight = self._bits(words.reshape(-1, kh, kw, wc))  # (O, kh, kw, 64·Wc)
-        w_bits = weight.permute(0, 3, 1, 2).reshape(weight.shape[0], -1)
-        out = self._binary_epilogue(op, self._popcounts(a, op, w_bits))  # (N·OH·OW, O)
-        out = out.reshape(n, oh, ow, -1)
-        if isinstance(op.epilogue, ToReal):
-            return out.permute(0, 3, 1, 2)
-        return self._packed_nhwc(op.epilogue, out)
+        c = op.input.channels
+        words = op.weight[:, : kh * kw * -(-c // 64)]
+        signs = unpack_words(words.reshape(len(words), kh, kw, -1))[..., :c]  # (O, kh, kw, C)
+        signs = np.ascontiguousarray(signs.transpose(0, 3, 1, 2))  # (O, C, kh, kw)
+        kernel, epilogue = self._binary_epilogue(op, signs, spatial=True)
+        conv = self._binary_conv2d(kernel, op.stride)
+        pad_value = bit_value(bool(op.pad_words[0] & np.uint64(1)), op.input)
+        pad = (pw, pw, ph, ph)
 
-    def _packed_nhwc(self, ep: Decide, decisions: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, C) bool decisions → pools → (N, H', W', Wc) words."""
-        pooled = self._pool_decisions(ep, decisions.permute(0, 3, 1, 2))
-        return self._pack(pooled.permute(0, 2, 3, 1))
+        def step(a: torch.Tensor) -> torch.Tensor:
+            padded = F.pad(a, pad, value=pad_value) if ph or pw else a
+            return epilogue(conv(padded))
 
-    # --- real-valued layers -----------------------------------------------------------------------
-    def _planes_dense(self, op: PlanesDense, x: torch.Tensor) -> torch.Tensor:
-        # Integer inputs are exact in float64 products and sums; others as exact as float64.
-        x = x.reshape(x.shape[0], -1)
-        raw = self._packed_matmul(x, op.weight, op.features).to(torch.float32)
-        return self._decide_or_real(op.epilogue, raw)
+        return step
 
-    def _float_dense(self, op: FloatDense, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], -1)
-        if op.weight.dtype == np.uint64:
-            raw64 = self._packed_matmul(x, op.weight, op.features)
-        else:
-            raw64 = x.to(torch.float64) @ self._t(op.weight).to(torch.float64).T
-        if op.bias_in_raw is not None:
-            raw64 = raw64 + self._t(op.bias_in_raw).to(torch.float64)
-        return self._decide_or_real(op.epilogue, raw64.to(torch.float32))
-
-    def _signed_dense(self, op: SignedDense, words: torch.Tensor) -> torch.Tensor:
-        bits = self._bits(words.reshape(words.shape[0], -1)).to(torch.float64)
-        values = 1 - 2 * bits if op.input.binarizer.kind == "sign" else bits
-        # padding bits read as +1 (sign) but meet zero rows of weight_t
-        raw64 = values @ self._t(op.weight_t).to(torch.float64)
-        return self._decide_or_real(op.epilogue, raw64.to(torch.float32))
-
-    def _float_conv(self, op: FloatConv, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        (kh, kw), (ph, pw) = op.kernel, op.padding
-        oh, ow = op.out_hw
-        c = op.in_shape[0]
-        padded = F.pad(x.to(torch.float64), (pw, pw, ph, ph), value=op.pad_value)
-        cols = F.unfold(padded, (kh, kw), stride=op.stride)  # (N, C·kh·kw, L) in (c, dy, dx)
-        a = cols.transpose(1, 2).reshape(n * oh * ow, -1)
-        if op.weight.dtype == np.uint64:  # packed ±1 (O, kh, kw, Wc), unpacked for this call
-            bits = self._bits(self._t(op.weight))[..., :c].to(torch.float64)
-            w = (1 - 2 * bits).permute(0, 3, 1, 2).reshape(bits.shape[0], -1)
-        else:  # float32 (kh·kw·C, O) rows in (dy, dx, c) order → unfold's (c, dy, dx)
-            w = self._t(op.weight).to(torch.float64).reshape(kh, kw, c, -1)
-            w = w.permute(3, 2, 0, 1).reshape(w.shape[-1], -1)
-        raw64 = a @ w.T
-        if op.bias_in_raw is not None:
-            raw64 = raw64 + self._t(op.bias_in_raw).to(torch.float64)
-        raw = raw64.to(torch.float32).reshape(n, oh, ow, -1)
+    def _binary_epilogue(self, op: BinaryDense | BinaryConv, signs: np.ndarray, spatial=False):
+        """(weights with the per-channel sign folded in, epilogue on their float32 sum u)."""
         ep = op.epilogue
         if isinstance(ep, ToReal):
-            return self._to_real(ep, raw).permute(0, 3, 1, 2)
-        return self._packed_nhwc(ep, self._decide(ep, raw))
+            return self._tensor(signs, self.precision.binary), self._to_real_step(ep)
+        sigma, threshold = popcount_to_sum_domain(ep, op.input, op.features, op.pcw)
+        rows = signs * sigma.reshape((-1,) + (1,) * (signs.ndim - 1))
+        t = self._hold(threshold, torch.float32)
+        shape = (1, -1, 1, 1) if spatial else (1, -1)
+        t = t.view(shape)
+        pools = [
+            (pool.kernel, pool.stride, self._pool_flip(pool.and_words, len(threshold)))
+            for pool in ep.pools
+        ]
+        one, zero = self._bit_values(ep.out)
 
-    def _packed_matmul(self, x: torch.Tensor, weight: np.ndarray, features: int) -> torch.Tensor:
-        signs = 1 - 2 * self._bits(self._t(weight))[:, :features].to(torch.float64)
-        return x.to(torch.float64) @ signs.T
+        def epilogue(u: torch.Tensor) -> torch.Tensor:
+            for kernel, stride, flip in pools:  # AND channels pool −u: min u = −max(−u)
+                u = F.max_pool2d(u * flip, kernel, stride) * flip
+            return torch.where(u >= t, one, zero)
 
-    def _quantize(self, op: Quantize, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            return self._pack(self._decide(op.decide, x.permute(0, 2, 3, 1)))
-        return self._pack(self._decide(op.decide, x.reshape(x.shape[0], -1)))
+        return self._tensor(rows, self.precision.binary), epilogue
 
-    def _real_batch_norm(self, op: RealBatchNorm, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        alpha = self._t(op.alpha).to(torch.float64).view(shape)
-        beta = self._t(op.beta).to(torch.float64).view(shape)
-        return (x.to(torch.float64) * alpha + beta).to(torch.float32)
+    def _pool_flip(self, and_words: np.ndarray, channels: int) -> torch.Tensor:
+        """(1, C, 1, 1): −1 for the channels the pool ANDs (their min is −max(−u)), else 1."""
+        flip = unpack_words(and_words[None])[0, :channels]  # a set bit reads −1
+        return self._hold(flip, torch.float32).view(1, -1, 1, 1)
 
-    def _real_max_pool(self, op: RealMaxPool, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(x, op.kernel, op.stride)
+    def _bit_values(self, bits: Bits) -> tuple[torch.Tensor, torch.Tensor]:
+        """The activation values of a set and a clear bit, as 0-d tensors of the binary dtype."""
+        return tuple(
+            self._hold(np.float32(bit_value(b, bits)), self.precision.binary) for b in (True, False)
+        )
 
-    def _real_flatten(self, op: RealFlatten, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1)
+    def _binary_matmul(self, rows: torch.Tensor) -> Step:
+        """a (M, K) binary dtype → a·rowsᵀ (M, O) float32, exact (see the module docstring)."""
+        o, k = rows.shape
+        if rows.dtype != torch.float16 or k <= FP16_EXACT_TERMS:
+            w_t = self._hold(rows.T, rows.dtype)
+            return lambda a: torch.mm(a, w_t).to(torch.float32)
+        chunks = -(-k // FP16_EXACT_TERMS)
+        width = -(-k // chunks)
+        padded = F.pad(rows, (0, chunks * width - k))  # zero terms add nothing
+        w_c = self._hold(padded.reshape(o, chunks, width).permute(1, 2, 0), rows.dtype)
+        extra = chunks * width - k  # (w_c: chunks, width, O)
 
-    def _decide_or_real(self, ep: Decide | ToReal, raw: torch.Tensor) -> torch.Tensor:
+        def matmul(a: torch.Tensor) -> torch.Tensor:
+            a_c = (F.pad(a, (0, extra)) if extra else a).reshape(a.shape[0], chunks, width)
+            return torch.bmm(a_c.transpose(0, 1), w_c).sum(0, dtype=torch.float32)
+
+        return matmul
+
+    def _binary_conv2d(self, kernel: torch.Tensor, stride: tuple[int, int]) -> Step:
+        """a (N, C, H, W) binary dtype, padded → conv (N, O, OH, OW) float32, exact."""
+        o, c, kh, kw = kernel.shape
+        if kernel.dtype != torch.float16 or c * kh * kw <= FP16_EXACT_TERMS:
+            kernel = self._hold(kernel, kernel.dtype)
+            return lambda a: F.conv2d(a, kernel, stride=stride).to(torch.float32)
+        # channel groups of ≤ 2048 terms: group g's outputs are the partial sums over its inputs
+        groups = -(-c * kh * kw // FP16_EXACT_TERMS)
+        while -(-c // groups) * kh * kw > FP16_EXACT_TERMS:
+            groups += 1
+        width = -(-c // groups)
+        padded = F.pad(kernel, (0, 0, 0, 0, 0, groups * width - c))  # (O, G·width, kh, kw)
+        grouped = padded.reshape(o, groups, width, kh, kw).transpose(0, 1)
+        grouped = self._hold(grouped.reshape(groups * o, width, kh, kw), kernel.dtype)
+        extra = groups * width - c
+
+        def conv(a: torch.Tensor) -> torch.Tensor:
+            if extra:
+                a = F.pad(a, (0, 0, 0, 0, 0, extra))
+            parts = F.conv2d(a, grouped, stride=stride, groups=groups)  # (N, G·O, OH, OW)
+            n, _, oh, ow = parts.shape
+            return parts.view(n, groups, o, oh, ow).sum(1, dtype=torch.float32)
+
+        return conv
+
+    # --- real-valued layers -----------------------------------------------------------------------
+    def _planes_dense(self, op: PlanesDense) -> Step:
+        """Integer model input × ±1: exact in float32 while K·max|x| < 2**24 (from the
+        spec's value range, checked by the compiler's choice of this op), else ``real``."""
+        signs = unpack_words(op.weight)[:, : op.features]
+        w_t = self._hold(signs.T, self._planes_dtype(op.features))
+        decide = self._real_epilogue(op.epilogue)
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            x = x.reshape(x.shape[0], -1)
+            return decide((x.to(w_t.dtype) @ w_t).to(torch.float32))
+
+        return step
+
+    def _planes_dtype(self, features: int) -> torch.dtype:
+        # the compiler plans bit-planes for integer inputs in [0, MAX_PLANE_VALUE] only
+        high = MAX_PLANE_VALUE if self.input_range is None else self.input_range[1]
+        exact = features * high < FP32_EXACT_TERMS
+        return torch.float32 if exact else self.precision.real
+
+    def _float_dense(self, op: FloatDense) -> Step:
+        real = self.precision.real
+        packed = op.weight.dtype == np.uint64
+        w = unpack_words(op.weight)[:, : op.features] if packed else op.weight
+        w_t = self._hold(np.ascontiguousarray(np.asarray(w, np.float32).T), real)
+        bias = None if op.bias_in_raw is None else self._hold(op.bias_in_raw, real)
+        finish = self._real_epilogue(op.epilogue)
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            raw = x.reshape(x.shape[0], -1).to(real) @ w_t
+            if bias is not None:
+                raw = raw + bias
+            return finish(raw.to(torch.float32))
+
+        return step
+
+    def _signed_dense(self, op: SignedDense) -> Step:
+        """raw = base + coef·Σ_{bit set} Wᵀ, as the CPU kernel sums (in ``real``)."""
+        real = self.precision.real
+        w_t = self._hold(logical_rows(op.weight_t, op.input), real)  # (F, O)
+        base = self._hold(op.base, real)
+        coef = float(op.coef)
+        finish = self._real_epilogue(op.epilogue)
+        set_value = bit_value(True, op.input)  # −1 (sign) or 1 (step): the value of a set bit
+
+        def step(a: torch.Tensor) -> torch.Tensor:
+            bits = (a.reshape(a.shape[0], -1) == set_value).to(real)
+            return finish((base + coef * (bits @ w_t)).to(torch.float32))
+
+        return step
+
+    def _float_conv(self, op: FloatConv) -> Step:
+        real = self.precision.real
+        (kh, kw), (ph, pw) = op.kernel, op.padding
+        c = op.in_shape[0]
+        if op.weight.dtype == np.uint64:  # packed ±1 (O, kh, kw, Wc)
+            kernel = unpack_words(op.weight)[..., :c].transpose(0, 3, 1, 2)
+        else:  # (kh·kw·C, O) rows in (dy, dx, c) order
+            kernel = op.weight.reshape(kh, kw, c, -1).transpose(3, 2, 0, 1)
+        weight = self._hold(np.ascontiguousarray(kernel, np.float32), real)
+        bias = (
+            None if op.bias_in_raw is None else self._hold(op.bias_in_raw, real).view(1, -1, 1, 1)
+        )
+        pad, pad_value = (pw, pw, ph, ph), op.pad_value
+        finish = self._real_epilogue(op.epilogue, spatial=True)
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(real)
+            if ph or pw:
+                x = F.pad(x, pad, value=pad_value)
+            with full_precision_convolutions(x.device):
+                raw = F.conv2d(x, weight, stride=op.stride)
+            if bias is not None:
+                raw = raw + bias
+            return finish(raw.to(torch.float32))
+
+        return step
+
+    def _quantize(self, op: Quantize) -> Step:
+        decide = self._decide_real(op.decide, spatial=len(op.decide.out.shape) == 3)
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            return decide(x if x.dim() == 4 else x.reshape(x.shape[0], -1))
+
+        return step
+
+    def _unpack(self, op: Unpack) -> Step:
+        flatten = op.input.layout == "hwc"
+
+        def step(a: torch.Tensor) -> torch.Tensor:
+            return (a.reshape(a.shape[0], -1) if flatten else a).to(torch.float32)
+
+        return step
+
+    def _real_batch_norm(self, op: RealBatchNorm) -> Step:
+        real = self.precision.real
+        alpha, beta = self._hold(op.alpha, real), self._hold(op.beta, real)
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            # float64 on the CPU: the product is exact, one rounding each to float64 and float32
+            return torch.addcmul(beta.view(shape), x.to(real), alpha.view(shape)).to(torch.float32)
+
+        return step
+
+    def _real_max_pool(self, op: RealMaxPool) -> Step:
+        return lambda x: F.max_pool2d(x, op.kernel, op.stride)
+
+    def _real_flatten(self, op: RealFlatten) -> Step:
+        return lambda x: x.reshape(x.shape[0], -1)
+
+    # --- epilogues of real-valued layers ----------------------------------------------------------
+    def _real_epilogue(self, ep: Decide | ToReal, spatial: bool = False) -> Step:
         if isinstance(ep, Decide):
-            return self._pack(self._decide(ep, raw))
-        return self._to_real(ep, raw)
+            return self._decide_real(ep, spatial)
+        return self._to_real_step(ep)
 
-    def _to_real(self, ep: ToReal, raw: torch.Tensor) -> torch.Tensor:
-        if ep.affine is None:
+    def _decide_real(self, ep: Decide, spatial: bool) -> Step:
+        """raw float32 → values of (raw ≥ cut) XOR invert, then the pools (on the bits)."""
+        shape = (1, -1, 1, 1) if spatial else (1, -1)
+        cut = self._hold(ep.cut, self.precision.real).view(shape)
+        invert = self._hold(ep.invert.astype(bool), torch.bool).view(shape)
+        pools = [
+            (pool.kernel, pool.stride, self._pool_flip(pool.and_words, len(ep.cut)))
+            for pool in ep.pools
+        ]
+        one, zero = self._bit_values(ep.out)
+
+        def decide(raw: torch.Tensor) -> torch.Tensor:
+            bits = (raw.to(cut.dtype) >= cut) != invert
+            if pools:  # OR = max of the 0/1 bits, AND = −max(−bits)
+                u = bits.to(torch.float32)
+                for kernel, stride, flip in pools:
+                    u = F.max_pool2d(u * flip, kernel, stride) * flip
+                bits = u > 0.5
+            return torch.where(bits, one, zero)
+
+        return decide
+
+    def _to_real_step(self, ep: ToReal) -> Step:
+        """acc → fl32(fl32(acc·scale) + bias), two roundings as the eager layer does."""
+        affine = ep.affine
+        shape = (1, -1, 1, 1) if len(ep.out.shape) == 3 else (1, -1)
+        vectors = [] if affine is None else [affine.scale, affine.bias]
+        scale, bias = (
+            None if v is None else self._hold(v, torch.from_numpy(np.asarray(v)).dtype).view(shape)
+            for v in (vectors or [None, None])
+        )
+
+        def to_real(raw: torch.Tensor) -> torch.Tensor:
+            raw = raw.to(torch.float32)
+            if scale is not None:
+                raw = (raw * scale).to(torch.float32)
+            if bias is not None:
+                raw = (raw + bias).to(torch.float32)
             return raw
-        if ep.affine.scale is not None:
-            raw = raw * self._t(ep.affine.scale)
-        if ep.affine.bias is not None:
-            raw = raw + self._t(ep.affine.bias)
-        return raw
+
+        return to_real
+
+
+# --- CUDA: streams, graphs, pinned staging -------------------------------------------------------
+class CudaRunner:
+    """Runs an executor's forward on its own stream, as a CUDA graph per batch bucket (the next
+    power of two, up to MAX_GRAPH_BATCH, padded with zero rows) with pinned host staging. One
+    lock per model: a graph's static buffers serve one call at a time. Only exercised on a GPU."""
+
+    def __init__(self, executor: TorchExecutor, graphs: bool = True) -> None:
+        self.executor = executor
+        self.device = executor.device
+        self.stream = torch.cuda.Stream(device=self.device)
+        self.graphs_enabled = graphs
+        self._graphs: dict[int, _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if graphs else None
+        self._lock = threading.Lock()
+        torch.cuda.synchronize(self.device)  # the weights' copies, made on the default stream
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        bucket = batch_bucket(n)
+        with self._lock, torch.inference_mode(), torch.cuda.stream(self.stream):
+            if self.graphs_enabled and bucket <= MAX_GRAPH_BATCH:
+                graph = self._graphs.get(bucket) or self._capture(bucket)
+                return graph.replay(x, self.stream)
+            staged = torch.from_numpy(np.ascontiguousarray(x)).pin_memory()
+            out = self.executor.forward(staged.to(self.device, non_blocking=True))
+            host = out.to("cpu", non_blocking=True)
+            self.stream.synchronize()
+            return host.numpy()
+
+    def peak_bytes(self, batch: int) -> int:
+        """Peak bytes the CUDA allocator held beyond the weights during a call of ``batch``."""
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.run(np.zeros((batch, *self.executor.program.input_shape), np.float32))
+        torch.cuda.synchronize(self.device)
+        return max(torch.cuda.max_memory_allocated(self.device) - base, 0)
+
+    def _capture(self, bucket: int) -> _Graph:
+        forward = self.executor.forward
+        static_in = torch.zeros((bucket, *self.executor.program.input_shape), device=self.device)
+        for _ in range(2):  # warm up on the side stream (cuDNN/cuBLAS choose their kernels)
+            forward(static_in)
+        self.stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other models' threads keep using CUDA while this one captures
+        capture = torch.cuda.graph(
+            graph, pool=self._pool, stream=self.stream, capture_error_mode="thread_local"
+        )
+        with capture:
+            static_out = forward(static_in)
+        captured = _Graph(graph, static_in, static_out)
+        self._graphs[bucket] = captured
+        return captured
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    static_in: torch.Tensor
+    static_out: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.host_in = torch.zeros(self.static_in.shape, pin_memory=True)
+        self.host_out = torch.zeros(self.static_out.shape, pin_memory=True)
+
+    def replay(self, x: np.ndarray, stream: torch.cuda.Stream) -> np.ndarray:
+        n = x.shape[0]
+        self.host_in[:n].numpy()[...] = x
+        self.host_in[n:].zero_()
+        self.static_in.copy_(self.host_in, non_blocking=True)
+        self.graph.replay()
+        self.host_out.copy_(self.static_out, non_blocking=True)
+        stream.synchronize()
+        return self.host_out[:n].numpy().copy()
+
+
+def batch_bucket(n: int) -> int:
+    """The batch a call of ``n`` rows runs as: the next power of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def full_precision_convolutions(device: torch.device) -> contextlib.AbstractContextManager:
+    """Full-precision convolutions in float32 proper on CUDA: cuDNN would otherwise round their
+    inputs to TF32 (10 mantissa bits). The flag is process-wide while set; every model sets the
+    same value. A no-op on the CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.backends.cudnn.flags(
+        enabled=torch.backends.cudnn.enabled,
+        benchmark=torch.backends.cudnn.benchmark,
+        deterministic=torch.backends.cudnn.deterministic,
+        allow_tf32=False,
+    )
+
+
+# --- helpers: bits and thresholds ----------------------------------------------------------------
+def unpack_words(words: np.ndarray) -> np.ndarray:
+    """(..., L) uint64 → (..., 64·L) float32 ±1 (bit set ⇔ −1), little-endian bits."""
+    as_bytes = np.ascontiguousarray(words).view(np.uint8)
+    bits = np.unpackbits(as_bytes, axis=-1, bitorder="little")
+    return 1 - 2 * bits.astype(np.float32)
+
+
+def bit_value(bit: bool, bits: Bits) -> float:
+    """The activation value a decision bit stands for: sign: 1 ⇔ −1; step: 1 ⇔ 1."""
+    if bits.binarizer.kind == "sign":
+        return -1.0 if bit else 1.0
+    return 1.0 if bit else 0.0
+
+
+def dense_signs(words: np.ndarray, bits: Bits) -> np.ndarray:
+    """Packed dense weights in the input's word layout → (O, K) ±1 in the values' layout:
+    flat (F,) or, for a flattened image ("hwc" words), (C, H, W) order."""
+    signs = unpack_words(words)
+    if bits.layout != "hwc":
+        return np.ascontiguousarray(signs[:, : bits.features])
+    c, h, w = bits.shape
+    grid = signs[:, : h * w * -(-c // 64) * 64].reshape(len(words), h, w, -1)[..., :c]
+    return np.ascontiguousarray(grid.transpose(0, 3, 1, 2).reshape(len(words), -1))
+
+
+def logical_rows(weight_t: np.ndarray, bits: Bits) -> np.ndarray:
+    """SignedDense's Wᵀ rows in the bits' word layout → rows in the values' layout (F, O)."""
+    if bits.layout != "hwc":
+        return np.ascontiguousarray(weight_t[: bits.features])
+    c, h, w = bits.shape
+    grid = weight_t[: h * w * -(-c // 64) * 64].reshape(h, w, -1, weight_t.shape[1])[:, :, :c]
+    return np.ascontiguousarray(grid.transpose(2, 0, 1, 3).reshape(-1, weight_t.shape[1]))
+
+
+def popcount_to_sum_domain(
+    ep: Decide, bits: Bits, k: int, pcw: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel (σ, T) with bit = (σ·acc ≥ T) ⇔ (P ≥ cut) XOR invert (module docs);
+    T clipped to [−K−1, K+1] (|acc| ≤ K), so float32 holds it exactly."""
+    cut = ep.cut.astype(np.int64)
+    if bits.binarizer.kind == "sign":
+        sigma, threshold = -np.ones(len(cut)), 2 * cut - k
+    else:
+        sigma, threshold = np.ones(len(cut)), cut - pcw.astype(np.int64)
+    invert = ep.invert.astype(bool)
+    sigma = np.where(invert, -sigma, sigma)
+    threshold = np.where(invert, 1 - threshold, threshold)
+    return sigma.astype(np.float32), np.clip(threshold, -k - 1, k + 1).astype(np.float32)
+
+
+# --- helpers: memory -----------------------------------------------------------------------------
+class _LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of storages the ops under it create and that are still referenced."""
+
+    def __init__(self, inputs: Iterable[torch.Tensor], ignored: set[int]) -> None:
+        super().__init__()
+        self.ignored = ignored  # storages not to count (the weights)
+        self.live: dict[int, list[int]] = {}  # storage pointer → [bytes, referencing tensors]
+        self.current = self.peak = 0
+        for tensor in inputs:
+            self._track(tensor)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self.ignored:
+            return
+        if key not in self.live:
+            self.live[key] = [storage.nbytes(), 0]
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        self.live[key][1] += 1
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.current -= entry[0]
+                del self.live[key]
+
+
+def peak_live_bytes(forward: Step, x: torch.Tensor, ignored: set[int] = frozenset()) -> int:
+    """Peak bytes of tensors alive at once while ``forward(x)`` runs, the input included and
+    the storages in ``ignored`` (the weights) left out."""
+    with torch.inference_mode():
+        mode = _LiveBytes([x], set(ignored))
+        with mode:
+            out = forward(x)
+        del out
+    return mode.peak

@@ -13,8 +13,10 @@ from tests.service.numpy_model import LinearModel, publish_tiny
 
 
 def make_settings(repo: Path, **overrides) -> Settings:
-    """Settings for a test app, ignoring any .env and BNN_* variables of the environment."""
+    """Settings for a test app, ignoring any .env and BNN_* variables of the environment; the
+    CPU engine unless a test names a device (BNN_DEVICE=auto could choose a GPU host's GPU)."""
     values = {"model_repo": repo, "poll_interval_s": 0, "log_json": False, "access_log": False}
+    values["device"] = "cpu"
     return Settings(_env_file=None, **(values | overrides))
 
 

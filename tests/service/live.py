@@ -37,6 +37,9 @@ class ServiceProcess:
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("BNN_")}
         env |= {"BNN_MODEL_REPO": str(repo), "BNN_HOST": "127.0.0.1", "BNN_PORT": str(self.port)}
+        # the CPU engine unless a test names a device: on a GPU host BNN_DEVICE=auto could
+        # choose the GPU, and the tests compare against the CPU engine's exact outputs
+        env |= {"BNN_DEVICE": "cpu"}
         env |= {f"BNN_{key.upper()}": str(value) for key, value in settings.items()}
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(

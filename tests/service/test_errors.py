@@ -7,6 +7,7 @@ from model.errors import (
     DeviceUnavailableError,
     InvalidInputError,
     InvalidModelNameError,
+    ModelMemoryError,
     ModelNotFoundError,
 )
 from service.errors import (
@@ -37,6 +38,7 @@ from service.errors import (
         (OverloadedError("x"), 503),
         (ChecksumMismatchError("x"), 503),  # subclass of ArtifactError, found through the MRO
         (DeviceUnavailableError("x"), 503),
+        (ModelMemoryError("x"), 503),
         (RequestTimeoutError("x"), 504),
         (KeyError("bug"), 500),
         (ZeroDivisionError(), 500),

@@ -391,3 +391,30 @@ def test_a_version_loaded_on_request_then_loaded_again_is_compiled_once(make_cli
     assert registry.get("tiny") is on_request  # the same engine and batcher, not a copy
     client.__exit__(None, None, None)
     assert on_request.batcher._closing and old.batcher._closing
+def test_auto_device_choice_and_its_figures_are_in_the_model_metadata(make_client):
+    """The real engine under BNN_DEVICE=auto: metadata says which device and why."""
+    client = make_client(loader=None, device="auto", max_batch_size=8)
+    choice = client.get("/v2/models/tiny").json()["parameters"]["device_choice"]
+    assert choice["device"] in ("cpu", "cuda:0")
+    assert choice["reason"]
+    if choice["device"] == "cpu" and choice["gpu"] is None:  # no GPU here: nothing timed
+        assert choice["cpu_ms_per_call"] == choice["gpu_ms_per_call"] == {}
+    else:  # timed at the served batch sizes (1 and BNN_MAX_BATCH_SIZE)
+        assert set(choice["cpu_ms_per_call"]) == {"1", "8"}
+
+
+def test_a_named_device_has_no_device_choice(make_client):
+    client = make_client(loader=None, device="cpu")
+    assert client.get("/v2/models/tiny").json()["parameters"]["device_choice"] is None
+
+
+def test_a_model_on_a_gpu_never_computes_on_the_event_loop(repo):
+    """inline_compute_ms applies to CPU models only: a GPU call waits on the device."""
+    import types
+
+    from service.registry import inline_below_s
+    from tests.service.conftest import make_settings
+
+    settings = make_settings(repo, inline_compute_ms=5.0)
+    assert inline_below_s(settings, types.SimpleNamespace(device="cpu")) == 0.005
+    assert inline_below_s(settings, types.SimpleNamespace(device="cuda:0")) == 0.0
