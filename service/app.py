@@ -68,6 +68,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         app.state.dataplane.draining = True
         await registry.close()
+        app.state.dataplane.close()
 
 
 def create_app(settings: Settings, *, loader: Loader | None = None) -> ServingApp:

@@ -69,6 +69,15 @@ class Settings(BaseSettings):
     # --- limits and security ---------------------------------------------------------------
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request body limit (413)")
     max_request_batch: int = Field(1024, ge=1, description="Instances per request, at most (400)")
+    body_timeout_s: float = Field(
+        15.0, gt=0, description="A request body must arrive within this many seconds (408)"
+    )
+    decode_offload_bytes: int = Field(
+        1 << 20,
+        ge=0,
+        description="Request JSON longer than this is decoded in a worker process, off the "
+        "event loop",
+    )
     api_key: SecretStr | None = Field(
         None, description="When set, 'Authorization: Bearer <key>' is required except on health"
     )

@@ -117,8 +117,8 @@ def test_unload_then_load(client):
     assert response.status_code == 503
     assert response.json() == {"error": "model 'tiny' was unloaded"}
     assert response.headers["retry-after"] == "1"
-    assert client.get("/v2/models/tiny/ready").status_code == 503
-    assert client.get("/v2/health/ready").status_code == 503  # nothing serves any more
+    assert client.get("/v2/models/tiny/ready").status_code == 400
+    assert client.get("/v2/health/ready").status_code == 400  # nothing serves any more
     assert client.post("/v2/repository/models/tiny/load").status_code == 200
     assert infer(client).status_code == 200
 
@@ -141,7 +141,7 @@ def test_not_ready_until_loaded_and_warmed(make_client, repo):
 
     client = make_client(loader=SlowToLoad, wait=False)
     time.sleep(0.2)
-    assert client.get("/v2/health/ready").status_code == 503
+    assert client.get("/v2/health/ready").status_code == 400
     assert client.get("/v2/health/live").status_code == 200
     response = infer(client)
     assert response.status_code == 503 and "loading" in response.json()["error"]
@@ -156,7 +156,7 @@ def test_configured_model_that_is_missing_keeps_the_server_unready(make_client, 
     deadline = time.monotonic() + 5
     while not client.app.state.registry.startup_complete and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert client.get("/v2/health/ready").status_code == 503
+    assert client.get("/v2/health/ready").status_code == 400
     assert infer(client).status_code == 200
 
 
