@@ -114,6 +114,8 @@ def error_headers(exc: BaseException) -> dict[str, str]:
         headers["Retry-After"] = str(retry_after)
     if isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, BodyTimeoutError):
+        headers["Connection"] = "close"  # the rest of the body may still come: drop it
     return headers
 
 

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     # --- HTTP server -----------------------------------------------------------------------
     host: str = Field("0.0.0.0", min_length=1, description="Address to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="Open connections and requests in progress beyond which new requests get "
+        "503 at once (uvicorn's limit_concurrency); 0 = no limit",
+    )
     graceful_shutdown_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish"
     )

@@ -41,18 +41,22 @@ class ServiceProcess:
             [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=self._log, stderr=self._log
         )
 
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
+    def wait_ready(self, timeout_s: float = 60.0, path: str = "/v2/health/ready") -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"service exited {self.process.returncode}:\n{self.logs()}")
             try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{path}", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
         raise AssertionError(f"service not ready after {timeout_s} s:\n{self.logs()}")
+
+    def wait_live(self, timeout_s: float = 60.0) -> None:
+        """Until ``/v2/health/live`` answers (no model need be ready)."""
+        self.wait_ready(timeout_s, path="/v2/health/live")
 
     def terminate(self, timeout_s: float = 30.0) -> int:
         """SIGTERM, then the exit status."""
