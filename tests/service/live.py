@@ -8,7 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -72,6 +75,28 @@ class ServiceProcess:
     def logs(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-5000:]
+
+
+@contextmanager
+def uvicorn_in_thread(app) -> Iterator[str]:
+    """A real uvicorn server (TCP, the app's lifespan) for ``app`` in a thread of this process;
+    yields its URL. For fuzzing the HTTP layer with a model that loads at once."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise AssertionError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def train_and_publish(repo: Path, name: str, arch: str, seed: int = 0):
