@@ -13,6 +13,7 @@ import sys
 BENCHMARKS = {
     "engine": "bench.engine",  # packed inference engine vs eager torch
     "service": "bench.service",  # HTTP serving
+    "flood": "bench.flood",  # health probes while clients flood the server with 16 MB bodies
 }
 
 
