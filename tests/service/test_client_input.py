@@ -4,6 +4,9 @@
 real server."""
 
 import json
+import multiprocessing
+import os
+import signal
 import struct
 
 import numpy as np
@@ -195,3 +198,17 @@ def test_large_bodies_are_decoded_in_the_worker_process(make_client):
     assert short.status_code == 400 and "needs 144" in short.json()["error"]
     predict = client.post("/v1/models/tiny:predict", json={"instances": x.tolist()})
     assert predict.status_code == 200 and len(predict.json()["predictions"]) == 3
+
+
+def test_a_dead_decoding_worker_is_a_503_and_a_new_one_serves_the_next_body(make_client):
+    client = make_client(decode_offload_bytes=0)
+    body = {"inputs": [v2_input(images(1))]}
+    before = {child.pid for child in multiprocessing.active_children()}
+    assert client.post("/v2/models/tiny/infer", json=body).status_code == 200
+    (worker,) = [c for c in multiprocessing.active_children() if c.pid not in before]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(30)
+    refused = client.post("/v2/models/tiny/infer", json=body)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert "worker decoding large request bodies stopped" in refused.json()["error"]
+    assert client.post("/v2/models/tiny/infer", json=body).status_code == 200
