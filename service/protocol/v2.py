@@ -40,7 +40,11 @@ class _Request(BaseModel):
 
 
 class _Parameters(_Request):
-    """``$parameters = {$parameter, ...}``: each value a string, number or boolean."""
+    """``$parameters = {$parameter, ...}``: each value a string, number or boolean. Frozen, so
+    that one shared default serves every request that sends none (pydantic copies mutable
+    defaults)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
 
     __pydantic_extra__: dict[str, ParameterValue]
 
@@ -115,7 +119,7 @@ class RequestInput(_Request):
     name: StrictStr
     shape: Shape
     datatype: StrictStr
-    parameters: InputParameters = Field(default_factory=InputParameters)
+    parameters: InputParameters = InputParameters()
     data: Any = None
 
 
@@ -124,7 +128,7 @@ class RequestOutput(_Request):
     ``parameters.binary_data: true`` asks for the output as binary data."""
 
     name: StrictStr
-    parameters: OutputParameters = Field(default_factory=OutputParameters)
+    parameters: OutputParameters = OutputParameters()
 
 
 class InferenceRequest(_Request):
@@ -137,7 +141,7 @@ class InferenceRequest(_Request):
     """
 
     id: StrictStr | None = None
-    parameters: RequestParameters = Field(default_factory=RequestParameters)
+    parameters: RequestParameters = RequestParameters()
     inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
 
