@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None, *, loader: Loader | None = None) -> int:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        limit_concurrency=settings.max_connections or None,
         lifespan="on",
     )
     server = GracefulServer(config, on_stop=lambda: setattr(app.state.dataplane, "draining", True))

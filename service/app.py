@@ -14,7 +14,11 @@ from service.auth import protected_by_key
 from service.dataplane import SERVER_VERSION, DataPlane
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from service.middleware import (
+    BodySizeLimitMiddleware,
+    BodyTimeoutMiddleware,
+    RequestContextMiddleware,
+)
 from service.openapi import install_openapi
 from service.protocol.rest import PredictRequest
 from service.protocol.v2 import InferenceRequest, RepositoryIndexRequest, RepositoryLoadRequest
@@ -35,7 +39,8 @@ Every error body is `{"error": "..."}`. When `BNN_API_KEY` is set, send
 
 class ServingApp(FastAPI):
     """FastAPI with the service's own layers outermost: the request context (request id, access
-    log, HTTP metrics, last-resort 500), the body limit, and :class:`InferenceDispatch`, which
+    log, HTTP metrics, last-resort 500), the body deadline, the body limit, and
+    :class:`InferenceDispatch`, which
     serves the inference POSTs itself. Every other request goes on into FastAPI's stack (error,
     telemetry, body-size and exception middleware, router); the inference requests skip it
     (see service.routes)."""
@@ -47,6 +52,7 @@ class ServingApp(FastAPI):
             super().build_middleware_stack(), handlers, self.state.dataplane, self.state.api_key
         )
         app = BodySizeLimitMiddleware(app, max_body_bytes=settings.max_body_bytes)
+        app = BodyTimeoutMiddleware(app, body_timeout_s=settings.body_timeout_s)
         return RequestContextMiddleware(
             app, metrics=self.state.metrics, access_log_enabled=settings.access_log
         )
@@ -73,6 +79,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         app.state.dataplane.draining = True
         await registry.close()
+        app.state.dataplane.close()
 
 
 def create_app(settings: Settings, *, loader: Loader | None = None) -> ServingApp:

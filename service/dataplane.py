@@ -8,7 +8,6 @@ and encode what comes back; nothing here knows about HTTP or JSON.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,20 +16,26 @@ from typing import Any
 import numpy as np
 
 from model.errors import BnnError, InvalidInputError
+from service.decoding import RequestDecoder
 from service.errors import status_for
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry, ServedModel
 from service.settings import Settings
-from service.tensors import Tensor, check_output_names, derive_outputs, output_signatures
+from service.tensors import (
+    ACCEPTED_INPUT_DATATYPES,
+    DecodedRequest,
+    EncodedRequest,
+    InputExpectation,
+    Tensor,
+    check_output_names,
+    derive_outputs,
+    output_signatures,
+)
 
 SERVER_NAME = "bnnserve"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "bnnserve_packed"
 EXTENSIONS = ("binary_tensor_data", "model_repository")
-# Datatypes whose values convert to the engine's float32 input exactly enough to accept.
-ACCEPTED_INPUT_DATATYPES = (
-    "FP32", "FP16", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class InferenceResult:
     model_version: str
     outputs: list[Tensor]
     labels: tuple[str, ...]
+    request: DecodedRequest  # what was asked for (the protocol's own fields included)
 
 
 class DataPlane:
@@ -46,6 +52,7 @@ class DataPlane:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
+        self.decoder = RequestDecoder(settings.decode_offload_bytes)
         # Set on SIGTERM: readiness turns false so that balancers stop sending. Requests already
         # accepted are still served: uvicorn stops accepting connections by itself.
         self.draining = False
@@ -138,32 +145,38 @@ class DataPlane:
                 model["serving_version"] = str(self.registry.get(name).version)
         return list(by_name.values())
 
+    def close(self) -> None:
+        self.decoder.close()
+
     # --- inference -----------------------------------------------------------------------
     async def infer(
-        self,
-        name: str,
-        version: int | None,
-        inputs: Sequence[Tensor],
-        outputs: Sequence[str] | None,
-        protocol: str,
+        self, name: str, version: int | None, encoded: EncodedRequest, protocol: str
     ) -> InferenceResult:
-        """Validate ``inputs`` against the model, batch them, derive ``outputs`` (None = all)."""
+        """Decode ``encoded`` against the model's input (declared names, datatypes, shapes and
+        the batch limit are checked before any data is decoded; large bodies are decoded off
+        the event loop), batch it, and derive the outputs it asks for."""
         started = time.perf_counter()
         model_label, version_label, status = name, "", 500
         try:
-            # No suspension between finding the model and queueing on its batcher when the
-            # version is loaded, so a hot swap can never hand this request a retired batcher.
             served = await self.registry.get_or_load(name, version)
             version_label = str(served.version)
-            rows = conform_input(inputs, served.input_spec, self.settings.max_request_batch)
-            names = check_output_names(outputs, served.logits_name)  # before the engine runs
+            request = await self.decoder.decode(
+                encoded, expectation(served.input_spec, self.settings.max_request_batch)
+            )
+            # A hot swap may have happened while the body was decoded off the loop; from here
+            # there is no suspension until the request is queued on the batcher, so it can
+            # never be handed a retired batcher.
+            served = self.registry.get(name, version)
+            version_label = str(served.version)
+            rows = conform_input(request.inputs, served.input_spec, self.settings.max_request_batch)
+            names = check_output_names(request.outputs, served.logits_name)  # before the engine
             logits = await served.batcher.submit(rows)  # (n, classes) float32
             tensors = derive_outputs(names, logits, served.labels, served.logits_name)
             status = 200
             self.metrics.inference_latency.labels(name, version_label).observe(
                 time.perf_counter() - started
             )
-            return InferenceResult(served.name, version_label, tensors, served.labels)
+            return InferenceResult(served.name, version_label, tensors, served.labels, request)
         except Exception as exc:
             status = status_for(exc)
             if not self.registry.knows(name):
@@ -175,41 +188,18 @@ class DataPlane:
             ).inc()
 
 
+def expectation(spec: Any, max_rows: int) -> InputExpectation:
+    """What a model with input ``spec`` takes, for checking a request before decoding it."""
+    return InputExpectation(spec.name, tuple(spec.shape), spec.datatype, max_rows)
+
+
 def conform_input(inputs: Sequence[Tensor], spec: Any, max_rows: int) -> np.ndarray:
     """The one input tensor as float32 (batch, *spec.shape), or InvalidInputError naming what is
     wrong: the name, the shape (per instance, or flattened), the datatype, the batch size, or
     NaN/infinity in an instance."""
-    expected_shape = [-1, *spec.shape]
-    if len(inputs) != 1:
-        names = [tensor.name for tensor in inputs]
-        raise InvalidInputError(f"expected exactly one input {spec.name!r}, got {names}")
+    expectation(spec, max_rows).check([(t.name, t.datatype, t.array.shape) for t in inputs])
     tensor = inputs[0]
-    if tensor.name is not None and tensor.name != spec.name:
-        raise InvalidInputError(
-            f"unknown input {tensor.name!r}; this model's input is {spec.name!r}"
-        )
-    if tensor.datatype not in ACCEPTED_INPUT_DATATYPES:
-        raise InvalidInputError(
-            f"input {spec.name!r}: expected datatype {spec.datatype} (or another numeric type: "
-            f"{', '.join(ACCEPTED_INPUT_DATATYPES)}), got {tensor.datatype}"
-        )
-    shape = tensor.array.shape
-    per_instance = math.prod(spec.shape)
-    if len(shape) < 2 or (
-        tuple(shape[1:]) != tuple(spec.shape) and math.prod(shape[1:]) != per_instance
-    ):
-        raise InvalidInputError(
-            f"input {spec.name!r}: expected shape {expected_shape} (or [-1, {per_instance}]), "
-            f"got {list(shape)}"
-        )
-    batch = shape[0]
-    if batch == 0:
-        raise InvalidInputError(f"input {spec.name!r}: the batch is empty (shape {list(shape)})")
-    if batch > max_rows:
-        raise InvalidInputError(
-            f"input {spec.name!r}: batch of {batch} instances exceeds the limit of {max_rows} "
-            "(BNN_MAX_REQUEST_BATCH)"
-        )
+    batch = tensor.array.shape[0]
     rows = tensor.array.reshape(batch, *spec.shape).astype(np.float32, copy=False)
     if not np.isfinite(rows).all():  # one reduction in the common case; per row on failure
         row = int(np.argmin(np.isfinite(rows.reshape(batch, -1)).all(axis=1)))

@@ -70,16 +70,35 @@ class RequestTimeoutError(ServiceError):
     """The request did not finish within BNN_REQUEST_TIMEOUT_S."""
 
 
+class BodyTimeoutError(ServiceError):
+    """The client did not send its whole request body within BNN_BODY_TIMEOUT_S."""
+
+
+class DecodeWorkerError(ServiceError):
+    """The worker process decoding large bodies stopped; a new one serves the next body."""
+
+    retry_after_s = 1
+
+
+class ReadinessFalse(ServiceError):
+    """A health endpoint's answer "false". The Open Inference Protocol: "The HTTP response
+    status code indicates a boolean result for the health request. A 200 status code indicates
+    true and a 4xx status code indicates false." Triton answers false with 400; so do we."""
+
+
 # The one table. Lookup walks the exception's MRO, so subclasses inherit their parent's status.
 STATUS_BY_ERROR: dict[type[BaseException], int] = {
     BadRequestError: 400,
     InvalidInputError: 400,
     InvalidModelNameError: 400,
     ModelLoadError: 400,
+    ReadinessFalse: 400,
     UnauthorizedError: 401,
     ModelNotFoundError: 404,
+    BodyTimeoutError: 408,
     PayloadTooLargeError: 413,
     ModelNotReadyError: 503,
+    DecodeWorkerError: 503,
     OverloadedError: 503,
     # A version that cannot be loaded makes its model unavailable, not the request wrong.
     ArtifactError: 503,
@@ -109,6 +128,8 @@ def error_headers(exc: BaseException) -> dict[str, str]:
         headers["Retry-After"] = str(retry_after)
     if isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, BodyTimeoutError):
+        headers["Connection"] = "close"  # the rest of the body may still come: drop it
     return headers
 
 
@@ -131,6 +152,7 @@ ERROR_DESCRIPTIONS = {
     400: "Bad input: malformed body, wrong tensor name, shape, datatype, NaN or infinity",
     401: "Missing or wrong API key (only when BNN_API_KEY is set)",
     404: "Unknown model or version",
+    408: "The request body did not arrive within BNN_BODY_TIMEOUT_S",
     413: "Request body larger than BNN_MAX_BODY_BYTES",
     503: "Model not ready or queue full (with Retry-After)",
     504: "Request exceeded BNN_REQUEST_TIMEOUT_S",

@@ -4,12 +4,13 @@ the body is never buffered here."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLargeError, error_response
+from service.errors import BodyTimeoutError, PayloadTooLargeError, error_response
 from service.logs import request_id_from, request_id_var
 from service.metrics import ServiceMetrics
 
@@ -116,6 +117,41 @@ class BodySizeLimitMiddleware:
             f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes "
             "(BNN_MAX_BODY_BYTES)"
         )
+
+
+class BodyTimeoutMiddleware:
+    """408 (and the connection closed) for a client that has not sent its whole request body
+    within ``body_timeout_s`` of the request's start: a client stalled mid-body holds a
+    connection and a buffered body for at most that long, however slowly it trickles. Waiting
+    after the body (for a disconnect) is not bounded."""
+
+    def __init__(self, app: ASGIApp, body_timeout_s: float) -> None:
+        self.app = app
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeoutError(
+                    f"the request body did not arrive within {self.body_timeout_s:g} s "
+                    "(BNN_BODY_TIMEOUT_S)"
+                ) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
 
 
 def scope_header(scope: Scope, name: bytes) -> str | None:

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     # --- HTTP server -----------------------------------------------------------------------
     host: str = Field("0.0.0.0", min_length=1, description="Address to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="Open connections and requests in progress beyond which new requests get "
+        "503 at once (uvicorn's limit_concurrency); 0 = no limit",
+    )
     graceful_shutdown_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish"
     )
@@ -77,6 +83,15 @@ class Settings(BaseSettings):
     # --- limits and security ---------------------------------------------------------------
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request body limit (413)")
     max_request_batch: int = Field(1024, ge=1, description="Instances per request, at most (400)")
+    body_timeout_s: float = Field(
+        15.0, gt=0, description="A request body must arrive within this many seconds (408)"
+    )
+    decode_offload_bytes: int = Field(
+        1 << 20,
+        ge=0,
+        description="Request JSON longer than this is decoded in a worker process, off the "
+        "event loop",
+    )
     api_key: SecretStr | None = Field(
         None, description="When set, 'Authorization: Bearer <key>' is required except on health"
     )

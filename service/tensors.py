@@ -14,12 +14,19 @@ output              datatype  shape        value
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from model.errors import InvalidInputError
+
+# Datatypes whose values convert to the engine's float32 input exactly enough to accept.
+ACCEPTED_INPUT_DATATYPES = (
+    "FP32", "FP16", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,74 @@ class Tensor:
     name: str | None
     datatype: str
     array: np.ndarray
+
+
+@dataclass(frozen=True)
+class InputExpectation:
+    """What a model's one input takes: checked against a request's declared inputs (names,
+    datatypes, shapes) before any tensor data is decoded, so that a body of the wrong shape or
+    type costs no decoding. Picklable: it travels to the decoding worker process."""
+
+    name: str
+    shape: tuple[int, ...]  # per instance
+    datatype: str
+    max_rows: int  # BNN_MAX_REQUEST_BATCH
+
+    def check(self, declared: Sequence[tuple[str | None, str, Sequence[int]]]) -> None:
+        """InvalidInputError naming what is wrong with the (name, datatype, shape) of the
+        inputs: their number, the name, the datatype, the shape (per instance, or flattened:
+        ``[batch, prod(shape)]``), an empty batch, or more than ``max_rows`` instances."""
+        if len(declared) != 1:
+            names = [name for name, _, _ in declared]
+            raise InvalidInputError(f"expected exactly one input {self.name!r}, got {names}")
+        name, datatype, shape = declared[0]
+        if name is not None and name != self.name:
+            raise InvalidInputError(f"unknown input {name!r}; this model's input is {self.name!r}")
+        if datatype not in ACCEPTED_INPUT_DATATYPES:
+            raise InvalidInputError(
+                f"input {self.name!r}: expected datatype {self.datatype} (or another numeric "
+                f"type: {', '.join(ACCEPTED_INPUT_DATATYPES)}), got {datatype}"
+            )
+        per_instance = math.prod(self.shape)
+        if len(shape) < 2 or (
+            tuple(shape[1:]) != tuple(self.shape) and math.prod(shape[1:]) != per_instance
+        ):
+            raise InvalidInputError(
+                f"input {self.name!r}: expected shape {[-1, *self.shape]} (or [-1, "
+                f"{per_instance}]), got {list(shape)}"
+            )
+        if shape[0] == 0:
+            raise InvalidInputError(
+                f"input {self.name!r}: the batch is empty (shape {list(shape)})"
+            )
+        if shape[0] > self.max_rows:
+            raise InvalidInputError(
+                f"input {self.name!r}: batch of {shape[0]} instances exceeds the limit of "
+                f"{self.max_rows} (BNN_MAX_REQUEST_BATCH)"
+            )
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    """A request's input tensors and the outputs it asks for (None: all of them)."""
+
+    inputs: list[Tensor]
+    outputs: Sequence[str] | None
+
+
+class EncodedRequest(Protocol):
+    """A request body as received; the data plane decodes it once it knows the model's input,
+    on the event loop or (``json_bytes`` large) in a worker process. Implementations are
+    picklable, and so is what ``decode`` returns."""
+
+    @property
+    def json_bytes(self) -> int:
+        """How many bytes of JSON decoding takes: what it costs."""
+        ...
+
+    def decode(self, expected: InputExpectation) -> DecodedRequest:
+        """The tensors; BnnError subclasses name what is malformed or unexpected."""
+        ...
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -11,8 +11,10 @@ the tensors' bytes in the order of the inputs that carry ``parameters.binary_dat
 from __future__ import annotations
 
 import math
+import re
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,8 +22,8 @@ import pydantic_core
 from pydantic import ValidationError
 
 from service.errors import BadRequestError, describe_request_errors
-from service.protocol.v2 import InferenceRequest, RequestInput
-from service.tensors import Tensor
+from service.protocol.v2 import MAX_TENSOR_ELEMENTS, InferenceRequest, RequestInput
+from service.tensors import DecodedRequest, InputExpectation, Tensor
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_MEDIA_TYPE = "application/octet-stream"
@@ -104,7 +106,10 @@ def _bytes_from_json(data: list, tensor: str) -> np.ndarray:
     flat = _flatten(data)
     if not all(isinstance(item, str) for item in flat):
         raise BadRequestError(f"tensor {tensor!r}: BYTES data must be strings")
-    return np.array([item.encode() for item in flat], dtype=object)
+    try:
+        return np.array([item.encode() for item in flat], dtype=object)
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\\ud800") is valid JSON
+        raise BadRequestError(f"tensor {tensor!r}: BYTES data is not valid UTF-8 ({exc})") from None
 
 
 def _flatten(data: list) -> list:
@@ -177,38 +182,58 @@ def binary_data(tensor: Tensor) -> bytes:
 
 
 # --- inference request / response ----------------------------------------------------------------
+@dataclass(frozen=True)
+class DecodedInferRequest(DecodedRequest):
+    """A decoded V2 inference request: its tensors, the outputs asked for (None: all), the
+    outputs to send as binary data (``"*"``: all) and the request id to echo."""
+
+    binary_outputs: frozenset[str] = frozenset()
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class EncodedInferRequest:
+    """A V2 inference request body (JSON, or a JSON header of ``header_length`` bytes followed
+    by binary tensor data), decoded by :meth:`decode` once the model's input is known."""
+
+    body: bytes
+    header_length: str | None
+
+    @property
+    def json_bytes(self) -> int:
+        if self.header_length is not None and _DECIMAL.fullmatch(self.header_length):
+            return min(int(self.header_length), len(self.body))
+        return len(self.body)
+
+    def decode(self, expected: InputExpectation | None = None) -> DecodedInferRequest:
+        return decode_infer_request(self.body, self.header_length, expected)
+
+
 def decode_infer_request(
-    body: bytes, header_length: str | None
-) -> tuple[InferenceRequest, list[Tensor]]:
-    """Parse a V2 inference request, JSON or JSON header + binary tensors, into tensors."""
+    body: bytes, header_length: str | None, expected: InputExpectation | None = None
+) -> DecodedInferRequest:
+    """Parse a V2 inference request, JSON or JSON header + binary tensors, into tensors.
+
+    The framing, every input's declared shape and datatype, and (given ``expected``) the
+    model's expectations are checked before any tensor data is decoded; only
+    :class:`BadRequestError` and :class:`InvalidInputError` escape for any body."""
     header, tail = split_body(body, header_length)
-    try:
-        document = pydantic_core.from_json(header)
-    except ValueError as exc:
-        raise BadRequestError(f"malformed inference request: body is not JSON ({exc})") from None
-    try:
-        # from_json + model_validate: a third faster than model_validate_json for this model.
-        request = InferenceRequest.model_validate(document)
-    except ValidationError as exc:
-        raise BadRequestError(
-            f"malformed inference request: {describe_request_errors(exc.errors())}"
-        ) from None
+    request = _parse_request(header)
+    for item in request.inputs:
+        _check_shape(item)
+    if expected is not None:
+        expected.check([(item.name, item.datatype, item.shape) for item in request.inputs])
     tensors, offset = [], 0
     for item in request.inputs:
-        size = item.parameters.get("binary_data_size")
+        size = item.parameters.binary_data_size
         if size is None:
             tensors.append(_json_tensor(item))
             continue
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise BadRequestError(
-                f"tensor {item.name!r}: binary_data_size must be a non-negative integer"
-            )
         if offset + size > len(tail):
             raise BadRequestError(
                 f"tensor {item.name!r}: binary_data_size {size} runs past the end of the body "
                 f"({len(tail) - offset} bytes left)"
             )
-        _check_shape(item)
         array = array_from_binary(
             tail[offset : offset + size], item.datatype, item.shape, item.name
         )
@@ -218,54 +243,93 @@ def decode_infer_request(
         raise BadRequestError(
             f"the body has {len(tail) - offset} bytes of binary data that no input claims"
         )
-    return request, tensors
+    outputs, binary = requested_outputs(request)
+    return DecodedInferRequest(tensors, outputs, binary, request.id)
+
+
+def _parse_request(header: bytes | memoryview) -> InferenceRequest:
+    try:
+        document = pydantic_core.from_json(header)
+    except ValueError as exc:
+        raise BadRequestError(f"malformed inference request: body is not JSON ({exc})") from None
+    try:
+        # from_json + model_validate: a third faster than model_validate_json for this model.
+        return InferenceRequest.model_validate(document)
+    except ValidationError as exc:
+        raise BadRequestError(
+            f"malformed inference request: {describe_request_errors(exc.errors())}"
+        ) from None
+
+
+# At most 20 ASCII digits: every body length fits, and int() never sees a huge or non-ASCII
+# numeral (str.isdigit accepts "²", which int() refuses).
+_DECIMAL = re.compile(r"[0-9]{1,20}")
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """(JSON header, binary tail) of a request body per Inference-Header-Content-Length."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.strip().isdigit() or int(header_length) > len(body):
+    if not _DECIMAL.fullmatch(header_length) or int(header_length) > len(body):
         raise BadRequestError(
-            f"Inference-Header-Content-Length must be an integer in [0, {len(body)}], "
-            f"got {header_length!r}"
+            f"Inference-Header-Content-Length must be an integer in [0, {len(body)}] (ASCII digits), "
+            f"got {header_length[:40]!r}{'...' if len(header_length) > 40 else ''}"
         )
     length = int(header_length)
     return body[:length], memoryview(body)[length:]
 
 
 def _json_tensor(item: RequestInput) -> Tensor:
-    _check_shape(item)
     if item.data is None:
         raise BadRequestError(
             f"tensor {item.name!r}: has neither 'data' nor parameters.binary_data_size"
         )
-    array = array_from_json(item.data, item.datatype, item.name)
     count = math.prod(item.shape)
+    flat = isinstance(item.data, list) and not (item.data and isinstance(item.data[0], list))
+    if flat and len(item.data) != count:  # refused before numpy converts anything
+        raise _count_mismatch(item, count, len(item.data))
+    array = array_from_json(item.data, item.datatype, item.name)
     if array.size != count:
-        raise BadRequestError(
-            f"tensor {item.name!r}: shape {item.shape} needs {count} elements, "
-            f"data has {array.size}"
-        )
+        raise _count_mismatch(item, count, array.size)
     return Tensor(item.name, item.datatype, array.reshape(item.shape))
 
 
+def _count_mismatch(item: RequestInput, count: int, size: int) -> BadRequestError:
+    return BadRequestError(
+        f"tensor {item.name!r}: shape {item.shape} needs {count} elements, data has {size}"
+    )
+
+
 def _check_shape(item: RequestInput) -> None:
-    if any(dim < 0 for dim in item.shape):
-        raise BadRequestError(f"tensor {item.name!r}: shape {item.shape} has a negative dimension")
+    """The declared shape can be an array: its extent (the product of its dimensions, a 0 counted
+    as 1, since numpy must still represent the others) is at most MAX_TENSOR_ELEMENTS, and its
+    datatype is a known one. Rank and each dimension are bounded by the wire model."""
+    dtype_of(item.datatype, item.name)
+    extent = math.prod(max(dim, 1) for dim in item.shape)  # exact: Python integers
+    if extent > MAX_TENSOR_ELEMENTS:
+        raise BadRequestError(
+            f"tensor {item.name!r}: shape {item.shape} has more than {MAX_TENSOR_ELEMENTS} elements"
+        )
 
 
-def requested_outputs(request: InferenceRequest) -> tuple[list[str] | None, set[str]]:
-    """(names asked for or None for all, names to send as binary data)."""
-    binary_default = bool(request.parameters.get("binary_data_output", False))
-    if request.outputs is None:
-        return None, {"*"} if binary_default else set()
+def requested_outputs(request: InferenceRequest) -> tuple[list[str] | None, frozenset[str]]:
+    """(names asked for or None for all, names to send as binary data, ``"*"`` for all).
+
+    An empty ``outputs`` list asks for every output, as an absent one does: the protocol's gRPC
+    form cannot tell the two apart."""
+    binary_default = request.parameters.binary_data_output
+    if not request.outputs:
+        return None, frozenset({"*"} if binary_default else ())
     names = [output.name for output in request.outputs]
-    binary = {
+    binary = frozenset(
         output.name
         for output in request.outputs
-        if bool(output.parameters.get("binary_data", binary_default))
-    }
+        if (
+            output.parameters.binary_data
+            if output.parameters.binary_data is not None
+            else binary_default
+        )
+    )
     return names, binary
 
 
@@ -275,7 +339,7 @@ def encode_infer_response(
     model_version: str,
     request_id: str | None,
     outputs: Sequence[Tensor],
-    binary: set[str],
+    binary: frozenset[str] | set[str],
 ) -> tuple[bytes, dict[str, str], str]:
     """(body, extra headers, media type) of a V2 inference response."""
     entries, blobs = [], []

@@ -6,20 +6,23 @@ Each prediction is ``{"label", "class_index", "probabilities": {label: p, ...}}`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import BadRequestError, describe_request_errors
 from service.protocol.codec import array_from_json
-from service.tensors import Tensor
+from service.tensors import DecodedRequest, InputExpectation, Tensor
 
 OUTPUTS = ("label", "predicted_class", "probabilities")
 
 
 class PredictRequest(BaseModel):
     """``{"instances": [instance, ...]}``, each instance a nested or flat list of numbers."""
+
+    model_config = ConfigDict(strict=True)
 
     instances: list[Any] = Field(min_length=1)
 
@@ -36,15 +39,43 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
-def decode_predict_request(body: bytes) -> Tensor:
-    """The instances as one FP64 tensor (batch, ...); the model's input takes it by position."""
+@dataclass(frozen=True)
+class EncodedPredictRequest:
+    """A predict body, decoded by the data plane once the model's input is known."""
+
+    body: bytes
+
+    @property
+    def json_bytes(self) -> int:
+        return len(self.body)
+
+    def decode(self, expected: InputExpectation | None = None) -> DecodedRequest:
+        return DecodedRequest([decode_predict_request(self.body, expected)], OUTPUTS)
+
+
+def decode_predict_request(body: bytes, expected: InputExpectation | None = None) -> Tensor:
+    """The instances as one FP64 tensor (batch, ...); the model's input takes it by position.
+    The shape the nesting implies (along its first elements) is checked against ``expected``
+    before numpy converts the numbers."""
     try:
         request = PredictRequest.model_validate_json(body)
     except ValidationError as exc:
         raise BadRequestError(
             f"malformed predict request: {describe_request_errors(exc.errors())}"
         ) from None
+    if expected is not None:
+        expected.check([(None, "FP64", _leading_shape(request.instances))])
     return Tensor(None, "FP64", array_from_json(request.instances, "FP64", "instances"))
+
+
+def _leading_shape(instances: list[Any]) -> list[int]:
+    """The shape of nested lists, read along their first elements (numpy then checks that
+    the rest are regular)."""
+    shape, level = [len(instances)], instances
+    while level and isinstance(level[0], list) and len(shape) < 64:
+        level = level[0]
+        shape.append(len(level))
+    return shape
 
 
 def encode_predictions(

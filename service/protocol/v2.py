@@ -4,19 +4,69 @@ Each model mirrors one JSON object of the spec; the docstrings carry the spec's 
 fields are allowed on requests (clients add their own) and ignored. Binary tensor data extension
 parameters (``binary_data_size``, ``binary_data``, ``binary_data_output``) live in the
 ``parameters`` objects, as the extension specifies.
+
+Request models are strict: a JSON string is never taken for a boolean or a number
+(``"binary_data_output": "false"`` is refused, not read as true), nor a number for a boolean
+(``{"ready": 0}``). A tensor's shape has at most :data:`MAX_TENSOR_RANK` dimensions, each in
+``[0, MAX_TENSOR_ELEMENTS]``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+# Bounds on a request tensor's shape, so that element counts stay exact small integers and numpy
+# can represent the array: no model takes more than a handful of dimensions, and no body within
+# BNN_MAX_BODY_BYTES carries 2**32 elements.
+MAX_TENSOR_RANK = 8
+MAX_TENSOR_ELEMENTS = 2**32
+Dimension = Annotated[StrictInt, Field(ge=0, le=MAX_TENSOR_ELEMENTS)]
+Shape = Annotated[list[Dimension], Field(max_length=MAX_TENSOR_RANK)]
+# ``$parameter = $string : $string | $number | $boolean``
+ParameterValue = StrictStr | StrictInt | StrictFloat | StrictBool
 Parameters = dict[str, Any]
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class _Request(BaseModel):
+    """A request object: strictly typed, unknown fields allowed and ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Parameters(_Request):
+    """``$parameters = {$parameter, ...}``: each value a string, number or boolean. Frozen, so
+    that one shared default serves every request that sends none (pydantic copies mutable
+    defaults)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    __pydantic_extra__: dict[str, ParameterValue]
+
+
+class RequestParameters(_Parameters):
+    """An inference request's parameters; ``binary_data_output: true`` asks for every output
+    as binary data."""
+
+    binary_data_output: StrictBool = False
+
+
+class InputParameters(_Parameters):
+    """A request input's parameters; ``binary_data_size`` is the byte length of its binary data
+    in the body."""
+
+    binary_data_size: Annotated[StrictInt, Field(ge=0)] | None = None
+
+
+class OutputParameters(_Parameters):
+    """A requested output's parameters; ``binary_data`` overrides ``binary_data_output``."""
+
+    binary_data: StrictBool | None = None
 
 
 class ServerMetadataResponse(_Wire):
@@ -51,14 +101,14 @@ class ModelMetadataResponse(_Wire):
 
 
 class ModelReadyResponse(_Wire):
-    """Body of ``GET v2/models/${MODEL}[/versions/${VERSION}]/ready``; the status (200 or 503)
-    carries the answer."""
+    """Body of ``GET v2/models/${MODEL}[/versions/${VERSION}]/ready``; the status carries the
+    answer: 200 for true, 400 for false (the protocol: "a 4xx status code indicates false")."""
 
     name: str
     ready: bool
 
 
-class RequestInput(_Wire):
+class RequestInput(_Request):
     """``$request_input = {"name": $string, "shape": [$number, ...], "datatype": $string,
     "parameters": $parameters #optional, "data": $tensor_data}``
 
@@ -66,31 +116,32 @@ class RequestInput(_Wire):
     says the tensor's bytes follow the JSON header in the body.
     """
 
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: Parameters = Field(default_factory=dict)
+    name: StrictStr
+    shape: Shape
+    datatype: StrictStr
+    parameters: InputParameters = InputParameters()
     data: Any = None
 
 
-class RequestOutput(_Wire):
+class RequestOutput(_Request):
     """``$request_output = {"name": $string, "parameters": $parameters #optional}``;
     ``parameters.binary_data: true`` asks for the output as binary data."""
 
-    name: str
-    parameters: Parameters = Field(default_factory=dict)
+    name: StrictStr
+    parameters: OutputParameters = OutputParameters()
 
 
-class InferenceRequest(_Wire):
+class InferenceRequest(_Request):
     """``$inference_request = {"id": $string #optional, "parameters": $parameters #optional,
     "inputs": [$request_input, ...], "outputs": [$request_output, ...] #optional}``
 
-    With no ``outputs`` every output is returned; ``parameters.binary_data_output: true`` asks
-    for all of them as binary data.
+    With no ``outputs``, or an empty list, every output is returned (an empty repeated field
+    of the protocol's gRPC form cannot be told from an absent one);
+    ``parameters.binary_data_output: true`` asks for all of them as binary data.
     """
 
-    id: str | None = None
-    parameters: Parameters = Field(default_factory=dict)
+    id: StrictStr | None = None
+    parameters: RequestParameters = RequestParameters()
     inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
 
@@ -117,11 +168,11 @@ class InferenceResponse(_Wire):
     outputs: list[ResponseOutput]
 
 
-class RepositoryIndexRequest(_Wire):
+class RepositoryIndexRequest(_Request):
     """``$repository_index_request = {"ready": $bool #optional}``; ready=true lists only the
     models that are ready for inference."""
 
-    ready: bool = False
+    ready: StrictBool = False
 
 
 class RepositoryIndexEntry(_Wire):
@@ -134,8 +185,8 @@ class RepositoryIndexEntry(_Wire):
     reason: str | None = None
 
 
-class RepositoryLoadRequest(_Wire):
+class RepositoryLoadRequest(_Request):
     """``$repository_load_request = {"parameters": $parameters #optional}``;
     ``parameters.version`` picks a version (default: the newest)."""
 
-    parameters: Parameters = Field(default_factory=dict)
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict)

@@ -36,7 +36,7 @@ Reply = tuple[bytes, dict[str, str], str]  # content, extra headers, media type
 InferenceHandler = Callable[[DataPlane, dict[str, str], bytes, str | None], Awaitable[Reply]]
 
 
-INFERENCE_ERRORS = error_responses(400, 401, 404, 413, 503, 504)
+INFERENCE_ERRORS = error_responses(400, 401, 404, 408, 413, 503, 504)
 
 
 def optional_version(version: str | None) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.dependencies import DataPlaneDep
-from service.errors import ModelNotReadyError, error_responses
+from service.errors import ReadinessFalse
 from service.protocol.v2 import ServerMetadataResponse
 
 router = APIRouter(tags=["health"])
@@ -23,12 +23,14 @@ async def live() -> dict:
 
 @router.get(
     "/v2/health/ready",
-    summary="Readiness: every configured model is loaded and warmed",
-    responses=error_responses(503),
+    summary="Readiness: 200 once every configured model is loaded and warmed, else 400",
+    responses={400: {"description": "Not ready (the protocol's 'false'); the body says why"}},
 )
 async def ready(dataplane: DataPlaneDep) -> dict:
+    """The Open Inference Protocol's "server ready": 200 for true, a 4xx (400, as Triton)
+    for false."""
     if dataplane.draining:
-        raise ModelNotReadyError("the server is shutting down")
+        raise ReadinessFalse("the server is shutting down")
     if not dataplane.is_ready():
-        raise ModelNotReadyError("the server is not ready: models are loading or unavailable")
+        raise ReadinessFalse("the server is not ready: models are loading or unavailable")
     return {"ready": True}

@@ -14,10 +14,9 @@ from service.errors import error_responses
 from service.openapi import raw_body
 from service.protocol import codec
 from service.protocol.rest import (
-    OUTPUTS,
+    EncodedPredictRequest,
     PredictRequest,
     PredictResponse,
-    decode_predict_request,
     encode_predictions,
 )
 from service.routes import Reply, document_inference, optional_version
@@ -35,9 +34,11 @@ async def predict(
 ) -> Reply:
     """``{"instances": [...]}`` → ``{"predictions": [...]}`` (served by
     service.routes.InferenceDispatch; ``header_length`` is a V2 header, unused here)."""
-    tensor = decode_predict_request(body)
     result = await dataplane.infer(
-        params["name"], optional_version(params.get("version")), [tensor], OUTPUTS, protocol="v1"
+        params["name"],
+        optional_version(params.get("version")),
+        EncodedPredictRequest(body),
+        protocol="v1",
     )
     predictions = encode_predictions(
         result.model_name, result.model_version, result.outputs, result.labels

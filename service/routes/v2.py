@@ -12,7 +12,7 @@ from fastapi import APIRouter
 
 from service.dataplane import DataPlane
 from service.dependencies import DataPlaneDep
-from service.errors import error_responses
+from service.errors import BnnError, ReadinessFalse, error_responses, status_for
 from service.openapi import raw_body
 from service.protocol import codec
 from service.protocol.v2 import (
@@ -25,6 +25,10 @@ from service.routes import Reply, document_inference, optional_version
 
 router = APIRouter(tags=["v2 models"])
 _ERRORS = error_responses(400, 401, 404, 503)
+_READY_ERRORS = {
+    **error_responses(401, 404),
+    400: {"description": "Not ready (the protocol's 'false'); the body says why"},
+}
 
 
 # --- inference -----------------------------------------------------------------------------------
@@ -33,17 +37,19 @@ async def infer(
 ) -> Reply:
     """V2 inference: JSON tensors, or a JSON header of ``header_length`` bytes followed by
     binary tensor data (served by service.routes.InferenceDispatch)."""
-    infer_request, tensors = codec.decode_infer_request(body, header_length)
-    names, binary = codec.requested_outputs(infer_request)
     result = await dataplane.infer(
-        params["name"], optional_version(params.get("version")), tensors, names, protocol="v2"
+        params["name"],
+        optional_version(params.get("version")),
+        codec.EncodedInferRequest(body, header_length),
+        protocol="v2",
     )
+    request: codec.DecodedInferRequest = result.request  # type: ignore[assignment]
     return codec.encode_infer_response(
         model_name=result.model_name,
         model_version=result.model_version,
-        request_id=infer_request.id,
+        request_id=request.id,
         outputs=result.outputs,
-        binary=binary,
+        binary=request.binary_outputs,
     )
 
 
@@ -80,15 +86,23 @@ async def model_version_metadata(name: str, version: str, dataplane: DataPlaneDe
 
 # --- readiness -----------------------------------------------------------------------------------
 async def _ready(dataplane: DataPlane, name: str, version: str | None) -> dict:
-    served = await dataplane.model(name, optional_version(version))
+    """200 when the model (version) serves; "false" is a 4xx, as the protocol says: 404 for a
+    model or version that does not exist, 400 for one that is not loaded, loading or refused.
+    Asking never loads anything."""
+    try:
+        served = dataplane.registry.get(name, optional_version(version))
+    except BnnError as exc:
+        if status_for(exc) == 503:
+            raise ReadinessFalse(str(exc)) from None
+        raise
     return {"name": served.name, "ready": True}
 
 
 @router.get(
     "/v2/models/{name}/ready",
     response_model=ModelReadyResponse,
-    responses=_ERRORS,
-    summary="200 when ready, else 503",
+    responses=_READY_ERRORS,
+    summary="200 when ready, else 400 (404 for an unknown model)",
 )
 async def model_ready(name: str, dataplane: DataPlaneDep) -> dict:
     return await _ready(dataplane, name, None)
@@ -97,7 +111,7 @@ async def model_ready(name: str, dataplane: DataPlaneDep) -> dict:
 @router.get(
     "/v2/models/{name}/versions/{version}/ready",
     response_model=ModelReadyResponse,
-    responses=_ERRORS,
+    responses=_READY_ERRORS,
 )
 async def model_version_ready(name: str, version: str, dataplane: DataPlaneDep) -> dict:
     return await _ready(dataplane, name, version)

@@ -8,7 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -46,18 +49,22 @@ class ServiceProcess:
             [sys.executable, "-m", module], cwd=ROOT, env=env, stdout=self._log, stderr=self._log
         )
 
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
+    def wait_ready(self, timeout_s: float = 60.0, path: str = "/v2/health/ready") -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"service exited {self.process.returncode}:\n{self.logs()}")
             try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{path}", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
         raise AssertionError(f"service not ready after {timeout_s} s:\n{self.logs()}")
+
+    def wait_live(self, timeout_s: float = 60.0) -> None:
+        """Until ``/v2/health/live`` answers (no model need be ready)."""
+        self.wait_ready(timeout_s, path="/v2/health/live")
 
     def terminate(self, timeout_s: float = 30.0) -> int:
         """SIGTERM, then the exit status."""
@@ -73,6 +80,28 @@ class ServiceProcess:
     def logs(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-5000:]
+
+
+@contextmanager
+def uvicorn_in_thread(app) -> Iterator[str]:
+    """A real uvicorn server (TCP, the app's lifespan) for ``app`` in a thread of this process;
+    yields its URL. For fuzzing the HTTP layer with a model that loads at once."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise AssertionError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def train_and_publish(repo: Path, name: str, arch: str, seed: int = 0):

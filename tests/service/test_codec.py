@@ -26,9 +26,9 @@ def test_nested_and_flat_json_data_decode_to_the_same_tensor():
     nested = [[[1, 2], [3, 4]], [[5, 6], [7, 8]]]
     flat = list(range(1, 9))
     for data in (nested, flat):
-        _, (tensor,) = codec.decode_infer_request(
+        (tensor,) = codec.decode_infer_request(
             infer_body({"name": "x", "shape": [2, 2, 2], "datatype": "FP32", "data": data}), None
-        )
+        ).inputs
         assert tensor.array.dtype == np.float32
         np.testing.assert_array_equal(tensor.array, np.arange(1, 9).reshape(2, 2, 2))
 
@@ -84,7 +84,10 @@ def test_element_count_must_match_the_shape():
         (b'{"inputs": []}', "inputs: List should have at least 1 item"),
         (b'{"inputs": [{"name": "x", "datatype": "FP32", "data": [1]}]}', "inputs.0.shape"),
         (infer_body({"name": "x", "shape": [1], "datatype": "FP32"}), "neither 'data' nor"),
-        (infer_body({"name": "x", "shape": [-1], "datatype": "FP32", "data": []}), "negative"),
+        (
+            infer_body({"name": "x", "shape": [-1], "datatype": "FP32", "data": []}),
+            "inputs.0.shape.0: Input should be greater than or equal to 0",
+        ),
     ],
 )
 def test_malformed_requests(body, fragment):
@@ -138,7 +141,7 @@ def test_binary_request_mixes_binary_and_json_inputs():
         ]
     }  # fmt: skip
     body, length = binary_body(header, a.tobytes(), b.tobytes())
-    _, tensors = codec.decode_infer_request(body, length)
+    tensors = codec.decode_infer_request(body, length).inputs
     assert [t.name for t in tensors] == ["a", "j", "b"]
     np.testing.assert_array_equal(tensors[0].array, a)
     np.testing.assert_array_equal(tensors[1].array, [5])
@@ -153,7 +156,10 @@ def test_binary_request_mixes_binary_and_json_inputs():
         (24, b"\0" * 28, None, "4 bytes of binary data that no input claims"),
         (24, b"\0" * 24, "abc", "Inference-Header-Content-Length must be an integer"),
         (24, b"\0" * 24, "99999", "Inference-Header-Content-Length must be an integer"),
-        (-1, b"", None, "binary_data_size must be a non-negative integer"),
+        (24, b"\0" * 24, "²", "Inference-Header-Content-Length must be an integer"),
+        (24, b"\0" * 24, "9" * 5000, "Inference-Header-Content-Length must be an integer"),
+        (24, b"\0" * 24, "-1", "Inference-Header-Content-Length must be an integer"),
+        (-1, b"", None, "binary_data_size: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_binary_framing(size, tail, length, fragment):
@@ -207,17 +213,23 @@ def test_binary_response_puts_requested_outputs_after_the_header():
 
 
 def test_requested_outputs_and_binary_flags():
-    request, _ = codec.decode_infer_request(
+    request = codec.decode_infer_request(
         infer_body({"name": "x", "shape": [1], "datatype": "FP32", "data": [1]},
                    parameters={"binary_data_output": True}),
         None,
     )  # fmt: skip
-    assert codec.requested_outputs(request) == (None, {"*"})
-    request, _ = codec.decode_infer_request(
+    assert (request.outputs, request.binary_outputs) == (None, {"*"})
+    request = codec.decode_infer_request(
         infer_body(
             {"name": "x", "shape": [1], "datatype": "FP32", "data": [1]},
-            outputs=[{"name": "label"}, {"name": "logits", "parameters": {"binary_data": True}}],
+            outputs=[
+                {"name": "label"},
+                {"name": "logits", "parameters": {"binary_data": True}},
+                {"name": "probabilities", "parameters": {"binary_data": False}},
+            ],
+            parameters={"binary_data_output": True},
         ),
         None,
     )
-    assert codec.requested_outputs(request) == (["label", "logits"], {"logits"})
+    assert request.outputs == ["label", "logits", "probabilities"]
+    assert request.binary_outputs == {"label", "logits"}  # an output's own flag wins

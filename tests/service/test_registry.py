@@ -125,8 +125,8 @@ def test_unload_then_load(client):
     assert response.status_code == 503
     assert response.json() == {"error": "model 'tiny' was unloaded"}
     assert response.headers["retry-after"] == "1"
-    assert client.get("/v2/models/tiny/ready").status_code == 503
-    assert client.get("/v2/health/ready").status_code == 503  # nothing serves any more
+    assert client.get("/v2/models/tiny/ready").status_code == 400
+    assert client.get("/v2/health/ready").status_code == 400  # nothing serves any more
     assert client.post("/v2/repository/models/tiny/load").status_code == 200
     assert infer(client).status_code == 200
 
@@ -149,7 +149,7 @@ def test_not_ready_until_loaded_and_warmed(make_client, repo):
 
     client = make_client(loader=SlowToLoad, wait=False)
     time.sleep(0.2)
-    assert client.get("/v2/health/ready").status_code == 503
+    assert client.get("/v2/health/ready").status_code == 400
     assert client.get("/v2/health/live").status_code == 200
     response = infer(client)
     assert response.status_code == 503 and "loading" in response.json()["error"]
@@ -164,7 +164,7 @@ def test_configured_model_that_is_missing_keeps_the_server_unready(make_client, 
     deadline = time.monotonic() + 5
     while not client.app.state.registry.startup_complete and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert client.get("/v2/health/ready").status_code == 503
+    assert client.get("/v2/health/ready").status_code == 400
     assert infer(client).status_code == 200
 
 
@@ -316,7 +316,7 @@ def test_deleting_the_serving_version_falls_back_then_unloads(make_client, repo)
     assert load == {"name": "tiny", "version": "1", "state": "READY"}
     shutil.rmtree(repo / "tiny" / "1")
     wait_until(lambda: infer(client).status_code == 404, what="model gone")
-    assert client.get("/v2/health/ready").status_code == 503
+    assert client.get("/v2/health/ready").status_code == 400  # "false"
     assert index(client) == {}
 
 
