@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 
@@ -81,5 +82,19 @@ def rewrite_metadata(data: bytes, edit) -> bytes:
     header, body = split_header(data)
     doc = json.loads(header["__metadata__"][METADATA_KEY])
     edit(doc)
+    header["__metadata__"][METADATA_KEY] = json.dumps(doc)
+    return join_header(header, body)
+
+
+def replace_tensor(data: bytes, name: str, array: np.ndarray) -> bytes:
+    """Overwrite tensor ``name``'s bytes with ``array`` (same shape and dtype) and record its new
+    sha256, as a hostile publisher would: the file stays well-formed, its checksums valid."""
+    header, body = split_header(data)
+    begin, end = header[name]["data_offsets"]
+    raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    assert len(raw) == end - begin, f"{name}: {len(raw)} bytes, the file holds {end - begin}"
+    body = body[:begin] + raw + body[end:]
+    doc = json.loads(header["__metadata__"][METADATA_KEY])
+    doc["tensors"][name]["sha256"] = hashlib.sha256(raw).hexdigest()
     header["__metadata__"][METADATA_KEY] = json.dumps(doc)
     return join_header(header, body)
