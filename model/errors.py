@@ -125,5 +125,10 @@ class InvalidInputError(BnnError):
     """An input tensor has the wrong shape, dtype or values (NaN, infinity)."""
 
 
+class InputOutOfRangeError(InvalidInputError):
+    """Finite input values drove the model's logits to NaN or infinity (far outside the
+    ``value_range`` the model was validated on)."""
+
+
 class DeviceUnavailableError(BnnError):
     """The requested device (e.g. 'cuda') is not available on this machine."""

@@ -29,11 +29,25 @@ from typing import Any, Protocol
 import numpy as np
 
 from model.artifact import ARTIFACT_FILENAME, read_artifact
+from model.engine.memory import MemoryLimit, check_memory
 from model.engine.program import Program, compile_program
-from model.errors import DeviceUnavailableError, InvalidInputError
+from model.errors import (
+    DeviceUnavailableError,
+    InputOutOfRangeError,
+    InvalidInputError,
+    NonFiniteOutputError,
+)
 from model.spec import InputSpec, ModelSpec
 
-__all__ = ["BACKENDS", "CompiledModel", "Executor", "load_model", "resolve_device"]
+__all__ = [
+    "BACKENDS",
+    "CompiledModel",
+    "Executor",
+    "MemoryLimit",
+    "check_finite_logits",
+    "load_model",
+    "resolve_device",
+]
 
 BACKENDS = ("auto", "numba", "torch")
 
@@ -137,7 +151,10 @@ class CompiledModel:
         )
 
     def warmup(self, batch_sizes: Iterable[int] = (1, 64)) -> float:
-        """Compile (or load cached) kernels and run each batch size once; returns seconds."""
+        """Compile (or load cached) kernels and run each batch size once; returns seconds.
+
+        The inputs are drawn from ``input.value_range``; NonFiniteOutputError if any logit is
+        NaN or infinite (weights that overflow float32 on the data the model was made for)."""
         start = time.perf_counter()
         rng = np.random.default_rng(0)
         low, high = self.spec.input.value_range or (0.0, 1.0)
@@ -147,9 +164,19 @@ class CompiledModel:
                 x = rng.integers(int(low), int(high) + 1, size=shape).astype(np.float32)
             else:
                 x = rng.uniform(low, high, size=shape).astype(np.float32)
-            self.predict(x)
+            self._check_finite_output(self.predict(x))
         self.warmup_seconds = time.perf_counter() - start
         return self.warmup_seconds
+
+    def _check_finite_output(self, logits: np.ndarray) -> None:
+        bad = ~np.isfinite(logits)
+        if bad.any():
+            row, column = np.argwhere(bad)[0].tolist()
+            raise NonFiniteOutputError(
+                f"model {self.spec.name!r} gave {logits[row, column]} for label "
+                f"{self.labels[column]!r} (row {row} of a warm-up batch of {len(logits)} drawn "
+                f"from value_range {self.spec.input.value_range}); expected finite logits"
+            )
 
     def __repr__(self) -> str:
         return (
@@ -158,11 +185,38 @@ class CompiledModel:
         )
 
 
+def check_finite_logits(logits: np.ndarray, input_spec: InputSpec) -> None:
+    """InputOutOfRangeError naming the first instance whose logits are NaN or infinite.
+
+    A model serves only after its content was checked and its warm-up logits, on inputs drawn
+    from ``value_range``, were finite: non-finite logits then come from an input far outside
+    that range (e.g. 3e38 into a real-valued layer), the client's to correct.
+    """
+    finite = np.isfinite(logits)
+    if finite.all():
+        return
+    row = int(np.argmin(finite.all(axis=1)))
+    trained = input_spec.value_range
+    expected = f"; the model expects values in {list(trained)}" if trained else ""
+    raise InputOutOfRangeError(
+        f"input {input_spec.name!r}: instance {row} drives the model's logits out of float32 "
+        f"range (NaN or infinity){expected}"
+    )
+
+
 def load_model(
-    path: str | os.PathLike[str], device: str = "cpu", backend: str = "auto"
+    path: str | os.PathLike[str],
+    device: str = "cpu",
+    backend: str = "auto",
+    *,
+    memory_limit: MemoryLimit | None = MemoryLimit(),  # noqa: B008 (frozen, shared safely)
 ) -> CompiledModel:
     """Read an artifact (a file, or a version directory holding ``model.safetensors``), compile
-    it for ``device`` and return the :class:`CompiledModel`."""
+    it for ``device`` and return the :class:`CompiledModel`.
+
+    ``memory_limit``: refuse (ModelTooLargeError), before compiling, a model whose memory bound
+    at ``memory_limit.max_batch`` rows exceeds ``memory_limit.max_bytes``
+    (:mod:`model.engine.memory`); None = no limit."""
     start = time.perf_counter()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -171,8 +225,11 @@ def load_model(
     if path.is_dir():
         path = path / ARTIFACT_FILENAME
     artifact = read_artifact(path)
+    executor_name = "numba" if resolved == "cpu" and backend in ("auto", "numba") else "torch"
+    if memory_limit is not None:
+        check_memory(artifact.spec, memory_limit, executor_name)
     program = compile_program(artifact.spec, artifact.tensors)
-    if resolved == "cpu" and backend in ("auto", "numba"):
+    if executor_name == "numba":
         from model.engine.cpu import NumbaExecutor
 
         executor: Executor = NumbaExecutor(program)

@@ -317,7 +317,7 @@ def compile_program(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> Progr
         first = all(isinstance(earlier, Flatten) for earlier in layers[:i])  # sees raw input
         out_shape = shapes[i][1]
         quantizer = None if consumer is None else consumer.input_quantizer
-        foldable = quantizer is not None and _foldable(tail, out_shape)
+        foldable = quantizer is not None and foldable_tail(tail, out_shape)
         producer = _producer(layer, state, tensors, out_shape, first, spec)
         if foldable:
             binarizer = binarizer_for(quantizer)
@@ -555,7 +555,7 @@ def _pad_words(pad_value: float, binarizer: Binarizer, channels: int) -> np.ndar
 
 
 # --- helpers: epilogues ---------------------------------------------------------------------------
-def _foldable(tail: tuple[Layer, ...], out_shape: Shape) -> bool:
+def foldable_tail(tail: tuple[Layer, ...], out_shape: Shape) -> bool:
     """BatchNorm / max-pool / flatten in the producer's channel space fold into thresholds."""
     flattened = False
     for layer in tail:
