@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from model.engine import check_finite_logits
 from model.errors import BnnError, InvalidInputError
 from service.errors import status_for
 from service.metrics import ServiceMetrics
@@ -157,6 +158,7 @@ class DataPlane:
             rows = conform_input(inputs, served.input_spec, self.settings.max_request_batch)
             names = check_output_names(outputs, served.logits_name)  # before the engine runs
             logits = await served.batcher.submit(rows)  # (n, classes) float32
+            check_finite_logits(logits, served.input_spec)  # per request, not per batch
             tensors = derive_outputs(names, logits, served.labels, served.logits_name)
             status = 200
             self.metrics.inference_latency.labels(name, version_label).observe(

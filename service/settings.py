@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     # --- limits and security ---------------------------------------------------------------
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request body limit (413)")
     max_request_batch: int = Field(1024, ge=1, description="Instances per request, at most (400)")
+    max_model_memory_bytes: int = Field(
+        4 * 1024**3,
+        ge=1,
+        description="A version whose weights plus activations at the largest engine call "
+        "(max of max_batch_size and max_request_batch rows) may need more is refused at load",
+    )
     api_key: SecretStr | None = Field(
         None, description="When set, 'Authorization: Bearer <key>' is required except on health"
     )

@@ -83,7 +83,8 @@ def test_poller_picks_up_new_versions_without_a_request(make_client, repo):
 
 def test_hot_swap_under_load_fails_no_request(make_client, repo):
     client = make_client(
-        poll_interval_s=0.05, loader=lambda p, device: LinearModel(p, device, 0.002)
+        poll_interval_s=0.05,
+        loader=lambda p, device, **options: LinearModel(p, device, 0.002, **options),
     )
     statuses: list[int] = []
     versions: set[str] = set()
@@ -170,10 +171,10 @@ def test_corrupt_only_version_at_start_serves_the_previous_one(make_client, repo
 def test_a_loader_that_crashes_refuses_the_version_instead_of_hanging(make_client, repo):
     publish_tiny(repo, "tiny", seed=1)
 
-    def loader(path, device):
+    def loader(path, device, **options):
         if "/2/" in str(path):
             raise ValueError("numba exploded")
-        return LinearModel(path, device)
+        return LinearModel(path, device, **options)
 
     client = make_client(loader=loader)
     assert infer(client).json()["model_version"] == "1"
