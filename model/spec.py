@@ -53,6 +53,7 @@ _LAYER_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 # dims): the kernels index with 32-bit signed integers, and Python's unbounded ints must not
 # reach numpy (OverflowError) or an allocation.
 MAX_DIMENSION = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # float(np.finfo(np.float32).max)
 Shape = tuple[int, ...]
 
 
@@ -412,16 +413,17 @@ def _input_shape_from_json(shape: list[Any]) -> Shape:
 
 
 def _value_range_from_json(value: Any) -> tuple[float, float] | None:
-    """null, or ``[low, high]``: two finite numbers with low ≤ high."""
+    """null, or ``[low, high]``: two numbers with low ≤ high, finite in float32 (the engine's
+    input type: |v| ≤ 3.4028235e38)."""
     if value is None:
         return None
     ok = isinstance(value, list) and len(value) == 2
     ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-    ok = ok and all(math.isfinite(v) for v in value) and float(value[0]) <= float(value[1])
+    ok = ok and all(abs(v) <= FLOAT32_MAX for v in value) and float(value[0]) <= float(value[1])
     if not ok:
         raise InvalidValueRangeError(
-            f"input value_range must be null or [low, high] with finite low <= high, "
-            f"got {value!r:.80}"
+            f"input value_range must be null or [low, high] with low <= high, both finite in "
+            f"float32 (at most {FLOAT32_MAX:.8g} in magnitude), got {value!r:.80}"
         )
     return float(value[0]), float(value[1])
 

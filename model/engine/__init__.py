@@ -160,10 +160,10 @@ class CompiledModel:
         low, high = self.spec.input.value_range or (0.0, 1.0)
         for size in batch_sizes:
             shape = (int(size), *self.spec.input.shape)
+            x = rng.uniform(low, high, size=shape)  # float64: any float32 range fits
             if self.spec.input.integer_valued:
-                x = rng.integers(int(low), int(high) + 1, size=shape).astype(np.float32)
-            else:
-                x = rng.uniform(low, high, size=shape).astype(np.float32)
+                x = np.round(x)
+            x = x.astype(np.float32)
             self._check_finite_output(self.predict(x))
         self.warmup_seconds = time.perf_counter() - start
         return self.warmup_seconds

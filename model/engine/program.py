@@ -378,7 +378,12 @@ def _prepare_input(state: Bits | Real, layer: Dense | Conv2d) -> tuple[Bits | Re
         thresholds = fold_batchnorm_into_thresholds([], binarizer, 1, integer=False)
         cut = np.full(channels, thresholds.cut[0], np.float64)
         invert = np.full(channels, bit_invert(thresholds, binarizer)[0], np.uint8)
-        return bits, [Quantize(Decide(cut=cut, invert=invert, pools=(), out=bits))]
+        quantize = Quantize(Decide(cut=cut, invert=invert, pools=(), out=bits))
+        if layer.kernel_quantizer is None and isinstance(layer, Conv2d):
+            # real weights: convolve the quantized values (±1 or {0, 1}) as real numbers
+            real = Real(state.shape)
+            return real, [quantize, Unpack(input=bits, out=real)]
+        return bits, [quantize]
     if layer.input_quantizer is None and isinstance(state, Bits):  # pragma: no cover
         raise AssertionError("bits are only produced for a quantizing consumer")
     if isinstance(state, Bits) and layer.kernel_quantizer is None and isinstance(layer, Conv2d):

@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from model.artifact import MAX_JSON_DEPTH, METADATA_KEY, decode_artifact, encode_artifact
@@ -124,6 +124,8 @@ def test_an_eps_below_float32_resolution_with_zero_variance_is_refused(data, ten
         {"low": 0},
         [True, 16],
         [[0], [16]],
+        [0, 1e39],  # beyond float32, the engine's input type
+        [-(2**200), 0],
     ],
 )
 def test_malformed_value_range_is_refused(data, value_range):
@@ -259,3 +261,38 @@ def test_header_mutations_raise_only_artifact_errors(edits):
     header = tensor_header | {"__metadata__": {METADATA_KEY: json.dumps(doc)}}
     with contextlib.suppress(ArtifactError):
         decode_artifact(join_header(header, _BODY))
+
+
+# Fields a mutation can change while the tensors still fit the graph, and values to try there.
+_LOADABLE_FIELDS = ("value_range", "integer_valued", "pad_value", "eps", "input_quantizer")
+_LOADABLE_PATHS = [
+    path
+    for path in _DOC_PATHS
+    if path[0] in ("layers", "input")
+    and (path[-1] in _LOADABLE_FIELDS or (len(path) > 2 and path[-2] == "value_range"))
+]
+_LOADABLE_VALUES = st.sampled_from(
+    [None, True, False, 0, -1, 1, 2, 0.5, -0.0, 1e-45, 1e38, -3.4e38, 3.4e38, 1e308,
+     "ste_sign", "stochastic_binary", [0, 0], [-3.4e38, 3.4e38], [-1e308, 1e308], [5, 5]]
+)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    edits=st.lists(st.tuples(st.integers(min_value=0), _LOADABLE_VALUES), min_size=1, max_size=2)
+)
+@example(edits=[(_LOADABLE_PATHS.index(("input", "value_range")), [-3.4e38, 3.4e38])])
+def test_load_and_warm_up_raise_only_artifact_errors(tmp_path_factory, edits):
+    """What decodes also loads and warms up, or is refused with an ArtifactError: no
+    ValueError from drawing warm-up integers in a range of ±3.4e38, no InvalidInputError."""
+    from model.engine import MemoryLimit, load_model
+
+    doc = copy.deepcopy(_DOC)
+    for which, value in edits:
+        with contextlib.suppress(KeyError, IndexError, TypeError):
+            _set(doc, _LOADABLE_PATHS[which % len(_LOADABLE_PATHS)], copy.deepcopy(value))
+    header = _TENSOR_HEADER | {"__metadata__": {METADATA_KEY: json.dumps(doc)}}
+    path = tmp_path_factory.mktemp("fuzz") / "model.safetensors"
+    path.write_bytes(join_header(header, _BODY))
+    with contextlib.suppress(ArtifactError), np.errstate(all="ignore"):
+        load_model(path, memory_limit=MemoryLimit(max_batch=64)).warmup(batch_sizes=(1, 3))
