@@ -164,7 +164,9 @@ class CompiledModel:
             if self.spec.input.integer_valued:
                 x = np.round(x)
             x = x.astype(np.float32)
-            self._check_finite_output(self.predict(x))
+            with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+                logits = self.predict(x)
+            self._check_finite_output(logits)
         self.warmup_seconds = time.perf_counter() - start
         return self.warmup_seconds
 

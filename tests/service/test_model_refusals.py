@@ -114,6 +114,7 @@ def test_the_registry_hands_the_memory_limit_to_the_loader(make_client):
     assert limits == [MemoryLimit(max_bytes=123456789, max_batch=300)]
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_an_input_that_drives_the_logits_out_of_range_is_a_400(client):
     """Finite float32 values, far outside value_range: the sums overflow to infinity."""
     x = np.full((2, 1, 6, 6), 3e38, np.float32)

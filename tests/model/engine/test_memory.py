@@ -81,15 +81,12 @@ def test_binary_inputs_cost_bits_on_the_cpu_and_floats_on_torch():
 def test_the_padding_2000_model_is_refused_before_any_big_allocation(tmp_path):
     path = write(tmp_path, padded_conv_spec(2000))
     limit = MemoryLimit(max_bytes=2 * 1024**3, max_batch=64)
-    peak = []
 
     def load() -> None:
         with pytest.raises(ModelTooLargeError, match=r"at a batch of 64.*limit is 2\.00 GiB"):
             load_model(path, memory_limit=limit)
-        peak.append(True)
 
     assert traced_peak(load) < 16 * 1024**2  # the warm-up of this model allocated 7.6 GiB
-    assert peak
 
 
 def test_the_padding_300_model_is_refused_at_the_largest_batch(tmp_path):
