@@ -13,6 +13,7 @@ from model.engine.memory import MemoryLimit, check_memory, estimate_memory
 from model.engine.warm import random_tensors
 from model.errors import ModelTooLargeError
 from model.spec import Conv2d, Dense, Flatten, InputSpec, MaxPool2d, ModelSpec
+from tests.model.engine.test_graphs import GRAPHS
 from tests.model.factory import tiny_spec, tiny_tensors
 
 
@@ -61,21 +62,23 @@ def test_the_formula_on_a_model_computed_by_hand():
         layers=(Flatten("flatten"), Dense("fc", 64, 10)),
     )
     estimate = estimate_memory(spec)
-    # stored: weight 10·64·4 + bias 10·4; float32 copy at 64 padded features: 4·10·64
-    assert estimate.weight_bytes == 2560 + 40 + 2560
+    # stored: weight 10·64·4 + bias 10·4; real weights: 12 bytes each at 64 padded features
+    assert estimate.weight_bytes == 2560 + 40 + 12 * 10 * 64
     # 8·64 input values + the flatten's 8·(2·64) + 24·64 (above the dense's 8·(2·64) + 24·10)
     assert estimate.activation_bytes_per_instance == 512 + 1024 + 1536
-    assert estimate.peak_bytes(3) == 5160 + 3 * 3072
+    assert estimate.peak_bytes(3) == 10280 + 3 * 3072
 
 
-def test_binary_inputs_cost_bits_on_the_cpu_and_floats_on_torch():
+def test_binary_inputs_cost_bits_on_the_cpu_and_more_on_torch():
     spec = tiny_spec()
     numba, torch = estimate_memory(spec, "numba"), estimate_memory(spec, "torch")
-    assert numba.weight_bytes == torch.weight_bytes
-    # conv1 (binary input, 5 channels padded to 64, 6×6 padded to 8×8, 36 patches of 3×3,
-    # output folded into fc's binarizer): 4·(2·64·36 + 2·64·64 + 36·9·64) + 8·70·36 bytes
-    assert torch.activation_bytes_per_instance == 8 * 36 + 134_144 + 20_160
-    assert numba.activation_bytes_per_instance < torch.activation_bytes_per_instance
+    # conv1, the largest layer: binary input of 5 channels padded to 64 (2·64·6·6 values at
+    # 1/8 byte), padded input 64·8·8 and 36 patches of 3·3·64 (at 1/4 byte), output folded into
+    # fc's binarizer (70·6·6 values at 1 byte)
+    conv1 = (2 * 64 * 36) // 8 + (2 * 64 * 64 + 36 * 9 * 64) // 4 + 70 * 36
+    assert numba.activation_bytes_per_instance == 8 * 36 + conv1
+    assert torch.activation_bytes_per_instance > 20 * numba.activation_bytes_per_instance
+    assert torch.weight_bytes > numba.weight_bytes
 
 
 def test_the_padding_2000_model_is_refused_before_any_big_allocation(tmp_path):
@@ -100,8 +103,19 @@ def test_the_padding_300_model_is_refused_at_the_largest_batch(tmp_path):
     [
         (padded_conv_spec(300), None, 2),  # 601×601 images: real-valued im2col and max-pool
         (tiny_spec(), tiny_tensors(), 64),  # binary convolutions, folded BatchNorm and pools
+        (GRAPHS["quantized-input-real-weight-conv"], None, 64),  # sign(x) convolved as floats
+        (GRAPHS["quantized-model-input"], None, 64),  # sign(x) quantized from the real input
+        (GRAPHS["real-valued-middle"], None, 64),  # binary weights on real values
+        (GRAPHS["strides-and-kernels"], None, 64),  # 5×5 stride 2, 1×1, 3×3 pools
     ],
-    ids=["padding-300", "tiny-cnn"],
+    ids=[
+        "padding-300",
+        "tiny-cnn",
+        "quantized-input-conv",
+        "quantized-input-dense",
+        "real-middle",
+        "strides-and-kernels",
+    ],
 )
 def test_the_bound_holds_for_what_a_call_allocates(tmp_path, spec, tensors, batch):
     path = tmp_path / "model.safetensors"
@@ -112,7 +126,7 @@ def test_the_bound_holds_for_what_a_call_allocates(tmp_path, spec, tensors, batc
     x = np.random.default_rng(0).uniform(0, 1, (batch, *spec.input.shape)).astype(np.float32)
     model.predict(x)  # compiled kernels are not part of the measurement
     allocated = traced_peak(lambda: model.predict(x))
-    assert 0 < allocated <= batch * estimate.activation_bytes_per_instance
+    assert 0 < allocated <= estimate.peak_bytes(batch)  # (weights: per-call copies included)
 
 
 def test_no_limit_means_no_check(tmp_path):
