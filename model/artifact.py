@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -25,9 +26,11 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from model.content import check_model_content
 from model.errors import (
     ArtifactError,
     ChecksumMismatchError,
+    HeaderTooDeepError,
     HeaderTooLargeError,
     InvalidSpecError,
     MissingTensorError,
@@ -42,6 +45,9 @@ from model.spec import FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, ModelSpec, Tensor
 
 METADATA_KEY = "bnnserve"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+# Deepest nesting of arrays/objects in the header or the metadata document. A valid artifact
+# nests 5 deep; a deeper one is hostile (Python's JSON parser recurses).
+MAX_JSON_DEPTH = 32
 ARTIFACT_FILENAME = "model.safetensors"
 
 # safetensors dtype tag <-> numpy dtype, one table for both directions.
@@ -81,6 +87,7 @@ def encode_artifact(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> bytes
     arrays = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
     expected = spec.expected_tensors()
     _check_tensor_set(expected, {n: (a.shape, _tag_of(n, a)) for n, a in arrays.items()})
+    check_model_content(spec, arrays)
     doc = spec.to_json()
     doc["tensors"] = {name: _tensor_record(expected[name], arrays[name]) for name in sorted(arrays)}
     metadata = {METADATA_KEY: json.dumps(doc, sort_keys=True, separators=(",", ":"))}
@@ -130,6 +137,7 @@ def decode_artifact(data: bytes, *, verify_checksums: bool = True) -> Artifact:
             _verify_checksum(name, raw, records.get(name))
         array = np.frombuffer(raw, dtype=DTYPES[entry["dtype"]]).reshape(entry["shape"])
         tensors[name] = array
+    check_model_content(spec, tensors)
     return Artifact(spec=spec, tensors=tensors, size_bytes=len(data))
 
 
@@ -152,15 +160,47 @@ def _parse_header(data: bytes) -> tuple[dict[str, Any], int]:
         raise TruncatedArtifactError(
             f"header declares {length} bytes but the file ends after {len(data) - 8}"
         )
-    try:
-        header = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NotSafetensorsError(
-            f"not a safetensors file: header is not valid JSON ({exc})"
-        ) from None
+    header = _json_loads(data[8 : 8 + length], "header")
     if not isinstance(header, dict):
         raise NotSafetensorsError("not a safetensors file: header is not a JSON object")
     return header, 8 + length
+
+
+def _json_loads(text: bytes | str, what: str) -> Any:
+    """Parse ``text``; NotSafetensorsError if it is not JSON, HeaderTooDeepError if it nests
+    deeper than MAX_JSON_DEPTH (the parser's RecursionError included)."""
+    try:
+        value = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NotSafetensorsError(
+            f"not a safetensors file: {what} is not valid JSON ({exc})"
+        ) from None
+    except RecursionError:
+        value = None
+    else:
+        if _json_depth(value) <= MAX_JSON_DEPTH:
+            return value
+    raise HeaderTooDeepError(
+        f"{what} nests arrays/objects deeper than {MAX_JSON_DEPTH} levels; a bnnserve "
+        "artifact needs 5"
+    )
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (0 for a scalar, 1 for ``[]``), level by level without
+    recursion; stops counting past MAX_JSON_DEPTH."""
+    depth, level = 0, [value]
+    while depth <= MAX_JSON_DEPTH:
+        containers = [node for node in level if isinstance(node, dict | list)]
+        if not containers:
+            break
+        depth += 1
+        level = [
+            child
+            for node in containers
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+    return depth
 
 
 def _tensor_entries(header: dict[str, Any], data_size: int) -> dict[str, dict[str, Any]]:
@@ -170,13 +210,13 @@ def _tensor_entries(header: dict[str, Any], data_size: int) -> dict[str, dict[st
     for name, entry in entries.items():
         if not (isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= entry.keys()):
             raise NotSafetensorsError(f"tensor {name!r}: entry needs dtype, shape and data_offsets")
-        if entry["dtype"] not in DTYPES:
-            raise TensorDtypeError(f"tensor {name!r}: unsupported dtype {entry['dtype']!r}")
+        if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPES:
+            raise TensorDtypeError(f"tensor {name!r}: unsupported dtype {entry['dtype']!r:.40}")
         shape, offsets = entry["shape"], entry["data_offsets"]
         if not _is_int_list(shape, 0) or not _is_int_list(offsets, 2):
             raise NotSafetensorsError(f"tensor {name!r}: malformed shape or data_offsets")
         begin, end = offsets
-        expected_size = int(np.prod(shape, dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize
+        expected_size = math.prod(shape) * DTYPES[entry["dtype"]].itemsize  # exact, any size
         if end - begin != expected_size or begin > end:
             raise NotSafetensorsError(
                 f"tensor {name!r}: data_offsets span {end - begin} bytes, "
@@ -213,10 +253,14 @@ def _metadata_doc(header: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedFormatVersionError(
             f"not a bnnserve artifact: no __metadata__[{METADATA_KEY!r}] entry in the header"
         )
+    if not isinstance(metadata[METADATA_KEY], str):
+        raise InvalidSpecError(f"metadata {METADATA_KEY!r} must be a JSON string")
     try:
-        doc = json.loads(metadata[METADATA_KEY])
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise InvalidSpecError(f"metadata {METADATA_KEY!r} is not valid JSON ({exc})") from None
+        doc = _json_loads(metadata[METADATA_KEY], f"metadata {METADATA_KEY!r}")
+    except NotSafetensorsError as exc:
+        if isinstance(exc, HeaderTooDeepError):
+            raise
+        raise InvalidSpecError(f"metadata {METADATA_KEY!r} is not valid JSON") from None
     if not isinstance(doc, dict):
         raise InvalidSpecError(f"metadata {METADATA_KEY!r} must be a JSON object")
     if doc.get("format") != FORMAT_NAME:
@@ -224,7 +268,7 @@ def _metadata_doc(header: dict[str, Any]) -> dict[str, Any]:
             f"format is {doc.get('format')!r}; expected {FORMAT_NAME!r}"
         )
     version = doc.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
         raise UnsupportedFormatVersionError(
             f"format_version {version!r} is not supported; this reader supports "
             f"{sorted(SUPPORTED_FORMAT_VERSIONS)}"

@@ -60,6 +60,49 @@ class ChecksumMismatchError(ArtifactError):
     """A tensor's or file's bytes do not match the recorded sha256."""
 
 
+class HeaderTooDeepError(NotSafetensorsError):
+    """The JSON header (or the metadata document in it) nests deeper than the reader allows."""
+
+
+class DimensionTooLargeError(InvalidSpecError):
+    """A size in the layer graph or input shape exceeds the largest the engine indexes."""
+
+
+class InvalidInputShapeError(InvalidSpecError):
+    """``input.shape`` is not a non-empty list of positive integers."""
+
+
+class InvalidValueRangeError(InvalidSpecError):
+    """``input.value_range`` is not null or ``[low, high]`` of finite numbers with low ≤ high."""
+
+
+class InvalidLabelsError(InvalidSpecError):
+    """``labels`` is not a list of distinct, non-empty strings."""
+
+
+# --- model content (valid container and graph, poisonous numbers) ------------------------------
+class ModelContentError(ArtifactError):
+    """The file is well-formed but its numbers would make the model answer wrongly."""
+
+
+class NonFiniteTensorError(ModelContentError):
+    """A float tensor holds NaN or ±infinity."""
+
+
+class InvalidBatchNormError(ModelContentError):
+    """A BatchNorm has a negative ``running_var``, an ``eps`` that is not finite and > 0, or
+    statistics that fold into non-finite per-channel coefficients."""
+
+
+class ModelTooLargeError(ModelContentError):
+    """The model's weights plus activations at the largest allowed batch exceed the memory
+    limit (``BNN_MAX_MODEL_MEMORY_BYTES``)."""
+
+
+class NonFiniteOutputError(ModelContentError):
+    """The model produced NaN or ±infinity on the warm-up batch."""
+
+
 # --- model repository ----------------------------------------------------------------------------
 class RepositoryError(BnnError):
     """The model repository is unusable or an operation on it failed."""
@@ -96,6 +139,11 @@ class LinkOutsideRepositoryError(UnsafeRepositoryEntryError):
 # --- inference -----------------------------------------------------------------------------------
 class InvalidInputError(BnnError):
     """An input tensor has the wrong shape, dtype or values (NaN, infinity)."""
+
+
+class InputOutOfRangeError(InvalidInputError):
+    """Finite input values drove the model's logits to NaN or infinity (far outside the
+    ``value_range`` the model was validated on)."""
 
 
 class DeviceUnavailableError(BnnError):

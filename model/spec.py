@@ -25,11 +25,20 @@ with ``pad_value``.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from model.errors import InvalidSpecError, UnknownLayerError
+from model.errors import (
+    DimensionTooLargeError,
+    InvalidBatchNormError,
+    InvalidInputShapeError,
+    InvalidLabelsError,
+    InvalidSpecError,
+    InvalidValueRangeError,
+    UnknownLayerError,
+)
 from model.packing import packed_shape
 from model.quantizers import SIGN, binarizer_for, check_kernel_quantizer
 
@@ -40,6 +49,11 @@ FLOAT32 = "F32"
 UINT64 = "U64"
 
 _LAYER_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+# The largest size of any one dimension (features, channels, kernel, stride, padding, input
+# dims): the kernels index with 32-bit signed integers, and Python's unbounded ints must not
+# reach numpy (OverflowError) or an allocation.
+MAX_DIMENSION = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # float(np.finfo(np.float32).max)
 Shape = tuple[int, ...]
 
 
@@ -227,7 +241,13 @@ class ModelSpec:
             _expect(bool(_LAYER_NAME.match(layer.name)), layer, "name must match [A-Za-z0-9_]+")
             _expect(layer.name not in seen, layer, "layer names must be unique")
             seen.add(layer.name)
+            _check_field_types(layer)
             _check_quantizers(layer)
+        _input_shape_from_json(list(self.input.shape))
+        _value_range_from_json(
+            None if self.input.value_range is None else list(self.input.value_range)
+        )
+        _labels_from_json(list(self.labels))
         final = self.layer_shapes()[-1][1]
         if final != (len(self.labels),):
             raise InvalidSpecError(
@@ -257,7 +277,7 @@ class ModelSpec:
                 name=_typed(doc, "name", str),
                 architecture=_typed(doc, "architecture", str),
                 input=_input_from_json(_typed(doc, "input", dict)),
-                labels=tuple(str(label) for label in _typed(doc, "labels", list)),
+                labels=_labels_from_json(_typed(doc, "labels", list)),
                 layers=tuple(layer_from_json(item) for item in _typed(doc, "layers", list)),
                 output_name=_typed(doc.get("output", {}), "name", str, default="logits"),
                 training=_typed(doc, "training", dict, default={}),
@@ -329,38 +349,97 @@ def _check_quantizers(layer: Layer) -> None:
 
 
 def _check_field_types(layer: Layer) -> None:
+    if isinstance(layer, BatchNorm) and not (
+        isinstance(layer.eps, int | float) and math.isfinite(layer.eps) and layer.eps > 0
+    ):
+        raise InvalidBatchNormError(
+            f"layer {layer.name!r} (batchnorm): eps is {layer.eps!r:.40}; expected a finite "
+            "number > 0 (it keeps 1/sqrt(running_var + eps) finite)"
+        )
     for name, f in layer.__dataclass_fields__.items():
         value = getattr(layer, name)
         if name in ("input_quantizer", "kernel_quantizer"):
             ok = value is None or isinstance(value, str)
         elif f.type in ("int",):
-            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            ok = _is_int(value) and value > 0
         elif f.type == "tuple[int, int]":
-            ok = len(value) == 2 and all(isinstance(v, int) and v >= 0 for v in value)
+            ok = isinstance(value, tuple) and len(value) == 2
+            ok = ok and all(_is_int(v) and v >= 0 for v in value)
         elif f.type == "bool":
             ok = isinstance(value, bool)
         elif f.type == "float":
             ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value)
         else:
             ok = isinstance(value, str)
-        _expect(ok, layer, f"field {name!r} has invalid value {value!r} (expected {f.type})")
+        _expect(ok, layer, f"field {name!r} has invalid value {value!r:.80} (expected {f.type})")
+        sizes = value if f.type == "tuple[int, int]" else (value,) if f.type == "int" else ()
+        if any(size > MAX_DIMENSION for size in sizes):
+            raise DimensionTooLargeError(
+                f"layer {layer.name!r} ({layer.kind}): field {name!r} is {value!r}; "
+                f"expected at most {MAX_DIMENSION}"
+            )
     for name in ("kernel_size", "stride"):
         if hasattr(layer, name):
             _expect(all(getattr(layer, name)), layer, f"{name} must be positive")
 
 
 def _input_from_json(doc: dict[str, Any]) -> InputSpec:
-    shape = tuple(int(d) for d in _typed(doc, "shape", list))
-    if not shape or any(d <= 0 for d in shape):
-        raise InvalidSpecError(f"input shape must be positive dimensions, got {list(shape)}")
-    value_range = doc.get("value_range")
+    integer_valued = doc.get("integer_valued", False)
+    if not isinstance(integer_valued, bool):
+        raise InvalidSpecError(
+            f"input 'integer_valued' must be true or false, got {integer_valued!r:.40}"
+        )
     return InputSpec(
         name=_typed(doc, "name", str, default="input"),
-        shape=shape,
+        shape=_input_shape_from_json(_typed(doc, "shape", list)),
         datatype=_typed(doc, "datatype", str, default="FP32"),
-        value_range=None if value_range is None else (float(value_range[0]), float(value_range[1])),
-        integer_valued=bool(doc.get("integer_valued", False)),
+        value_range=_value_range_from_json(doc.get("value_range")),
+        integer_valued=integer_valued,
     )
+
+
+def _input_shape_from_json(shape: list[Any]) -> Shape:
+    """``[d1, ..., dk]``, 1 ≤ k, 1 ≤ dᵢ ≤ MAX_DIMENSION, integers (not floats or booleans)."""
+    if not shape or not all(_is_int(d) and d > 0 for d in shape):
+        raise InvalidInputShapeError(
+            f"input shape must be a non-empty list of positive integers, got {shape!r:.80}"
+        )
+    if any(d > MAX_DIMENSION for d in shape):
+        raise DimensionTooLargeError(
+            f"input shape {shape!r:.80} has a dimension above {MAX_DIMENSION}"
+        )
+    return tuple(shape)
+
+
+def _value_range_from_json(value: Any) -> tuple[float, float] | None:
+    """null, or ``[low, high]``: two numbers with low ≤ high, finite in float32 (the engine's
+    input type: |v| ≤ 3.4028235e38)."""
+    if value is None:
+        return None
+    ok = isinstance(value, list) and len(value) == 2
+    ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ok = ok and all(abs(v) <= FLOAT32_MAX for v in value) and float(value[0]) <= float(value[1])
+    if not ok:
+        raise InvalidValueRangeError(
+            f"input value_range must be null or [low, high] with low <= high, both finite in "
+            f"float32 (at most {FLOAT32_MAX:.8g} in magnitude), got {value!r:.80}"
+        )
+    return float(value[0]), float(value[1])
+
+
+def _labels_from_json(labels: list[Any]) -> tuple[str, ...]:
+    """Distinct, non-empty strings: ``labels[i]`` names output column i."""
+    if not all(isinstance(label, str) and label for label in labels):
+        raise InvalidLabelsError(f"labels must be non-empty strings, got {labels!r:.80}")
+    if len(set(labels)) != len(labels):
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        raise InvalidLabelsError(f"labels must be distinct; repeated: {repeated!r:.80}")
+    return tuple(labels)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _typed(doc: Any, key: str, kind: type, default: Any = ...) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from model.engine import check_finite_logits
 from model.errors import BnnError, InvalidInputError
 from service.decoding import RequestDecoder
 from service.errors import status_for
@@ -171,6 +172,7 @@ class DataPlane:
             rows = conform_input(request.inputs, served.input_spec, self.settings.max_request_batch)
             names = check_output_names(request.outputs, served.logits_name)  # before the engine
             logits = await served.batcher.submit(rows)  # (n, classes) float32
+            check_finite_logits(logits, served.input_spec)  # per request, not per batch
             tensors = derive_outputs(names, logits, served.labels, served.logits_name)
             status = 200
             self.metrics.inference_latency.labels(name, version_label).observe(

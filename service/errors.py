@@ -66,6 +66,12 @@ class OverloadedError(ServiceError):
     retry_after_s = 1
 
 
+class NonFiniteResponseError(ServiceError):
+    """A response would carry NaN or infinity, which JSON cannot. Unreachable by design (model
+    content and warm-up logits are checked at load; logits an input drives out of range are a
+    400), so it is not in the table: a bug, answered 500 and logged with its traceback."""
+
+
 class RequestTimeoutError(ServiceError):
     """The request did not finish within BNN_REQUEST_TIMEOUT_S."""
 

@@ -38,6 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from model.engine.memory import MemoryLimit
 from model.errors import BnnError, ModelNotFoundError
 from model.repository import ModelVersion, list_models, list_versions, resolve, verify_version
 from service.batcher import DynamicBatcher
@@ -51,7 +52,7 @@ from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 log = logging.getLogger("service.registry")
-Loader = Callable[..., Any]  # load_model(path, device=...) -> compiled model
+Loader = Callable[..., Any]  # load_model(path, device=..., memory_limit=...) -> compiled model
 
 
 class ModelState(StrEnum):
@@ -499,7 +500,15 @@ class ModelRegistry:
     def _open(self, model_version: ModelVersion) -> Any:
         """Blocking: check the manifest's sizes and sha256s, load and compile, warm up."""
         verify_version(model_version.path, root=self._repo)
-        engine = self._loader(model_version.artifact_path, device=self._settings.device)
+        settings = self._settings
+        # A request larger than max_batch_size runs alone, so one call gets up to the larger.
+        limit = MemoryLimit(
+            settings.max_model_memory_bytes,
+            max(settings.max_batch_size, settings.max_request_batch),
+        )
+        engine = self._loader(
+            model_version.artifact_path, device=settings.device, memory_limit=limit
+        )
         if self._settings.warmup:
             engine.warmup(batch_sizes=self._settings.served_batch_sizes)
         return engine

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
         description="Request JSON longer than this is decoded in a worker process, off the "
         "event loop",
     )
+    max_model_memory_bytes: int = Field(
+        4 * 1024**3,
+        ge=1,
+        description="A version whose weights plus activations at the largest engine call "
+        "(max of max_batch_size and max_request_batch rows) may need more is refused at load",
+    )
     api_key: SecretStr | None = Field(
         None, description="When set, 'Authorization: Bearer <key>' is required except on health"
     )

@@ -123,9 +123,9 @@ def good_artifact() -> bytes:
 
 
 def hostile_artifacts() -> dict[str, bytes]:
-    data = good_artifact()
+    data, good = good_artifact(), tiny_tensors()
     cases = {
-        name: replace_tensor(data, tensor, edit)
+        name: replace_tensor(data, tensor, edit(good[tensor].copy()))
         for name, (tensor, edit) in POISONED_TENSORS.items()
     }
     cases |= {name: rewrite_metadata(data, edit) for name, edit in POISONED_SPECS.items()}

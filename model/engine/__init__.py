@@ -33,14 +33,22 @@ import numpy as np
 
 from model.artifact import ARTIFACT_FILENAME, read_artifact
 from model.engine.device_choice import DeviceChoice, choose_device, time_calls
+from model.engine.memory import MemoryLimit, check_memory
 from model.engine.program import Program, compile_program
-from model.errors import DeviceUnavailableError, InvalidInputError
+from model.errors import (
+    DeviceUnavailableError,
+    InputOutOfRangeError,
+    InvalidInputError,
+    NonFiniteOutputError,
+)
 from model.spec import InputSpec, ModelSpec
 
 __all__ = [
     "BACKENDS",
     "CompiledModel",
     "Executor",
+    "MemoryLimit",
+    "check_finite_logits",
     "load_model",
     "probe_gpu",
     "resolve_device",
@@ -158,18 +166,52 @@ class CompiledModel:
         )
 
     def warmup(self, batch_sizes: Iterable[int] = (1, 64)) -> float:
-        """Compile (or load cached) kernels and run each batch size once; returns seconds."""
+        """Compile (or load cached) kernels and run each batch size once; returns seconds.
+
+        The inputs are drawn from ``input.value_range``; NonFiniteOutputError if any logit is
+        NaN or infinite (weights that overflow float32 on the data the model was made for)."""
         start = time.perf_counter()
         for x in warmup_inputs(self.spec.input, batch_sizes):
-            self.predict(x)
+            with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+                logits = self.predict(x)
+            self._check_finite_output(logits)
         self.warmup_seconds = time.perf_counter() - start
         return self.warmup_seconds
+
+    def _check_finite_output(self, logits: np.ndarray) -> None:
+        bad = ~np.isfinite(logits)
+        if bad.any():
+            row, column = np.argwhere(bad)[0].tolist()
+            raise NonFiniteOutputError(
+                f"model {self.spec.name!r} gave {logits[row, column]} for label "
+                f"{self.labels[column]!r} (row {row} of a warm-up batch of {len(logits)} drawn "
+                f"from value_range {self.spec.input.value_range}); expected finite logits"
+            )
 
     def __repr__(self) -> str:
         return (
             f"CompiledModel({self.spec.name!r}, device={self.device!r}, "
             f"backend={self.backend!r}, memory_bytes={self.memory_bytes})"
         )
+
+
+def check_finite_logits(logits: np.ndarray, input_spec: InputSpec) -> None:
+    """InputOutOfRangeError naming the first instance whose logits are NaN or infinite.
+
+    A model serves only after its content was checked and its warm-up logits, on inputs drawn
+    from ``value_range``, were finite: non-finite logits then come from an input far outside
+    that range (e.g. 3e38 into a real-valued layer), the client's to correct.
+    """
+    finite = np.isfinite(logits)
+    if finite.all():
+        return
+    row = int(np.argmin(finite.all(axis=1)))
+    trained = input_spec.value_range
+    expected = f"; the model expects values in {list(trained)}" if trained else ""
+    raise InputOutOfRangeError(
+        f"input {input_spec.name!r}: instance {row} drives the model's logits out of float32 "
+        f"range (NaN or infinity){expected}"
+    )
 
 
 def load_model(
@@ -179,13 +221,17 @@ def load_model(
     *,
     batch_sizes: Iterable[int] = (1, 64),
     max_batch: int | None = None,
-    max_memory_bytes: int | None = None,
+    memory_limit: MemoryLimit | None = MemoryLimit(),  # noqa: B008 (frozen, shared safely)
 ) -> CompiledModel:
     """Read an artifact (a file, or a version directory holding ``model.safetensors``), compile
-    it for ``device`` and return the :class:`CompiledModel`. ``batch_sizes``: the batch sizes
-    the model will serve (``auto`` measures them). ``max_batch``: the largest call the torch
-    backend prepares for and counts in its memory (default: the largest of ``batch_sizes``).
-    ``max_memory_bytes``: the torch backend refuses a model needing more device memory."""
+    it for ``device`` and return the :class:`CompiledModel`.
+
+    ``batch_sizes``: the batch sizes the model will serve (``auto`` measures them).
+    ``max_batch``: the largest call the torch backend prepares for and counts in its memory
+    (default: the largest of ``batch_sizes``). ``memory_limit``: refuse (ModelTooLargeError),
+    before compiling, a model whose memory bound at ``memory_limit.max_batch`` rows exceeds
+    ``memory_limit.max_bytes`` (:mod:`model.engine.memory`); the torch backend also refuses a
+    model whose measured device memory exceeds it. None = no limit."""
     start = time.perf_counter()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -198,11 +244,15 @@ def load_model(
     if path.is_dir():
         path = path / ARTIFACT_FILENAME
     artifact = read_artifact(path)
+    if memory_limit is not None:
+        # Under auto with a GPU present the torch backend is a candidate: bound it too.
+        on_cpu_engine = gpu in ("cpu", None) and backend in ("auto", "numba")
+        check_memory(artifact.spec, memory_limit, "numba" if on_cpu_engine else "torch")
     program = compile_program(artifact.spec, artifact.tensors)
     options = {
         "input_range": artifact.spec.input.value_range,
         "max_batch": max_batch or max(batch_sizes),
-        "max_memory_bytes": max_memory_bytes,
+        "max_memory_bytes": memory_limit.max_bytes if memory_limit else None,
     }
     choice = None
     if device != "auto":
@@ -307,11 +357,10 @@ def warmup_inputs(spec: InputSpec, batch_sizes: Iterable[int]) -> list[np.ndarra
     inputs = []
     for size in batch_sizes:
         shape = (int(size), *spec.shape)
+        x = rng.uniform(low, high, size=shape)  # float64: any float32 range fits
         if spec.integer_valued:
-            x = rng.integers(int(low), int(high) + 1, size=shape).astype(np.float32)
-        else:
-            x = rng.uniform(low, high, size=shape).astype(np.float32)
-        inputs.append(x)
+            x = np.round(x)
+        inputs.append(x.astype(np.float32))
     return inputs
 
 

@@ -317,7 +317,7 @@ def compile_program(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> Progr
         first = all(isinstance(earlier, Flatten) for earlier in layers[:i])  # sees raw input
         out_shape = shapes[i][1]
         quantizer = None if consumer is None else consumer.input_quantizer
-        foldable = quantizer is not None and _foldable(tail, out_shape)
+        foldable = quantizer is not None and foldable_tail(tail, out_shape)
         producer = _producer(layer, state, tensors, out_shape, first, spec)
         if foldable:
             binarizer = binarizer_for(quantizer)
@@ -378,7 +378,12 @@ def _prepare_input(state: Bits | Real, layer: Dense | Conv2d) -> tuple[Bits | Re
         thresholds = fold_batchnorm_into_thresholds([], binarizer, 1, integer=False)
         cut = np.full(channels, thresholds.cut[0], np.float64)
         invert = np.full(channels, bit_invert(thresholds, binarizer)[0], np.uint8)
-        return bits, [Quantize(Decide(cut=cut, invert=invert, pools=(), out=bits))]
+        quantize = Quantize(Decide(cut=cut, invert=invert, pools=(), out=bits))
+        if layer.kernel_quantizer is None and isinstance(layer, Conv2d):
+            # real weights: convolve the quantized values (±1 or {0, 1}) as real numbers
+            real = Real(state.shape)
+            return real, [quantize, Unpack(input=bits, out=real)]
+        return bits, [quantize]
     if layer.input_quantizer is None and isinstance(state, Bits):  # pragma: no cover
         raise AssertionError("bits are only produced for a quantizing consumer")
     if isinstance(state, Bits) and layer.kernel_quantizer is None and isinstance(layer, Conv2d):
@@ -555,7 +560,7 @@ def _pad_words(pad_value: float, binarizer: Binarizer, channels: int) -> np.ndar
 
 
 # --- helpers: epilogues ---------------------------------------------------------------------------
-def _foldable(tail: tuple[Layer, ...], out_shape: Shape) -> bool:
+def foldable_tail(tail: tuple[Layer, ...], out_shape: Shape) -> bool:
     """BatchNorm / max-pool / flatten in the producer's channel space fold into thresholds."""
     flattened = False
     for layer in tail:

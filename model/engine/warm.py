@@ -93,7 +93,8 @@ def warm(paths: list[Path], scratch: Path) -> list[tuple[str, float]]:
     targets += [artifact for path in paths for artifact in _artifacts_under(path)]
     timings = []
     for path in targets:
-        model = load_model(path, device="cpu")
+        # a few rows per call here; the server checks its own memory limit when it loads
+        model = load_model(path, device="cpu", memory_limit=None)
         # small batches run the serial kernels, serial_rows and more the helper team's (dense
         # models) or the parallel ones, and a dense model's calls past TEAM_WORK_LIMIT the
         # parallel ones

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from model.artifact import encode_artifact, read_artifact
+from model.engine.memory import MemoryLimit, check_memory
 from model.errors import InvalidInputError
 from model.repository import ModelVersion, publish
 from tests.model.factory import tiny_spec, tiny_tensors
@@ -24,8 +25,16 @@ class LinearModel:
 
     backend = "numpy-reference"
 
-    def __init__(self, path: Path, device: str = "cpu", delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        device: str = "cpu",
+        delay_s: float = 0.0,
+        memory_limit: MemoryLimit | None = None,
+    ) -> None:
         artifact = read_artifact(path)
+        if memory_limit is not None:  # the engine's check, on the artifact's own graph
+            check_memory(artifact.spec, memory_limit)
         self.spec = artifact.spec
         self.input_spec = artifact.spec.input
         self.labels = artifact.spec.labels

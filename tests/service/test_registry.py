@@ -91,7 +91,8 @@ def test_poller_picks_up_new_versions_without_a_request(make_client, repo):
 
 def test_hot_swap_under_load_fails_no_request(make_client, repo):
     client = make_client(
-        poll_interval_s=0.05, loader=lambda p, device: LinearModel(p, device, 0.002)
+        poll_interval_s=0.05,
+        loader=lambda p, device, **options: LinearModel(p, device, 0.002, **options),
     )
     statuses: list[int] = []
     versions: set[str] = set()
@@ -178,10 +179,10 @@ def test_corrupt_only_version_at_start_serves_the_previous_one(make_client, repo
 def test_a_loader_that_crashes_refuses_the_version_instead_of_hanging(make_client, repo):
     publish_tiny(repo, "tiny", seed=1)
 
-    def loader(path, device):
+    def loader(path, device, **options):
         if "/2/" in str(path):
             raise ValueError("numba exploded")
-        return LinearModel(path, device)
+        return LinearModel(path, device, **options)
 
     client = make_client(loader=loader)
     assert infer(client).json()["model_version"] == "1"
@@ -391,6 +392,8 @@ def test_a_version_loaded_on_request_then_loaded_again_is_compiled_once(make_cli
     assert registry.get("tiny") is on_request  # the same engine and batcher, not a copy
     client.__exit__(None, None, None)
     assert on_request.batcher._closing and old.batcher._closing
+
+
 def test_auto_device_choice_and_its_figures_are_in_the_model_metadata(make_client):
     """The real engine under BNN_DEVICE=auto: metadata says which device and why."""
     client = make_client(loader=None, device="auto", max_batch_size=8)

@@ -268,3 +268,28 @@ def test_small_calls_run_serial_kernels(mlp, monkeypatch):
     mlp.predict(np.full((rows - 1, 1, 8, 8), 0.5, np.float32))  # not integers: layer by layer
     assert seen == ["one call", "team", "team", "parallel", "one call", "serial"]
     assert numba.get_num_threads() == before
+
+
+def test_warmup_refuses_a_model_whose_logits_overflow(tmp_path):
+    """Finite weights (3e38) whose sums overflow float32: refused on the warm-up batch."""
+    from model.artifact import write_artifact
+    from model.errors import NonFiniteOutputError
+    from tests.model.factory import tiny_spec, tiny_tensors
+
+    tensors = tiny_tensors() | {"fc.weight": np.full((3, 630), 3e38, np.float32)}
+    path = tmp_path / "model.safetensors"
+    write_artifact(path, tiny_spec(), tensors)
+    model = load_model(path)
+    with pytest.raises(NonFiniteOutputError, match="label 'a'"):
+        model.warmup(batch_sizes=(1, 4))
+
+
+def test_check_finite_logits_names_the_instance_and_the_range():
+    from model.engine import check_finite_logits
+    from model.errors import InputOutOfRangeError
+
+    spec = InputSpec(shape=(4,), value_range=(0.0, 1.0))
+    check_finite_logits(np.zeros((3, 2), np.float32), spec)
+    logits = np.array([[0.0, 1.0], [np.inf, 0.0], [np.nan, 0.0]], np.float32)
+    with pytest.raises(InputOutOfRangeError, match=r"instance 1 .*\[0\.0, 1\.0\]"):
+        check_finite_logits(logits, spec)

@@ -86,6 +86,15 @@ GRAPHS = {
         ],
         InputSpec(shape=(1, 8, 8), value_range=(-3.0, 3.0), integer_valued=True),
     ),
+    "quantized-input-real-weight-conv": spec_of(
+        [
+            Conv2d("c0", 1, 7, input_quantizer="ste_sign", pad_value=-1.0),  # sign(x), real W
+            BatchNorm("b0", 7),
+            Flatten("f"),
+            Dense("out", 7 * 8 * 8, 10, input_quantizer="ste_sign"),
+        ],
+        InputSpec(shape=(1, 8, 8), value_range=(-8.0, 8.0), integer_valued=True),
+    ),
     "batchnorm-after-flatten": spec_of(
         [
             Conv2d("c0", 1, 5, pad_value=0.0),
