@@ -90,10 +90,6 @@ POISONED_TENSORS = {
     "infinite BatchNorm bias": ("bn1.bias", lambda a: np.full_like(a, -np.inf)),
     "nan XNOR scale": ("conv1.scale", lambda a: np.full_like(a, np.nan)),
     "infinite output weight": ("fc.weight", lambda a: np.full_like(a, np.inf)),
-    "BatchNorm weight so small its folded threshold overflows": (
-        "bn1.weight",
-        lambda a: np.full_like(a, 1e-45),
-    ),
 }
 
 POISONED_SPECS = {
@@ -305,7 +301,11 @@ def _binary(shape, datatype="UINT8", blob=b"", header_length=None, **extra):
         }
     ).encode()
     length = str(len(header)) if header_length is None else header_length
-    return {"content": header + blob, "headers": {"Inference-Header-Content-Length": length}}
+    # Non-ASCII digits go out as their UTF-8 bytes, as a hostile client would send them.
+    return {
+        "content": header + blob,
+        "headers": {"Inference-Header-Content-Length": length.encode()},
+    }
 
 
 INFER = f"/v2/models/{NAME}/infer"
@@ -353,7 +353,15 @@ HOSTILE_REQUESTS = {
         INFER,
         {"json": {"inputs": [{"name": "x", "shape": ROW, "datatype": "UINT8", "data": [0] * 36}]}},
     ),
-    "value outside the trained range": (INFER, {"json": _v2(ROW, [10**6] * 36, datatype="INT64")}),
+    "Infinity token in data": (
+        INFER,
+        {
+            "content": b'{"inputs":[{"name":"input","shape":[1,1,6,6],"datatype":"FP32","data":['
+            + b"Infinity," * 35
+            + b"-Infinity]}]}"
+        },
+    ),
+    "data as strings": (INFER, {"json": _v2(ROW, ["0"] * 36, datatype="FP32")}),
     "parameters as a list": (INFER, {"json": _v2(ROW, parameters=[1, 2])}),
     "batch over the request limit": (INFER, {"json": _v2([1025, 1, 6, 6])}),
     "250k empty BYTES elements": (
