@@ -18,7 +18,7 @@ from service.openapi import install_openapi
 from service.protocol.rest import PredictRequest
 from service.protocol.v2 import InferenceRequest, RepositoryIndexRequest
 from service.registry import Loader, ModelRegistry
-from service.routes import InferenceDispatch, health, repository, rest, v2
+from service.routes import health, repository, rest, v2
 from service.routes import metrics as metrics_routes
 from service.settings import Settings
 
@@ -34,17 +34,13 @@ Every error body is `{"error": "..."}`. When `BNN_API_KEY` is set, send
 
 class ServingApp(FastAPI):
     """FastAPI with the service's own layers outermost: the request context (request id, access
-    log, HTTP metrics, last-resort 500), the body limit, and :class:`InferenceDispatch`, which
-    serves the inference POSTs itself. Every other request goes on into FastAPI's stack (error,
-    telemetry, body-size and exception middleware, router); the inference requests skip it
-    (see service.routes)."""
+    log, HTTP metrics, last-resort 500) and the body limit. Inside them every request, inference
+    included, takes FastAPI's one path: its error middleware, the middleware users add with
+    ``add_middleware`` (CORS, tracing...), exception handling, and the router."""
 
     def build_middleware_stack(self) -> ASGIApp:
         settings: Settings = self.state.settings
-        handlers = [*v2.INFERENCE_HANDLERS, *rest.INFERENCE_HANDLERS]
-        app = InferenceDispatch(
-            super().build_middleware_stack(), handlers, self.state.dataplane, self.state.api_key
-        )
+        app = super().build_middleware_stack()
         app = BodySizeLimitMiddleware(app, max_body_bytes=settings.max_body_bytes)
         return RequestContextMiddleware(
             app, metrics=self.state.metrics, access_log_enabled=settings.access_log

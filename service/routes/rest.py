@@ -20,7 +20,7 @@ from service.protocol.rest import (
     decode_predict_request,
     encode_predictions,
 )
-from service.routes import Reply, document_inference, optional_version
+from service.routes import Reply, add_inference_routes, optional_version
 
 router = APIRouter(prefix="/v1", tags=["simple REST"])
 
@@ -33,8 +33,8 @@ async def list_models(dataplane: DataPlaneDep) -> dict:
 async def predict(
     dataplane: DataPlane, params: dict[str, str], body: bytes, header_length: str | None
 ) -> Reply:
-    """``{"instances": [...]}`` → ``{"predictions": [...]}`` (served by
-    service.routes.InferenceDispatch; ``header_length`` is a V2 header, unused here)."""
+    """``{"instances": [...]}`` → ``{"predictions": [...]}`` (``header_length``,
+    a V2 header, is unused here)."""
     tensor = decode_predict_request(body)
     result = await dataplane.infer(
         params["name"], optional_version(params.get("version")), [tensor], OUTPUTS, protocol="v1"
@@ -46,9 +46,8 @@ async def predict(
 
 
 PREDICT_PATHS = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")
-INFERENCE_HANDLERS = [(path, predict) for path in PREDICT_PATHS]
 
-document_inference(
+add_inference_routes(
     router,
     predict,
     [

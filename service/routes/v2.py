@@ -21,7 +21,7 @@ from service.protocol.v2 import (
     ModelMetadataResponse,
     ModelReadyResponse,
 )
-from service.routes import Reply, document_inference, optional_version
+from service.routes import Reply, add_inference_routes, optional_version
 
 router = APIRouter(tags=["v2 models"])
 _ERRORS = error_responses(400, 401, 404, 503)
@@ -32,7 +32,7 @@ async def infer(
     dataplane: DataPlane, params: dict[str, str], body: bytes, header_length: str | None
 ) -> Reply:
     """V2 inference: JSON tensors, or a JSON header of ``header_length`` bytes followed by
-    binary tensor data (served by service.routes.InferenceDispatch)."""
+    binary tensor data."""
     infer_request, tensors = codec.decode_infer_request(body, header_length)
     names, binary = codec.requested_outputs(infer_request)
     result = await dataplane.infer(
@@ -48,8 +48,7 @@ async def infer(
 
 
 INFERENCE_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
-INFERENCE_HANDLERS = [(path, infer) for path in INFERENCE_PATHS]
-document_inference(
+add_inference_routes(
     router,
     infer,
     list(
