@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_REPO ?= models
 DEFAULT_MODEL ?= digits-mlp
 
-.PHONY: install run train test lint bench default-model docker-wheels docker-build docker-test clean
+.PHONY: install run train test test-fast lint bench default-model grpc-stubs docker-wheels docker-build docker-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ lint: install
 
 bench: install
 	$(PY) -m bench
+
+# Regenerate the gRPC stubs (committed) from the vendored proto; grpcio-tools is a dev dependency.
+GRPC_PROTO := service/protocol/grpc/grpc_service.proto
+grpc-stubs: install
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(GRPC_PROTO)
 
 # Regenerate the small default model shipped in the serving image (deploy/models, kept in git).
 default-model: install

@@ -55,14 +55,23 @@ def _default_loader() -> Loader:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start loading models and polling the repository; on shutdown (after uvicorn has let
-    in-flight requests finish) stop polling and drain every batcher."""
+    """Start loading models and polling the repository, and the gRPC server when
+    ``BNN_GRPC_PORT`` is set; on shutdown (after uvicorn has let in-flight requests finish) let
+    in-flight RPCs finish, stop polling and drain every batcher."""
     registry: ModelRegistry = app.state.registry
+    dataplane: DataPlane = app.state.dataplane
     await registry.start()
+    grpc_server = None
     try:
+        if dataplane.settings.grpc_port:
+            from service.protocol.grpc.servicer import start_grpc_server  # grpc only when on
+
+            grpc_server = await start_grpc_server(dataplane, app.state.metrics, app.state.api_key)
         yield
     finally:
-        app.state.dataplane.draining = True
+        dataplane.draining = True
+        if grpc_server is not None:
+            await grpc_server.stop(dataplane.settings.graceful_shutdown_s)
         await registry.close()
 
 

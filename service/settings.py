@@ -50,9 +50,12 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run a warm-up batch before a version serves")
 
-    # --- HTTP server -----------------------------------------------------------------------
+    # --- HTTP and gRPC servers--------------------------------------------------------------
     host: str = Field("0.0.0.0", min_length=1, description="Address to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="gRPC port (V2 GRPCInferenceService); 0 = no gRPC"
+    )
     graceful_shutdown_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish"
     )

@@ -15,6 +15,7 @@ from tests.service.numpy_model import LinearModel, publish_tiny
 def make_settings(repo: Path, **overrides) -> Settings:
     """Settings for a test app, ignoring any .env and BNN_* variables of the environment."""
     values = {"model_repo": repo, "poll_interval_s": 0, "log_json": False, "access_log": False}
+    values["grpc_port"] = 0  # tests that want gRPC pick a free port
     return Settings(_env_file=None, **(values | overrides))
 
 

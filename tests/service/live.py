@@ -35,6 +35,7 @@ class ServiceProcess:
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("BNN_")}
         env |= {"BNN_MODEL_REPO": str(repo), "BNN_HOST": "127.0.0.1", "BNN_PORT": str(self.port)}
+        env["BNN_GRPC_PORT"] = "0"  # off unless a test asks for it (grpc_port=free_port())
         env |= {f"BNN_{key.upper()}": str(value) for key, value in settings.items()}
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
