@@ -23,6 +23,7 @@ from pydantic_settings import SettingsError
 from service.app import create_app
 from service.logs import configure_logging
 from service.settings import PROGRAM, describe_validation_error, settings_from_command_line
+from service.tracing import tracing_from_environment
 
 
 class GracefulServer(uvicorn.Server):
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:  # unknown flag, flag without its value
         print(f"{PROGRAM}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    try:
+        tracing = tracing_from_environment()  # the OpenTelemetry standard's OTEL_* variables
+    except ValueError as exc:
+        print(f"{PROGRAM}: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_json)
     # The engine's OpenMP workers share the cores with the event loop. Spinning while idle (the
     # OpenMP default) steals the loop's time and, on a busy machine, stalls each parallel
@@ -64,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("service").info(
         "starting bnn-serve",
         extra={"settings": settings.model_dump(mode="json", exclude={"api_key"})}
-        | {"api_key_set": settings.api_key is not None},
+        | {"api_key_set": settings.api_key is not None, "tracing": tracing.enabled},
     )
-    app = create_app(settings)
+    app = create_app(settings, tracing=tracing)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -21,6 +21,7 @@ from service.registry import Loader, ModelRegistry
 from service.routes import health, repository, rest, v2
 from service.routes import metrics as metrics_routes
 from service.settings import Settings
+from service.tracing import NO_TRACING, Tracing
 
 DESCRIPTION = """Serves bit-packed binarized neural networks from a model repository.
 
@@ -43,7 +44,10 @@ class ServingApp(FastAPI):
         app = super().build_middleware_stack()
         app = BodySizeLimitMiddleware(app, max_body_bytes=settings.max_body_bytes)
         return RequestContextMiddleware(
-            app, metrics=self.state.metrics, access_log_enabled=settings.access_log
+            app,
+            metrics=self.state.metrics,
+            access_log_enabled=settings.access_log,
+            tracing=self.state.tracing,
         )
 
 
@@ -73,12 +77,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if grpc_server is not None:
             await grpc_server.stop(dataplane.settings.graceful_shutdown_s)
         await registry.close()
+        dataplane.tracing.shutdown()
 
 
-def create_app(settings: Settings, *, loader: Loader | None = None) -> ServingApp:
+def create_app(
+    settings: Settings, *, loader: Loader | None = None, tracing: Tracing = NO_TRACING
+) -> ServingApp:
     """Build the service for ``settings``; ``loader`` (default :func:`model.load_model`) turns an
     artifact path and device into an object with ``predict``, ``warmup``, ``input_spec``,
-    ``labels`` and ``spec``."""
+    ``labels`` and ``spec``; ``tracing`` makes OpenTelemetry spans (default: none)."""
     metrics = ServiceMetrics()
     registry = ModelRegistry(settings, loader or _default_loader(), metrics)
     app = ServingApp(
@@ -90,7 +97,8 @@ def create_app(settings: Settings, *, loader: Loader | None = None) -> ServingAp
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.registry = registry
-    app.state.dataplane = DataPlane(settings, registry, metrics)
+    app.state.tracing = tracing
+    app.state.dataplane = DataPlane(settings, registry, metrics, tracing)
     app.state.api_key = (
         settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
     )

@@ -22,6 +22,7 @@ from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry, ServedModel
 from service.settings import Settings
 from service.tensors import Tensor, check_output_names, derive_outputs, output_signatures
+from service.tracing import NO_TRACING, StageTimes, Tracing
 
 SERVER_NAME = "bnnserve"
 SERVER_VERSION = "0.1.0"
@@ -42,10 +43,17 @@ class InferenceResult:
 
 
 class DataPlane:
-    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: ServiceMetrics):
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        metrics: ServiceMetrics,
+        tracing: Tracing = NO_TRACING,
+    ):
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
+        self.tracing = tracing  # the protocols' decode/encode spans come from here too
         # Set on SIGTERM: readiness turns false so that balancers stop sending. Requests already
         # accepted are still served: uvicorn stops accepting connections by itself.
         self.draining = False
@@ -156,7 +164,10 @@ class DataPlane:
             version_label = str(served.version)
             rows = conform_input(inputs, served.input_spec, self.settings.max_request_batch)
             names = check_output_names(outputs, served.logits_name)  # before the engine runs
-            logits = await served.batcher.submit(rows)  # (n, classes) float32
+            times = StageTimes() if self.tracing.enabled else None
+            logits = await served.batcher.submit(rows, times)  # (n, classes) float32
+            if times is not None:
+                self.tracing.record_batch(times, served.name, version_label)
             tensors = derive_outputs(names, logits, served.labels, served.logits_name)
             status = 200
             self.metrics.inference_latency.labels(name, version_label).observe(

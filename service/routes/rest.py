@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.dataplane import DataPlane
+from service.dataplane import DataPlane, InferenceResult
 from service.dependencies import DataPlaneDep
 from service.errors import error_responses
 from service.openapi import raw_body
@@ -35,10 +35,14 @@ async def predict(
 ) -> Reply:
     """``{"instances": [...]}`` → ``{"predictions": [...]}`` (``header_length``,
     a V2 header, is unused here)."""
-    tensor = decode_predict_request(body)
+    tensor = dataplane.tracing.run("decode", decode_predict_request, body)
     result = await dataplane.infer(
         params["name"], optional_version(params.get("version")), [tensor], OUTPUTS, protocol="v1"
     )
+    return dataplane.tracing.run("encode", _encode, result)
+
+
+def _encode(result: InferenceResult) -> Reply:
     predictions = encode_predictions(
         result.model_name, result.model_version, result.outputs, result.labels
     )

@@ -33,12 +33,15 @@ async def infer(
 ) -> Reply:
     """V2 inference: JSON tensors, or a JSON header of ``header_length`` bytes followed by
     binary tensor data."""
-    infer_request, tensors = codec.decode_infer_request(body, header_length)
+    tracing = dataplane.tracing
+    infer_request, tensors = tracing.run("decode", codec.decode_infer_request, body, header_length)
     names, binary = codec.requested_outputs(infer_request)
     result = await dataplane.infer(
         params["name"], optional_version(params.get("version")), tensors, names, protocol="v2"
     )
-    return codec.encode_infer_response(
+    return tracing.run(
+        "encode",
+        codec.encode_infer_response,
         model_name=result.model_name,
         model_version=result.model_version,
         request_id=infer_request.id,

@@ -48,9 +48,9 @@ def grpc_code_for(exc: BaseException) -> grpc.StatusCode:
 
 
 def rpc(*, protected: bool) -> Callable[[Handler], Handler]:
-    """Wrap an RPC: request id from the ``x-request-id`` metadata (or a new one), the API key
-    checked when ``protected``, errors aborted with their code, each call counted by method and
-    code in ``bnn_grpc_requests_total``."""
+    """Wrap an RPC: request id from the ``x-request-id`` metadata (or a new one), a server span
+    when tracing is on, the API key checked when ``protected``, errors aborted with their code,
+    each call counted by method and code in ``bnn_grpc_requests_total``."""
 
     def decorate(handler: Handler) -> Handler:
         method = handler.__name__
@@ -58,23 +58,15 @@ def rpc(*, protected: bool) -> Callable[[Handler], Handler]:
         @functools.wraps(handler)
         async def wrapped(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext):
             metadata = dict(context.invocation_metadata() or ())
-            request_id = request_id_from(metadata.get("x-request-id"))
-            token = request_id_var.set(request_id)
-            code = grpc.StatusCode.OK
+            token = request_id_var.set(request_id_from(metadata.get("x-request-id")))
             try:
-                if protected and self.api_key is not None:
-                    check_api_key(self.api_key, metadata.get("authorization"))
-                return await handler(self, request, context)
-            except Exception as exc:
-                code = grpc_code_for(exc)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.exception("unhandled error in gRPC %s", method)
-                    message = f"internal server error (request id {request_id})"
-                else:
-                    message = str(exc) or type(exc).__name__
-                await context.abort(code, message)
+                tracing = self.dataplane.tracing
+                if not tracing.enabled:
+                    return await self.call(handler, method, protected, request, context, metadata)
+                attributes = {"rpc.system": "grpc", "rpc.method": method}
+                with tracing.server_span(f"grpc {method}", metadata.items(), **attributes):
+                    return await self.call(handler, method, protected, request, context, metadata)
             finally:
-                self.metrics.grpc_requests.labels(method, code.name).inc()
                 request_id_var.reset(token)
 
         return wrapped
@@ -87,6 +79,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.dataplane = dataplane
         self.metrics = metrics
         self.api_key = api_key
+
+    async def call(
+        self,
+        handler: Handler,
+        method: str,
+        protected: bool,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        metadata: dict[str, str],
+    ) -> Any:
+        """``handler``'s answer, or an abort with the error's code and message."""
+        code = grpc.StatusCode.OK
+        try:
+            if protected and self.api_key is not None:
+                check_api_key(self.api_key, metadata.get("authorization"))
+            return await handler(self, request, context)
+        except Exception as exc:
+            code = grpc_code_for(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("unhandled error in gRPC %s", method)
+                message = f"internal server error (request id {request_id_var.get()})"
+            else:
+                message = str(exc) or type(exc).__name__
+            await context.abort(code, message)
+        finally:
+            self.metrics.grpc_requests.labels(method, code.name).inc()
 
     # --- health and metadata -------------------------------------------------------------
     @rpc(protected=False)
@@ -126,7 +144,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- inference -----------------------------------------------------------------------
     @rpc(protected=True)
     async def ModelInfer(self, request, context) -> pb.ModelInferResponse:
-        tensors = codec.decode_inputs(request)
+        tracing = self.dataplane.tracing
+        tensors = tracing.run("decode", codec.decode_inputs, request)
         result = await self.dataplane.infer(
             request.model_name,
             codec.model_version(request.model_version),
@@ -134,8 +153,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             codec.requested_outputs(request),
             protocol="grpc",
         )
-        return codec.encode_response(
-            result.model_name, result.model_version, request.id, result.outputs
+        return tracing.run(
+            "encode",
+            codec.encode_response,
+            result.model_name,
+            result.model_version,
+            request.id,
+            result.outputs,
         )
 
     # --- repository ----------------------------------------------------------------------
