@@ -30,6 +30,10 @@ train: install
 test: install
 	$(PY) -m pytest -q
 
+# The fast lane: unit tests only, no servers, Docker, browser, training or kernel compilation.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not docker and not kernels"
+
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

@@ -91,6 +91,7 @@ def test_main_exits_2_with_one_line_on_a_bad_value(monkeypatch, capsys):
     assert "BNN_MAX_QUEUE_SIZE='lots'" in err
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_python_dash_m_service_exits_2_on_a_bad_value():
     result = subprocess.run(
         [sys.executable, "-m", "service"],
