@@ -20,6 +20,7 @@ from service.protocol.v2 import InferenceRequest, RepositoryIndexRequest
 from service.registry import Loader, ModelRegistry
 from service.routes import health, repository, rest, v2
 from service.routes import metrics as metrics_routes
+from service.routes.playground import install_playground
 from service.settings import Settings
 from service.tracing import NO_TRACING, Tracing
 
@@ -27,6 +28,7 @@ DESCRIPTION = """Serves bit-packed binarized neural networks from a model reposi
 
 * **Open Inference Protocol (V2)** with the binary tensor data and model repository extensions.
 * **Simple REST**: `POST /v1/models/{name}:predict` with `{"instances": [...]}`.
+* **Playground**: `GET /` in a browser: draw or drop an image and see the prediction.
 
 Every error body is `{"error": "..."}`. When `BNN_API_KEY` is set, send
 `Authorization: Bearer <key>` to every endpoint except health, metrics and these docs.
@@ -107,6 +109,7 @@ def create_app(
         app.include_router(router, dependencies=protected)
     for router in (health.router, metrics_routes.router):
         app.include_router(router)
+    install_playground(app)
     install_error_handlers(app)
     install_openapi(app, [InferenceRequest, RepositoryIndexRequest, PredictRequest])
     return app

@@ -86,6 +86,7 @@ class DataPlane:
                 "device": str(getattr(served.engine, "device", "")),
                 "backend": str(getattr(served.engine, "backend", "")),
                 "value_range": list(spec.value_range) if spec.value_range else None,
+                "integer_valued": bool(getattr(spec, "integer_valued", False)),
                 "accepted_input_datatypes": list(ACCEPTED_INPUT_DATATYPES),
             },
         }

@@ -421,3 +421,28 @@ def test_a_client_that_leaves_mid_body_gets_no_answer_and_is_counted_499(client,
         'bnn_http_requests_total{method="POST",route="/v2/models/{name}/infer",status="499"} 1.0'
         in text
     )
+
+
+def test_playground_is_served_at_the_root_from_package_files(client):
+    page = client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert '<canvas id="pad"' in page.text
+    script = client.get("/static/playground.js")
+    assert script.status_code == 200
+    assert "v2/repository/index" in script.text
+    assert "http://" not in script.text and "https://" not in page.text  # no CDN
+    assert client.get("/static/missing.js").json() == {"error": "Not Found"}
+    assert "/" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_inference_reports_its_server_time(client):
+    response = client.post("/v2/models/tiny/infer", json={"inputs": [v2_input(images(1))]})
+    name, _, duration = response.headers["server-timing"].partition(";dur=")
+    assert name == "infer" and float(duration) > 0
+
+
+def test_metadata_says_whether_inputs_are_integer_valued(client):
+    parameters = client.get("/v2/models/tiny").json()["parameters"]
+    assert parameters["integer_valued"] is True
+    assert parameters["value_range"] == [0.0, 16.0]
