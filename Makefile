@@ -21,7 +21,7 @@ run: install
 	@if ! ls -d $(MODEL_REPO)/$(DEFAULT_MODEL)/[0-9]* >/dev/null 2>&1; then \
 		$(PY) -m training train --arch mlp --dataset digits --repo $(MODEL_REPO) --name $(DEFAULT_MODEL); \
 	fi
-	BNN_MODEL_REPO=$(MODEL_REPO) $(PY) -m service
+	$(PY) -m service --model-repository $(MODEL_REPO)
 
 # Train and publish a new version of the default model.
 train: install
