@@ -18,7 +18,7 @@ from service.openapi import install_openapi
 from service.protocol.rest import PredictRequest
 from service.protocol.v2 import InferenceRequest, RepositoryIndexRequest
 from service.registry import Loader, ModelRegistry
-from service.routes import health, repository, rest, v2
+from service.routes import add_inference_routes, health, repository, rest, v2
 from service.routes import metrics as metrics_routes
 from service.routes.playground import install_playground
 from service.settings import Settings
@@ -95,6 +95,10 @@ def create_app(
         version=SERVER_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry layer off: the service makes its spans itself (with the
+        # request id and the batcher's stages, service.tracing), and the layer's per-request
+        # provider look-ups cost a small model's request several percent even unconfigured.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -104,6 +108,8 @@ def create_app(
     app.state.api_key = (
         settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
     )
+    for endpoint in (v2.INFERENCE, rest.INFERENCE):  # first: matched without nesting
+        add_inference_routes(app.router, endpoint)
     protected = protected_by_key(app.state.api_key)
     for router in (v2.router, rest.router, repository.router):
         app.include_router(router, dependencies=protected)

@@ -3,18 +3,20 @@
 The inference endpoints (V2 ``infer`` and REST ``predict``) are written as
 :data:`InferenceHandler` functions: from the data plane, the path parameters, the body and the
 ``Inference-Header-Content-Length`` header to the response's content, extra headers and media
-type. :func:`add_inference_routes` registers each as an :class:`InferenceRoute` in its router:
+type. :func:`add_inference_routes` registers each as an :class:`InferenceRoute` in a router:
 an ordinary FastAPI route, so the router matches it, every middleware (the service's and any a
 user adds with ``app.add_middleware``) sees it, and ``/docs`` documents it from the same
-definition. Only the route's own handling is lean: it hands the body straight to the handler,
-without FastAPI's dependency solving and response validation, a fair share of a small model's
-whole request (docs/benchmarks.md).
+definition. Only the route's own handling is lean: it reads the body and writes the response on the
+ASGI messages, without FastAPI's dependency solving or Starlette's request and response objects,
+a fair share of a small model's whole request (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
@@ -27,6 +29,7 @@ from model.repository import parse_version
 from service.auth import check_api_key
 from service.dataplane import DataPlane
 from service.errors import error_response, error_responses
+from service.middleware import scope_header
 from service.openapi import path_parameters
 from service.protocol.codec import HEADER_LENGTH
 
@@ -42,28 +45,40 @@ def optional_version(version: str | None) -> int | None:
     return None if version is None else parse_version(version)
 
 
-def add_inference_routes(
-    router: APIRouter,
-    handler: InferenceHandler,
-    summaries: Sequence[tuple[str, str]],
-    *,
-    response_model: type,
-    body: dict,
-    operation: str,
-) -> None:
-    """Register ``handler`` in ``router`` as an :class:`InferenceRoute` per (path, summary); the
-    path parameters (name, and version where the path has one) are read off the path."""
-    for path, summary in summaries:
+@dataclass(frozen=True)
+class InferenceEndpoint:
+    """An inference handler and what documents it: (path, summary) pairs, the response model,
+    the ``openapi_extra`` of its raw body, the operation id and the OpenAPI tag."""
+
+    handler: InferenceHandler
+    summaries: Sequence[tuple[str, str]]
+    response_model: type
+    body: dict
+    operation: str
+    tag: str
+
+
+def add_inference_routes(router: APIRouter, endpoint: InferenceEndpoint) -> None:
+    """Register ``endpoint`` in ``router`` as an :class:`InferenceRoute` per (path, summary);
+    the path parameters (name, and version where the path has one) are read off the path.
+
+    :func:`service.app.create_app` adds them to the app's own router, ahead of the included
+    routers: FastAPI matches a route there directly, without walking an included router."""
+    for path, summary in endpoint.summaries:
         versioned = "{version}" in path
         router.add_api_route(
             path.removeprefix(router.prefix),
-            documented_endpoint(handler),
+            documented_endpoint(endpoint.handler),
             methods=["POST"],
             response_class=Response,
-            responses={200: {"model": response_model}, **INFERENCE_ERRORS},
-            openapi_extra={**body, **path_parameters("name", *(["version"] if versioned else []))},
+            responses={200: {"model": endpoint.response_model}, **INFERENCE_ERRORS},
+            openapi_extra={
+                **endpoint.body,
+                **path_parameters("name", *(["version"] if versioned else [])),
+            },
             summary=summary,
-            operation_id=f"{operation}_version" if versioned else operation,
+            operation_id=f"{endpoint.operation}_version" if versioned else endpoint.operation,
+            tags=[endpoint.tag],
             route_class_override=InferenceRoute,
         )
 
@@ -83,18 +98,75 @@ def documented_endpoint(handler: InferenceHandler) -> Callable[[Request], Awaita
 
 
 class InferenceRoute(APIRoute):
-    """A FastAPI route whose request handler calls its :data:`InferenceHandler` directly:
-    routing, middleware, exception handling and OpenAPI are FastAPI's, the dependency solving
-    and response-model validation between the request and the handler are skipped (the handler
-    decodes the body itself, and checks the API key here)."""
+    """A FastAPI route served by its :data:`InferenceHandler` straight on the ASGI messages:
+    routing, middleware, exception handling and OpenAPI are FastAPI's; the dependency solving,
+    request and response objects between the route and the handler are skipped (the handler
+    decodes the body itself; the API key is checked here). Unexpected exceptions propagate
+    through the app's exception handling to the request context (a logged 500)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.handler: InferenceHandler = endpoint.handler  # type: ignore[attr-defined]
+        self.app = self.serve  # what Route.handle calls for a matched request
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        # The request-object form, for a router that includes this route in another.
         handler: InferenceHandler = self.endpoint.handler  # type: ignore[attr-defined]
 
         async def serve(request: Request) -> Response:
             return await serve_inference(handler, request)
 
         return serve
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope["app"].state
+        try:
+            if state.api_key is not None:
+                check_api_key(state.api_key, scope_header(scope, b"authorization"))
+            body = await _read_body(receive)
+            started = time.perf_counter()
+            content, headers, media_type = await self.handler(
+                state.dataplane,
+                scope["path_params"],
+                body,
+                scope_header(scope, HEADER_LENGTH.encode()),
+            )
+        except BnnError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        except ClientDisconnect:
+            return  # the client left before sending its whole body: no one to answer
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", media_type.encode()),
+                    (b"content-length", str(len(content)).encode()),
+                    (b"server-timing", server_timing(started)),
+                    *((k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": content})
+
+
+def server_timing(started: float) -> bytes:
+    """``Server-Timing`` of a reply: the server's own time from the read body to the encoded
+    response (the playground shows it), as the standard header."""
+    return f"infer;dur={(time.perf_counter() - started) * 1000:.3f}".encode()
+
+
+async def _read_body(receive: Receive) -> bytes:
+    """The whole request body (``ClientDisconnect`` if the client goes away first)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 async def serve_inference(handler: InferenceHandler, request: Request) -> Response:
@@ -114,8 +186,7 @@ async def serve_inference(handler: InferenceHandler, request: Request) -> Respon
         return error_response(exc)
     except ClientDisconnect:
         return NO_ANSWER  # the client left before sending its whole body
-    # The server's own time, decode to encode (the playground shows it), as the standard header.
-    headers["Server-Timing"] = f"infer;dur={(time.perf_counter() - started) * 1000:.3f}"
+    headers["Server-Timing"] = server_timing(started).decode()
     return Response(content, headers=headers, media_type=media_type)
 
 

@@ -20,7 +20,7 @@ from service.protocol.rest import (
     decode_predict_request,
     encode_predictions,
 )
-from service.routes import Reply, add_inference_routes, optional_version
+from service.routes import InferenceEndpoint, Reply, optional_version
 
 router = APIRouter(prefix="/v1", tags=["simple REST"])
 
@@ -51,14 +51,14 @@ def _encode(result: InferenceResult) -> Reply:
 
 PREDICT_PATHS = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")
 
-add_inference_routes(
-    router,
-    predict,
-    [
+INFERENCE = InferenceEndpoint(
+    handler=predict,
+    summaries=[
         (PREDICT_PATHS[0], "Predict labels and class probabilities (newest version)"),
         (PREDICT_PATHS[1], "Predict labels and class probabilities (one version)"),
     ],
     response_model=PredictResponse,
     body=raw_body(PredictRequest),
     operation="predict",
+    tag="simple REST",
 )

@@ -21,7 +21,7 @@ from service.protocol.v2 import (
     ModelMetadataResponse,
     ModelReadyResponse,
 )
-from service.routes import Reply, add_inference_routes, optional_version
+from service.routes import InferenceEndpoint, Reply, optional_version
 
 router = APIRouter(tags=["v2 models"])
 _ERRORS = error_responses(400, 401, 404, 503)
@@ -51,15 +51,15 @@ async def infer(
 
 
 INFERENCE_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
-add_inference_routes(
-    router,
-    infer,
-    list(
+INFERENCE = InferenceEndpoint(
+    handler=infer,
+    summaries=list(
         zip(INFERENCE_PATHS, ("Inference (newest version)", "Inference (one version)"), strict=True)
     ),
     response_model=InferenceResponse,
     body=raw_body(InferenceRequest, binary=True),
     operation="infer",
+    tag="v2 models",
 )
 
 
