@@ -218,3 +218,41 @@ def test_an_oversized_message_is_resource_exhausted(tmp_path: Path):
         assert status_of(info) == "StatusCode.RESOURCE_EXHAUSTED"
     finally:
         process.stop()
+
+
+def test_grpc_calls_are_traced_with_the_request_id(tmp_path: Path, monkeypatch):
+    """OTEL_TRACES_EXPORTER=console in a real server: one ModelInfer call is a server span with
+    decode, queue wait, engine and encode children, all carrying the x-request-id metadata."""
+    import json
+    import re
+
+    pytest.importorskip("opentelemetry.sdk", reason="needs the 'otel' extra")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "tiny", seed=0)
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    process = ServiceProcess(repo, log_path, grpc_port=port, log_json="false")
+    try:
+        process.wait_ready()
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        x = images(1)
+        tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        client.infer("tiny", [tensor], headers={"x-request-id": "grpc-trace-1"})
+        assert process.terminate() == 0  # shutting down flushes the spans
+    finally:
+        process.stop()
+    text = log_path.read_text()
+    decoder = json.JSONDecoder()
+    spans = [decoder.raw_decode(text, m.start())[0] for m in re.finditer(r"(?m)^\{$", text)]
+    traced = [s for s in spans if s["attributes"].get("bnn.request_id") == "grpc-trace-1"]
+    names = sorted(s["name"] for s in traced)
+    assert names == sorted(["grpc ModelInfer", "decode", "queue wait", "engine", "encode"])
+    server = next(s for s in traced if s["name"] == "grpc ModelInfer")
+    assert server["kind"] == "SpanKind.SERVER"
+    for span in traced:
+        assert span["context"]["trace_id"] == server["context"]["trace_id"], span["name"]
+        if span is not server:
+            assert span["parent_id"] == server["context"]["span_id"], span["name"]
