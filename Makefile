@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_REPO ?= models
 DEFAULT_MODEL ?= digits-mlp
 
-.PHONY: install run train test lint bench default-model docker-wheels docker-build docker-test clean
+.PHONY: install run train test test-fast lint bench default-model grpc-stubs docker-wheels docker-build docker-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ run: install
 	@if ! ls -d $(MODEL_REPO)/$(DEFAULT_MODEL)/[0-9]* >/dev/null 2>&1; then \
 		$(PY) -m training train --arch mlp --dataset digits --repo $(MODEL_REPO) --name $(DEFAULT_MODEL); \
 	fi
-	BNN_MODEL_REPO=$(MODEL_REPO) $(PY) -m service
+	$(PY) -m service --model-repository $(MODEL_REPO)
 
 # Train and publish a new version of the default model.
 train: install
@@ -30,12 +30,21 @@ train: install
 test: install
 	$(PY) -m pytest -q
 
+# The fast lane: unit tests only, no servers, Docker, browser, training or kernel compilation.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not docker and not kernels"
+
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 bench: install
 	$(PY) -m bench
+
+# Regenerate the gRPC stubs (committed) from the vendored proto; grpcio-tools is a dev dependency.
+GRPC_PROTO := service/protocol/grpc/grpc_service.proto
+grpc-stubs: install
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(GRPC_PROTO)
 
 # Regenerate the small default model shipped in the serving image (deploy/models, kept in git).
 default-model: install

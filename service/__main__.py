@@ -1,6 +1,9 @@
-"""``python -m service`` / ``bnn-serve``: validate the settings, then serve until SIGTERM.
+"""``python -m service [--flags]`` / ``bnn-serve``: validate the settings, then serve until
+SIGTERM.
 
-A bad setting prints one line naming it and exits with status 2. On SIGTERM (or Ctrl-C) the
+Every setting is a flag (``--model-repository DIR --port N --models a,b ...``, see ``--help``);
+a flag overrides its ``BNN_*`` variable, which overrides the default. A bad setting or an
+unknown flag prints one line naming it and exits with status 2. On SIGTERM (or Ctrl-C) the
 server stops accepting connections and reports not ready, lets in-flight requests finish (at
 most ``BNN_GRACEFUL_SHUTDOWN_S``), drains the batchers and exits 0.
 """
@@ -15,11 +18,13 @@ from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from service.app import create_app
 from service.logs import configure_logging
 from service.registry import Loader
-from service.settings import Settings, describe_validation_error
+from service.settings import PROGRAM, describe_validation_error, settings_from_command_line
+from service.tracing import tracing_from_environment
 
 
 class GracefulServer(uvicorn.Server):
@@ -40,19 +45,21 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None, *, loader: Loader | None = None) -> int:
-    """Serve until SIGTERM; ``loader`` replaces :func:`model.load_model` (tests inject a slow
-    one to exercise shutdown during a load)."""
-    if argv if argv is not None else sys.argv[1:]:
-        print(
-            "bnn-serve takes no arguments; configure it with BNN_* environment variables "
-            "(see docs/api.md)",
-            file=sys.stderr,
-        )
+    """Serve until SIGTERM, configured by flags, then ``BNN_*`` variables, then defaults;
+    ``loader`` replaces :func:`model.load_model` (tests inject a slow one to exercise shutdown
+    during a load)."""
+    try:
+        settings = settings_from_command_line(sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        print(f"{PROGRAM}: {describe_validation_error(exc)}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # unknown flag, flag without its value
+        print(f"{PROGRAM}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     try:
-        settings = Settings()
-    except ValidationError as exc:
-        print(f"bnn-serve: {describe_validation_error(exc)}", file=sys.stderr)
+        tracing = tracing_from_environment()  # the OpenTelemetry standard's OTEL_* variables
+    except ValueError as exc:
+        print(f"{PROGRAM}: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_json)
     # The engine's OpenMP workers share the cores with the event loop. Spinning while idle (the
@@ -67,9 +74,9 @@ def main(argv: list[str] | None = None, *, loader: Loader | None = None) -> int:
     logging.getLogger("service").info(
         "starting bnn-serve",
         extra={"settings": settings.model_dump(mode="json", exclude={"api_key"})}
-        | {"api_key_set": settings.api_key is not None},
+        | {"api_key_set": settings.api_key is not None, "tracing": tracing.enabled},
     )
-    app = create_app(settings, loader=loader)
+    app = create_app(settings, loader=loader, tracing=tracing)
     config = uvicorn.Config(
         app,
         host=settings.host,

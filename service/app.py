@@ -23,14 +23,17 @@ from service.openapi import install_openapi
 from service.protocol.rest import PredictRequest
 from service.protocol.v2 import InferenceRequest, RepositoryIndexRequest, RepositoryLoadRequest
 from service.registry import Loader, ModelRegistry
-from service.routes import InferenceDispatch, health, repository, rest, v2
+from service.routes import add_inference_routes, health, repository, rest, v2
 from service.routes import metrics as metrics_routes
+from service.routes.playground import install_playground
 from service.settings import Settings
+from service.tracing import NO_TRACING, Tracing
 
 DESCRIPTION = """Serves bit-packed binarized neural networks from a model repository.
 
 * **Open Inference Protocol (V2)** with the binary tensor data and model repository extensions.
 * **Simple REST**: `POST /v1/models/{name}:predict` with `{"instances": [...]}`.
+* **Playground**: `GET /` in a browser: draw or drop an image and see the prediction.
 
 Every error body is `{"error": "..."}`. When `BNN_API_KEY` is set, send
 `Authorization: Bearer <key>` to every endpoint except health, metrics and these docs.
@@ -39,22 +42,20 @@ Every error body is `{"error": "..."}`. When `BNN_API_KEY` is set, send
 
 class ServingApp(FastAPI):
     """FastAPI with the service's own layers outermost: the request context (request id, access
-    log, HTTP metrics, last-resort 500), the body deadline, the body limit, and
-    :class:`InferenceDispatch`, which
-    serves the inference POSTs itself. Every other request goes on into FastAPI's stack (error,
-    telemetry, body-size and exception middleware, router); the inference requests skip it
-    (see service.routes)."""
+    log, HTTP metrics, last-resort 500), the body deadline and the body limit. Inside them every request, inference
+    included, takes FastAPI's one path: its error middleware, the middleware users add with
+    ``add_middleware`` (CORS, tracing...), exception handling, and the router."""
 
     def build_middleware_stack(self) -> ASGIApp:
         settings: Settings = self.state.settings
-        handlers = [*v2.INFERENCE_HANDLERS, *rest.INFERENCE_HANDLERS]
-        app = InferenceDispatch(
-            super().build_middleware_stack(), handlers, self.state.dataplane, self.state.api_key
-        )
+        app = super().build_middleware_stack()
         app = BodySizeLimitMiddleware(app, max_body_bytes=settings.max_body_bytes)
         app = BodyTimeoutMiddleware(app, body_timeout_s=settings.body_timeout_s)
         return RequestContextMiddleware(
-            app, metrics=self.state.metrics, access_log_enabled=settings.access_log
+            app,
+            metrics=self.state.metrics,
+            access_log_enabled=settings.access_log,
+            tracing=self.state.tracing,
         )
 
 
@@ -70,22 +71,34 @@ def _default_loader(settings: Settings) -> Loader:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start loading models and polling the repository; on shutdown (after uvicorn has let
-    in-flight requests finish) stop polling and drain every batcher."""
+    """Start loading models and polling the repository, and the gRPC server when
+    ``BNN_GRPC_PORT`` is set; on shutdown (after uvicorn has let in-flight requests finish) let
+    in-flight RPCs finish, stop polling and drain every batcher."""
     registry: ModelRegistry = app.state.registry
+    dataplane: DataPlane = app.state.dataplane
     await registry.start()
+    grpc_server = None
     try:
+        if dataplane.settings.grpc_port:
+            from service.protocol.grpc.servicer import start_grpc_server  # grpc only when on
+
+            grpc_server = await start_grpc_server(dataplane, app.state.metrics, app.state.api_key)
         yield
     finally:
-        app.state.dataplane.draining = True
+        dataplane.draining = True
+        if grpc_server is not None:
+            await grpc_server.stop(dataplane.settings.graceful_shutdown_s)
         await registry.close()
-        app.state.dataplane.close()
+        dataplane.close()
+        dataplane.tracing.shutdown()
 
 
-def create_app(settings: Settings, *, loader: Loader | None = None) -> ServingApp:
+def create_app(
+    settings: Settings, *, loader: Loader | None = None, tracing: Tracing = NO_TRACING
+) -> ServingApp:
     """Build the service for ``settings``; ``loader`` (default :func:`model.load_model`) turns an
     artifact path and device into an object with ``predict``, ``warmup``, ``input_spec``,
-    ``labels`` and ``spec``."""
+    ``labels`` and ``spec``; ``tracing`` makes OpenTelemetry spans (default: none)."""
     metrics = ServiceMetrics()
     registry = ModelRegistry(settings, loader or _default_loader(settings), metrics)
     app = ServingApp(
@@ -93,19 +106,27 @@ def create_app(settings: Settings, *, loader: Loader | None = None) -> ServingAp
         version=SERVER_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry layer off: the service makes its spans itself (with the
+        # request id and the batcher's stages, service.tracing), and the layer's per-request
+        # provider look-ups cost a small model's request several percent even unconfigured.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.registry = registry
-    app.state.dataplane = DataPlane(settings, registry, metrics)
+    app.state.tracing = tracing
+    app.state.dataplane = DataPlane(settings, registry, metrics, tracing)
     app.state.api_key = (
         settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
     )
+    for endpoint in (v2.INFERENCE, rest.INFERENCE):  # first: matched without nesting
+        add_inference_routes(app.router, endpoint)
     protected = protected_by_key(app.state.api_key)
     for router in (v2.router, rest.router, repository.router):
         app.include_router(router, dependencies=protected)
     for router in (health.router, metrics_routes.router):
         app.include_router(router)
+    install_playground(app)
     install_error_handlers(app)
     install_openapi(
         app, [InferenceRequest, RepositoryIndexRequest, RepositoryLoadRequest, PredictRequest]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import ModelNotReadyError, OverloadedError, RequestTimeoutError
+from service.tracing import StageTimes
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -49,6 +50,7 @@ class _Pending:
     rows: np.ndarray  # (n, *input shape)
     future: asyncio.Future[np.ndarray]
     enqueued_at: float = field(default_factory=time.monotonic)
+    times: StageTimes | None = None  # filled for tracing
 
 
 class DynamicBatcher:
@@ -86,8 +88,9 @@ class DynamicBatcher:
         self._recent_compute_s = float("inf")  # moving average; unknown until the first call
         self._busy = False  # an engine call is running in a worker thread
 
-    async def submit(self, rows: np.ndarray) -> np.ndarray:
-        """Queue ``rows`` (n, ...) and wait for their outputs (n, ...).
+    async def submit(self, rows: np.ndarray, times: StageTimes | None = None) -> np.ndarray:
+        """Queue ``rows`` (n, ...) and wait for their outputs (n, ...); ``times``, when given,
+        receives when they were queued and when their engine call started and finished.
 
         Everything up to the first ``await`` runs synchronously, so a caller that looked this
         batcher up in the same step is queued before any switch to a newer model can close it.
@@ -105,13 +108,19 @@ class DynamicBatcher:
             and self.max_queue_delay_s == 0
             and self._recent_compute_s < self.inline_below_s
         ):
+            if times is not None:
+                times.queued_ns = times.started_ns = time.time_ns()
             outputs, compute_s = self._timed_predict(rows)
+            if times is not None:
+                times.finished_ns, times.batch_rows = time.time_ns(), len(rows)
             self._record(compute_s, len(rows), (0.0,))
             return outputs
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run())
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rows, future))
+        if times is not None:
+            times.queued_ns = time.time_ns()
+        self._queue.append(_Pending(rows, future, times=times))
         self._queued_rows += len(rows)
         self._wakeup.set()
         try:
@@ -176,6 +185,7 @@ class DynamicBatcher:
 
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
+        started_ns = time.time_ns()
         inputs = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
         try:
             if self._recent_compute_s < self.inline_below_s:
@@ -198,6 +208,9 @@ class DynamicBatcher:
         offset = 0
         for item in batch:
             count = len(item.rows)
+            if item.times is not None:
+                item.times.started_ns, item.times.batch_rows = started_ns, len(inputs)
+                item.times.finished_ns = time.time_ns()
             if not item.future.done():
                 item.future.set_result(outputs[offset : offset + count])
             offset += count

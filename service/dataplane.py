@@ -32,6 +32,7 @@ from service.tensors import (
     derive_outputs,
     output_signatures,
 )
+from service.tracing import NO_TRACING, StageTimes, Tracing
 
 SERVER_NAME = "bnnserve"
 SERVER_VERSION = "0.1.0"
@@ -49,11 +50,18 @@ class InferenceResult:
 
 
 class DataPlane:
-    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: ServiceMetrics):
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        metrics: ServiceMetrics,
+        tracing: Tracing = NO_TRACING,
+    ):
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
         self.decoder = RequestDecoder(settings.decode_offload_bytes)
+        self.tracing = tracing  # the protocols' decode/encode spans come from here too
         # Set on SIGTERM: readiness turns false so that balancers stop sending. Requests already
         # accepted are still served: uvicorn stops accepting connections by itself.
         self.draining = False
@@ -87,6 +95,7 @@ class DataPlane:
                 "backend": str(getattr(served.engine, "backend", "")),
                 "device_choice": device_choice(served.engine),
                 "value_range": list(spec.value_range) if spec.value_range else None,
+                "integer_valued": bool(getattr(spec, "integer_valued", False)),
                 "accepted_input_datatypes": list(ACCEPTED_INPUT_DATATYPES),
             },
         }
@@ -161,9 +170,10 @@ class DataPlane:
         try:
             served = await self.registry.get_or_load(name, version)
             version_label = str(served.version)
-            request = await self.decoder.decode(
-                encoded, expectation(served.input_spec, self.settings.max_request_batch)
-            )
+            with self.tracing.span("decode"):
+                request = await self.decoder.decode(
+                    encoded, expectation(served.input_spec, self.settings.max_request_batch)
+                )
             # A hot swap may have happened while the body was decoded off the loop; from here
             # there is no suspension until the request is queued on the batcher, so it can
             # never be handed a retired batcher.
@@ -171,7 +181,10 @@ class DataPlane:
             version_label = str(served.version)
             rows = conform_input(request.inputs, served.input_spec, self.settings.max_request_batch)
             names = check_output_names(request.outputs, served.logits_name)  # before the engine
-            logits = await served.batcher.submit(rows)  # (n, classes) float32
+            times = StageTimes() if self.tracing.enabled else None
+            logits = await served.batcher.submit(rows, times)  # (n, classes) float32
+            if times is not None:
+                self.tracing.record_batch(times, served.name, version_label)
             check_finite_logits(logits, served.input_spec)  # per request, not per batch
             tensors = derive_outputs(names, logits, served.labels, served.logits_name)
             status = 200

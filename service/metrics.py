@@ -164,7 +164,13 @@ class ServiceMetrics:
             "HTTP requests by method, route template and status",
             ["method", "route", "status"],
         )
+        self.grpc_requests = LoopCounter(
+            "bnn_grpc_requests",
+            "gRPC calls by method and status code",
+            ["method", "code"],
+        )
         for metric in (
+            self.grpc_requests,
             self.inference_requests,
             self.inference_latency,
             self.queue_time,

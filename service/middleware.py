@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import BodyTimeoutError, PayloadTooLargeError, error_response
 from service.logs import request_id_from, request_id_var
 from service.metrics import ServiceMetrics
+from service.tracing import NO_TRACING, Tracing
 
 access_log = logging.getLogger("service.access")
 # Status recorded (metrics, access log) for a request whose client left before it was answered,
@@ -27,10 +29,17 @@ class RequestContextMiddleware:
     an unexpected exception into a logged 500. A request left unanswered because its client went
     away counts as 499."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, access_log_enabled: bool) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: ServiceMetrics,
+        access_log_enabled: bool,
+        tracing: Tracing = NO_TRACING,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log_enabled = access_log_enabled
+        self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,6 +48,20 @@ class RequestContextMiddleware:
         request_id = request_id_from(scope_header(scope, b"x-request-id"))
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
+        try:
+            if not self.tracing.enabled:
+                await self._serve(scope, receive, send, request_id, None)
+                return
+            method = scope["method"]
+            attributes = {"http.request.method": method, "url.path": scope["path"]}
+            with self.tracing.server_span(method, scope["headers"], **attributes) as span:
+                await self._serve(scope, receive, send, request_id, span)
+        finally:
+            request_id_var.reset(token)
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, request_id: str, span: Any
+    ) -> None:
         started = time.perf_counter()
         status = 500
         response_started = False
@@ -66,6 +89,10 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "<unmatched>")
             self.metrics.http_requests.labels(scope["method"], route, str(status)).inc()
+            if span is not None:  # named after the route template, as OpenTelemetry asks
+                span.update_name(f"{scope['method']} {route}")
+                span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status)
             if self.access_log_enabled or status >= 400:
                 access_log.log(
                     logging.WARNING if status >= 500 else logging.INFO,
@@ -75,7 +102,6 @@ class RequestContextMiddleware:
                     status,
                     extra={"status": status, "duration_ms": round(elapsed * 1000, 3)},
                 )
-            request_id_var.reset(token)
 
 
 class BodySizeLimitMiddleware:

@@ -1,22 +1,29 @@
-"""Typed service configuration from ``BNN_*`` environment variables and an optional ``.env``.
+"""Typed service configuration from command-line flags, ``BNN_*`` environment variables and an
+optional ``.env``, in that order of precedence (then the defaults).
 
 Every value is validated when :class:`Settings` is built; :func:`describe_validation_error`
 turns pydantic's report into the one-line message that ``python -m service`` prints before it
-exits with status 2.
+exits with status 2. :func:`settings_from_command_line` derives one flag per field
+(``model_repo`` → ``--model-repo``) with pydantic-settings' CLI source, so flags never drift
+from the fields.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, CliSettingsSource, NoDecode, SettingsConfigDict
 
 from model.errors import InvalidModelNameError
 from model.repository import validate_model_name
 
 ENV_PREFIX = "BNN_"
+PROGRAM = "bnn-serve"
+# Extra flag names, as tritonserver spells them: field (as a kebab-case flag) → aliases.
+FLAG_ALIASES = {"model-repo": "model-repository", "port": "http-port"}
 
 
 class Settings(BaseSettings):
@@ -51,7 +58,7 @@ class Settings(BaseSettings):
         "is refused ('load timed out') and its worker thread abandoned",
     )
 
-    # --- HTTP server -----------------------------------------------------------------------
+    # --- HTTP and gRPC servers--------------------------------------------------------------
     host: str = Field("0.0.0.0", min_length=1, description="Address to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
     max_connections: int = Field(
@@ -59,6 +66,9 @@ class Settings(BaseSettings):
         ge=0,
         description="Open connections and requests in progress beyond which new requests get "
         "503 at once (uvicorn's limit_concurrency); 0 = no limit",
+    )
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="gRPC port (V2 GRPCInferenceService); 0 = no gRPC"
     )
     graceful_shutdown_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish"
@@ -101,6 +111,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="When set, 'Authorization: Bearer <key>' is required except on health"
     )
+    api_key_file: Path | None = Field(
+        None, description="A file holding the API key (instead of BNN_API_KEY; kept out of ps)"
+    )
 
     # --- observability ---------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -131,6 +144,27 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("api_key_file")
+    @classmethod
+    def _check_api_key_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                key = value.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read the API key file: {exc.strerror}") from None
+            if not key:
+                raise ValueError("the API key file is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> Settings:
+        if self.api_key_file is not None:
+            if self.api_key is not None:
+                raise ValueError("set BNN_API_KEY or BNN_API_KEY_FILE, not both")
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+            object.__setattr__(self, "api_key", SecretStr(key))  # frozen: set once, here
+        return self
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -157,14 +191,43 @@ class Settings(BaseSettings):
         return (1, min(self.max_batch_size, 256))
 
 
+def flag_of(field: str) -> str:
+    """The command-line flag of a settings field: ``max_batch_size`` → ``--max-batch-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def settings_from_command_line(argv: Sequence[str]) -> Settings:
+    """Settings from ``argv`` (flags), then ``BNN_*`` variables and ``.env``, then defaults.
+
+    ``--help`` prints every flag with its variable and default, then exits 0; an unknown flag
+    or a flag without its value raises :class:`pydantic_settings.SettingsError`, a bad value
+    :class:`pydantic.ValidationError`."""
+    flags = CliSettingsSource(
+        Settings,
+        cli_parse_args=list(argv),
+        cli_prog_name=PROGRAM,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,  # --warmup / --no-warmup
+        cli_show_env_vars=True,
+        cli_exit_on_error=False,
+        cli_avoid_json=True,
+        cli_hide_none_type=True,
+        cli_shortcuts=FLAG_ALIASES,
+    )
+    return Settings(_cli_settings_source=flags)
+
+
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming each bad setting as its environment variable, e.g.
-    ``invalid setting BNN_PORT='x': Input should be a valid integer``."""
+    """One line naming each bad setting as its flag and environment variable, e.g.
+    ``invalid setting --port/BNN_PORT='x': Input should be a valid integer``."""
     problems = []
     for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else "?"
         value = error.get("input")
         shown = f"={value!r}" if isinstance(value, str | int | float) else ""
         message = str(error["msg"]).removeprefix("Value error, ")
-        problems.append(f"{ENV_PREFIX}{field.upper()}{shown}: {message}")
+        if error["loc"]:
+            field = str(error["loc"][0])
+            problems.append(f"{flag_of(field)}/{ENV_PREFIX}{field.upper()}{shown}: {message}")
+        else:  # a check across fields names them itself
+            problems.append(message)
     return "invalid setting " + "; ".join(problems)

@@ -3,30 +3,31 @@
 The inference endpoints (V2 ``infer`` and REST ``predict``) are written as
 :data:`InferenceHandler` functions: from the data plane, the path parameters, the body and the
 ``Inference-Header-Content-Length`` header to the response's content, extra headers and media
-type. :class:`InferenceDispatch`, which :class:`service.app.ServingApp` places just inside the
-request context and the body limit, serves their POSTs itself, straight on the ASGI messages:
-FastAPI's stack (its error, telemetry, body-size and exception middleware, router, route and
-exception-handling wrappers) and Starlette's request and response objects cost about 70 µs per
-request, a third of a small model's whole request. The same handlers are registered in the
-routers through :func:`request_endpoint`, which is what FastAPI documents at ``/docs``; every
-other request goes through FastAPI.
+type. :func:`add_inference_routes` registers each as an :class:`InferenceRoute` in a router:
+an ordinary FastAPI route, so the router matches it, every middleware (the service's and any a
+user adds with ``app.add_middleware``) sees it, and ``/docs`` documents it from the same
+definition. Only the route's own handling is lean: it reads the body and writes the response on the
+ASGI messages, without FastAPI's dependency solving or Starlette's request and response objects,
+a fair share of a small model's whole request (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter
+from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from model.errors import BnnError
 from model.repository import parse_version
 from service.auth import check_api_key
 from service.dataplane import DataPlane
-from service.dependencies import dataplane_of
 from service.errors import error_response, error_responses
 from service.middleware import scope_header
 from service.openapi import path_parameters
@@ -44,93 +45,88 @@ def optional_version(version: str | None) -> int | None:
     return None if version is None else parse_version(version)
 
 
-def document_inference(
-    router: APIRouter,
-    handler: InferenceHandler,
-    summaries: Sequence[tuple[str, str]],
-    *,
-    response_model: type,
-    body: dict,
-    operation: str,
-) -> None:
-    """Register ``handler`` in ``router`` for the OpenAPI docs, once per (path, summary); the
-    path parameters (name, and version where the path has one) are read off the path."""
-    for path, summary in summaries:
+@dataclass(frozen=True)
+class InferenceEndpoint:
+    """An inference handler and what documents it: (path, summary) pairs, the response model,
+    the ``openapi_extra`` of its raw body, the operation id and the OpenAPI tag."""
+
+    handler: InferenceHandler
+    summaries: Sequence[tuple[str, str]]
+    response_model: type
+    body: dict
+    operation: str
+    tag: str
+
+
+def add_inference_routes(router: APIRouter, endpoint: InferenceEndpoint) -> None:
+    """Register ``endpoint`` in ``router`` as an :class:`InferenceRoute` per (path, summary);
+    the path parameters (name, and version where the path has one) are read off the path.
+
+    :func:`service.app.create_app` adds them to the app's own router, ahead of the included
+    routers: FastAPI matches a route there directly, without walking an included router."""
+    for path, summary in endpoint.summaries:
         versioned = "{version}" in path
         router.add_api_route(
             path.removeprefix(router.prefix),
-            request_endpoint(handler),
+            documented_endpoint(endpoint.handler),
             methods=["POST"],
             response_class=Response,
-            responses={200: {"model": response_model}, **INFERENCE_ERRORS},
-            openapi_extra={**body, **path_parameters("name", *(["version"] if versioned else []))},
+            responses={200: {"model": endpoint.response_model}, **INFERENCE_ERRORS},
+            openapi_extra={
+                **endpoint.body,
+                **path_parameters("name", *(["version"] if versioned else [])),
+            },
             summary=summary,
-            operation_id=f"{operation}_version" if versioned else operation,
+            operation_id=f"{endpoint.operation}_version" if versioned else endpoint.operation,
+            tags=[endpoint.tag],
+            route_class_override=InferenceRoute,
         )
 
 
-def request_endpoint(handler: InferenceHandler) -> Callable[[Request], Awaitable[Response]]:
-    """``handler`` as a FastAPI/Starlette endpoint taking the request (the routers' twins)."""
+def documented_endpoint(handler: InferenceHandler) -> Callable[[Request], Awaitable[Response]]:
+    """The endpoint FastAPI documents for ``handler`` (a request, no parameters: the body and
+    path parameters are documented through ``openapi_extra``); :class:`InferenceRoute` serves
+    the route with ``handler`` itself, found here."""
 
     async def endpoint(request: Request) -> Response:
-        content, headers, media_type = await handler(
-            dataplane_of(request),
-            request.path_params,
-            await request.body(),
-            request.headers.get(HEADER_LENGTH),
-        )
-        return Response(content, headers=headers, media_type=media_type)
+        return await serve_inference(handler, request)
 
     endpoint.__name__ = f"{handler.__name__}_endpoint"
     endpoint.__doc__ = handler.__doc__
+    endpoint.handler = handler  # type: ignore[attr-defined]
     return endpoint
 
 
-class InferenceDispatch:
-    """ASGI middleware: a POST whose path matches one of ``handlers`` (``(path template,
-    handler)`` pairs) is served by that handler, with the API key checked when one is set and
-    domain errors turned into responses through the one status table; anything else goes on
-    to ``app``. Unexpected exceptions propagate to the request context (a logged 500).
+class InferenceRoute(APIRoute):
+    """A FastAPI route served by its :data:`InferenceHandler` straight on the ASGI messages:
+    routing, middleware, exception handling and OpenAPI are FastAPI's; the dependency solving,
+    request and response objects between the route and the handler are skipped (the handler
+    decodes the body itself; the API key is checked here). Unexpected exceptions propagate
+    through the app's exception handling to the request context (a logged 500)."""
 
-    ``scope["route"]`` is set to the matched route, as Starlette's router does, so that metrics
-    label requests by route template."""
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.handler: InferenceHandler = endpoint.handler  # type: ignore[attr-defined]
+        self.app = self.serve  # what Route.handle calls for a matched request
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        handlers: Sequence[tuple[str, InferenceHandler]],
-        dataplane: DataPlane,
-        api_key: bytes | None,
-    ) -> None:
-        self.app = app
-        self.routes = [
-            (Route(path, request_endpoint(handler), methods=["POST"]), handler)
-            for path, handler in handlers
-        ]
-        self.dataplane = dataplane
-        self.api_key = api_key
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        # The request-object form, for a router that includes this route in another.
+        handler: InferenceHandler = self.endpoint.handler  # type: ignore[attr-defined]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path = _route_path(scope)
-            for route, handler in self.routes:
-                match = route.path_regex.match(path)
-                if match is not None:
-                    scope["route"] = route
-                    scope["path_params"] = match.groupdict()
-                    await self._serve(handler, scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        async def serve(request: Request) -> Response:
+            return await serve_inference(handler, request)
 
-    async def _serve(
-        self, handler: InferenceHandler, scope: Scope, receive: Receive, send: Send
-    ) -> None:
+        return serve
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope["app"].state
         try:
-            if self.api_key is not None:
-                check_api_key(self.api_key, scope_header(scope, b"authorization"))
+            if state.api_key is not None:
+                check_api_key(state.api_key, scope_header(scope, b"authorization"))
             body = await _read_body(receive)
-            content, extra, media_type = await handler(
-                self.dataplane,
+            started = time.perf_counter()
+            content, headers, media_type = await self.handler(
+                state.dataplane,
                 scope["path_params"],
                 body,
                 scope_header(scope, HEADER_LENGTH.encode()),
@@ -140,13 +136,25 @@ class InferenceDispatch:
             return
         except ClientDisconnect:
             return  # the client left before sending its whole body: no one to answer
-        response_headers = [
-            (b"content-type", media_type.encode()),
-            (b"content-length", str(len(content)).encode()),
-            *((name.lower().encode(), value.encode("latin-1")) for name, value in extra.items()),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": response_headers})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", media_type.encode()),
+                    (b"content-length", str(len(content)).encode()),
+                    (b"server-timing", server_timing(started)),
+                    *((k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": content})
+
+
+def server_timing(started: float) -> bytes:
+    """``Server-Timing`` of a reply: the server's own time from the read body to the encoded
+    response (the playground shows it), as the standard header."""
+    return f"infer;dur={(time.perf_counter() - started) * 1000:.3f}".encode()
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -161,7 +169,32 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-def _route_path(scope: Scope) -> str:
-    """The path below the app's root path (as Starlette's router matches it)."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
+async def serve_inference(handler: InferenceHandler, request: Request) -> Response:
+    """``handler``'s reply to ``request``, the API key checked when one is set and domain errors
+    turned into responses through the one status table. Unexpected exceptions propagate
+    through the app's exception handling to the request context (a logged 500)."""
+    state = request.app.state
+    try:
+        if state.api_key is not None:
+            check_api_key(state.api_key, request.headers.get("authorization"))
+        body = await request.body()
+        started = time.perf_counter()
+        content, headers, media_type = await handler(
+            state.dataplane, request.path_params, body, request.headers.get(HEADER_LENGTH)
+        )
+    except BnnError as exc:
+        return error_response(exc)
+    except ClientDisconnect:
+        return NO_ANSWER  # the client left before sending its whole body
+    headers["Server-Timing"] = server_timing(started).decode()
+    return Response(content, headers=headers, media_type=media_type)
+
+
+class _NoAnswer(Response):
+    """Sends nothing: the request context counts the request as 499 (client closed request)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+
+NO_ANSWER = _NoAnswer()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.dataplane import DataPlane
+from service.dataplane import DataPlane, InferenceResult
 from service.dependencies import DataPlaneDep
 from service.errors import error_responses
 from service.openapi import raw_body
@@ -19,7 +19,7 @@ from service.protocol.rest import (
     PredictResponse,
     encode_predictions,
 )
-from service.routes import Reply, document_inference, optional_version
+from service.routes import InferenceEndpoint, Reply, optional_version
 
 router = APIRouter(prefix="/v1", tags=["simple REST"])
 
@@ -32,14 +32,18 @@ async def list_models(dataplane: DataPlaneDep) -> dict:
 async def predict(
     dataplane: DataPlane, params: dict[str, str], body: bytes, header_length: str | None
 ) -> Reply:
-    """``{"instances": [...]}`` → ``{"predictions": [...]}`` (served by
-    service.routes.InferenceDispatch; ``header_length`` is a V2 header, unused here)."""
+    """``{"instances": [...]}`` → ``{"predictions": [...]}`` (``header_length``,
+    a V2 header, is unused here)."""
     result = await dataplane.infer(
         params["name"],
         optional_version(params.get("version")),
         EncodedPredictRequest(body),
         protocol="v1",
     )
+    return dataplane.tracing.run("encode", _encode, result)
+
+
+def _encode(result: InferenceResult) -> Reply:
     predictions = encode_predictions(
         result.model_name, result.model_version, result.outputs, result.labels
     )
@@ -47,16 +51,15 @@ async def predict(
 
 
 PREDICT_PATHS = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")
-INFERENCE_HANDLERS = [(path, predict) for path in PREDICT_PATHS]
 
-document_inference(
-    router,
-    predict,
-    [
+INFERENCE = InferenceEndpoint(
+    handler=predict,
+    summaries=[
         (PREDICT_PATHS[0], "Predict labels and class probabilities (newest version)"),
         (PREDICT_PATHS[1], "Predict labels and class probabilities (one version)"),
     ],
     response_model=PredictResponse,
     body=raw_body(PredictRequest),
     operation="predict",
+    tag="simple REST",
 )

@@ -21,7 +21,7 @@ from service.protocol.v2 import (
     ModelMetadataResponse,
     ModelReadyResponse,
 )
-from service.routes import Reply, document_inference, optional_version
+from service.routes import InferenceEndpoint, Reply, optional_version
 
 router = APIRouter(tags=["v2 models"])
 _ERRORS = error_responses(400, 401, 404, 503)
@@ -36,7 +36,7 @@ async def infer(
     dataplane: DataPlane, params: dict[str, str], body: bytes, header_length: str | None
 ) -> Reply:
     """V2 inference: JSON tensors, or a JSON header of ``header_length`` bytes followed by
-    binary tensor data (served by service.routes.InferenceDispatch)."""
+    binary tensor data; the data plane decodes it against the model's input."""
     result = await dataplane.infer(
         params["name"],
         optional_version(params.get("version")),
@@ -44,7 +44,9 @@ async def infer(
         protocol="v2",
     )
     request: codec.DecodedInferRequest = result.request  # type: ignore[assignment]
-    return codec.encode_infer_response(
+    return dataplane.tracing.run(
+        "encode",
+        codec.encode_infer_response,
         model_name=result.model_name,
         model_version=result.model_version,
         request_id=request.id,
@@ -54,16 +56,15 @@ async def infer(
 
 
 INFERENCE_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
-INFERENCE_HANDLERS = [(path, infer) for path in INFERENCE_PATHS]
-document_inference(
-    router,
-    infer,
-    list(
+INFERENCE = InferenceEndpoint(
+    handler=infer,
+    summaries=list(
         zip(INFERENCE_PATHS, ("Inference (newest version)", "Inference (one version)"), strict=True)
     ),
     response_model=InferenceResponse,
     body=raw_body(InferenceRequest, binary=True),
     operation="infer",
+    tag="v2 models",
 )
 
 

@@ -17,6 +17,7 @@ def make_settings(repo: Path, **overrides) -> Settings:
     CPU engine unless a test names a device (BNN_DEVICE=auto could choose a GPU host's GPU)."""
     values = {"model_repo": repo, "poll_interval_s": 0, "log_json": False, "access_log": False}
     values["device"] = "cpu"
+    values["grpc_port"] = 0  # tests that want gRPC pick a free port
     return Settings(_env_file=None, **(values | overrides))
 
 

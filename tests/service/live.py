@@ -43,6 +43,7 @@ class ServiceProcess:
         # the CPU engine unless a test names a device: on a GPU host BNN_DEVICE=auto could
         # choose the GPU, and the tests compare against the CPU engine's exact outputs
         env |= {"BNN_DEVICE": "cpu"}
+        env["BNN_GRPC_PORT"] = "0"  # off unless a test asks for it (grpc_port=free_port())
         env |= {f"BNN_{key.upper()}": str(value) for key, value in settings.items()}
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(

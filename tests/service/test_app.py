@@ -327,34 +327,66 @@ def test_a_bug_is_one_logged_500_naming_the_request_id(
 
 
 @pytest.mark.parametrize(
-    ("path", "body", "key"),
+    ("path", "body"),
     [
-        ("/v2/models/{name}/infer", {"inputs": [v2_input(images(2))]}, "outputs"),
-        ("/v1/models/{name}:predict", {"instances": images(2).tolist()}, "predictions"),
+        ("/v2/models/tiny/infer", {"inputs": [v2_input(images(2))]}),
+        ("/v2/models/tiny/versions/1/infer", {"inputs": [v2_input(images(2))]}),
+        ("/v1/models/tiny:predict", {"instances": images(2).tolist()}),
+        ("/v1/models/tiny/versions/1:predict", {"instances": images(2).tolist()}),
     ],
 )
-def test_documented_endpoints_run_the_same_handlers(client, path, body, key):
-    """The endpoints that the routers register for /docs (never reached over HTTP: the
-    inference dispatch answers first) wrap the same handlers and give the same response."""
-    from starlette.requests import Request
+def test_middleware_added_the_ordinary_way_sees_inference_requests(repo, path, body):
+    """A user's own middleware and Starlette's CORS middleware, added with ``add_middleware``,
+    apply to the inference endpoints like to any other route, and see the route matched."""
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.testclient import TestClient
 
-    from service.routes import request_endpoint, rest, v2
+    from service.app import create_app
+    from tests.service.conftest import make_settings, wait_ready
+    from tests.service.numpy_model import LinearModel
 
-    handler = dict(v2.INFERENCE_HANDLERS + rest.INFERENCE_HANDLERS)[path]
-    raw = json.dumps(body).encode()
+    seen: list[tuple[str, str, int]] = []
 
-    async def receive() -> dict:
-        return {"type": "http.request", "body": raw, "more_body": False}
+    class RecordingMiddleware:
+        def __init__(self, app):
+            self.app = app
 
-    async def call():
-        scope = {"type": "http", "method": "POST", "app": client.app, "headers": [],
-                 "path_params": {"name": "tiny"}, "query_string": b""}  # fmt: skip
-        return await request_endpoint(handler)(Request(scope, receive))
+        async def __call__(self, scope, receive, send):
+            async def record(message):
+                if message["type"] == "http.response.start":
+                    route = getattr(scope.get("route"), "path", None)
+                    seen.append((scope["path"], route, message["status"]))
+                await send(message)
 
-    response = client.portal.call(call)
-    over_http = client.post(path.format(name="tiny"), content=raw)
-    assert response.status_code == over_http.status_code == 200
-    assert json.loads(response.body)[key] == over_http.json()[key]
+            await self.app(scope, receive, record if scope["type"] == "http" else send)
+
+    app = create_app(make_settings(repo), loader=LinearModel)
+    app.add_middleware(RecordingMiddleware)
+    app.add_middleware(CORSMiddleware, allow_origins=["https://playground.example"])
+    with TestClient(app) as client:
+        wait_ready(client)
+        seen.clear()
+        response = client.post(path, json=body, headers={"Origin": "https://playground.example"})
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "https://playground.example"
+        assert response.headers["x-request-id"]  # the service's own layers still wrap it
+        bad = client.post(path, json={"inputs": []} if "/v2/" in path else {"instances": []})
+        assert bad.status_code == 400
+    route = path.replace("tiny", "{name}").replace("/1", "/{version}")
+    assert seen == [(path, route, 200), (path, route, 400)]
+
+
+def test_inference_routes_are_documented_from_their_definitions(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in (
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
+        "/v1/models/{name}:predict",
+        "/v1/models/{name}/versions/{version}:predict",
+    ):
+        operation = paths[path]["post"]
+        assert "application/json" in operation["requestBody"]["content"], path
+        assert {"400", "404", "503"} <= set(operation["responses"]), path
 
 
 def test_a_client_that_leaves_mid_body_gets_no_answer_and_is_counted_499(client, caplog):
@@ -390,3 +422,28 @@ def test_a_client_that_leaves_mid_body_gets_no_answer_and_is_counted_499(client,
         'bnn_http_requests_total{method="POST",route="/v2/models/{name}/infer",status="499"} 1.0'
         in text
     )
+
+
+def test_playground_is_served_at_the_root_from_package_files(client):
+    page = client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert '<canvas id="pad"' in page.text
+    script = client.get("/static/playground.js")
+    assert script.status_code == 200
+    assert "v2/repository/index" in script.text
+    assert "http://" not in script.text and "https://" not in page.text  # no CDN
+    assert client.get("/static/missing.js").json() == {"error": "Not Found"}
+    assert "/" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_inference_reports_its_server_time(client):
+    response = client.post("/v2/models/tiny/infer", json={"inputs": [v2_input(images(1))]})
+    name, _, duration = response.headers["server-timing"].partition(";dur=")
+    assert name == "infer" and float(duration) > 0
+
+
+def test_metadata_says_whether_inputs_are_integer_valued(client):
+    parameters = client.get("/v2/models/tiny").json()["parameters"]
+    assert parameters["integer_valued"] is True
+    assert parameters["value_range"] == [0.0, 16.0]

@@ -4,11 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from service.logs import JsonFormatter, RequestIdFilter, request_id_from, request_id_var
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.kernels  # loads and runs the compiled engine in a fresh interpreter
 def test_serving_path_never_imports_torch_or_training(tmp_path):
     """Build the app, and load and run a model on the CPU as the service does: no torch."""
     from tests.service.numpy_model import publish_tiny

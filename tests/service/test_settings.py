@@ -6,7 +6,12 @@ import pytest
 from pydantic import ValidationError
 
 from service.__main__ import main
-from service.settings import Settings, describe_validation_error
+from service.settings import (
+    Settings,
+    describe_validation_error,
+    flag_of,
+    settings_from_command_line,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,6 +91,7 @@ def test_main_exits_2_with_one_line_on_a_bad_value(monkeypatch, capsys):
     assert "BNN_MAX_QUEUE_SIZE='lots'" in err
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_python_dash_m_service_exits_2_on_a_bad_value():
     result = subprocess.run(
         [sys.executable, "-m", "service"],
@@ -97,6 +103,80 @@ def test_python_dash_m_service_exits_2_on_a_bad_value():
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "bnn-serve: invalid setting BNN_PORT='not-a-port': Input should be a valid integer, "
-        "unable to parse string as an integer"
+        "bnn-serve: invalid setting --port/BNN_PORT='not-a-port': Input should be a valid "
+        "integer, unable to parse string as an integer"
     ]
+
+
+# --- command-line flags ----------------------------------------------------------------------------
+def clear_bnn_environment(monkeypatch) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("BNN_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(Path(__file__).parent)  # no .env here
+
+
+def test_every_setting_has_a_flag_documented_with_its_variable(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as info:
+        settings_from_command_line(["--help"])
+    assert info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for field in Settings.model_fields:
+        assert f"{flag_of(field)} " in help_text, field
+        assert f"[env: BNN_{field.upper()}]" in help_text, field
+    assert "--model-repository" in help_text  # tritonserver's spelling
+
+
+def test_flags_override_variables_which_override_defaults(monkeypatch, tmp_path):
+    clear_bnn_environment(monkeypatch)
+    monkeypatch.setenv("BNN_PORT", "9001")
+    monkeypatch.setenv("BNN_DEVICE", "cpu")
+    settings = settings_from_command_line(
+        ["--model-repository", str(tmp_path), "--port", "9100", "--models", "a,b",
+         "--no-log-json", "--max-queue-delay-ms", "2"]
+    )  # fmt: skip
+    assert settings.model_repo == tmp_path
+    assert settings.port == 9100  # flag beats BNN_PORT
+    assert settings.device == "cpu"  # variable beats the default
+    assert settings.models == ("a", "b")
+    assert settings.log_json is False
+    assert settings.max_queue_delay_s == pytest.approx(0.002)
+    assert settings.max_batch_size == 64  # default
+
+
+def test_api_key_file_sets_the_key(monkeypatch, tmp_path):
+    clear_bnn_environment(monkeypatch)
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    settings = settings_from_command_line(["--api-key-file", str(key_file)])
+    assert settings.api_key.get_secret_value() == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--port", "eighty"], "invalid setting --port/BNN_PORT='eighty': Input should be a valid"),
+        (["--device", "tpu"], "--device/BNN_DEVICE='tpu': expected auto, cpu, cuda or cuda:N"),
+        (["--models", "ok,../x"], "--models/BNN_MODELS='ok,../x': invalid model name '../x'"),
+        (["--api-key-file", "/nonexistent/key"], "cannot read the API key file"),
+        (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+        (["--port"], "argument --port/--http-port: expected one argument"),
+    ],
+)
+def test_a_bad_flag_exits_2_with_one_line_naming_it(monkeypatch, capsys, argv, expected):
+    clear_bnn_environment(monkeypatch)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("bnn-serve: ")
+    assert expected in err
+
+
+def test_api_key_and_its_file_together_are_refused(monkeypatch, tmp_path):
+    clear_bnn_environment(monkeypatch)
+    key_file = tmp_path / "key"
+    key_file.write_text("one")
+    monkeypatch.setenv("BNN_API_KEY", "two")
+    with pytest.raises(ValidationError) as info:
+        settings_from_command_line(["--api-key-file", str(key_file)])
+    assert "set BNN_API_KEY or BNN_API_KEY_FILE, not both" in describe_validation_error(info.value)

@@ -11,6 +11,8 @@ import pytest
 
 from training.cli import build_parser, main
 
+pytestmark = pytest.mark.slow  # trains models (left out of `make test-fast`)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

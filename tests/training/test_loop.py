@@ -13,6 +13,8 @@ from training.config import ConfigError, TrainConfig
 from training.layers import binary_parameters
 from training.loop import evaluate, random_shift, train
 
+pytestmark = pytest.mark.slow  # trains models (left out of `make test-fast`)
+
 TINY_MLP = MLPConfig(hidden=(32,))
 
 

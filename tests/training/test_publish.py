@@ -15,6 +15,8 @@ from training.export import module_from_artifact
 from training.loop import train
 from training.publish import publish_result
 
+pytestmark = pytest.mark.slow  # trains models (left out of `make test-fast`)
+
 
 @pytest.fixture(scope="module")
 def result():

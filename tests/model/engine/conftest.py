@@ -14,6 +14,14 @@ from model import InputSpec, load_model  # noqa: E402
 from model.engine import CompiledModel  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test here compiles kernels: marked so that `make test-fast` leaves them out."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.kernels)
+
+
 def calibrate_batchnorm(model, x: np.ndarray, seed: int) -> None:
     """Give every BatchNorm statistics near its input's real distribution, then perturb them:
     weights of both signs with ~10% exact zeros, shifted means, scaled variances. Thresholds then
