@@ -13,11 +13,11 @@ from service.__main__ import main
 from tests.service.numpy_model import LinearModel
 
 
-def blocking_loader(path: Path, device: str = "cpu") -> LinearModel:
+def blocking_loader(path: Path, device: str = "cpu", **options) -> LinearModel:
     if Path(path).parent.parent.name.startswith("stuck"):
         with open(os.environ["STUCK_LOAD_FIFO"], "rb") as fifo:  # blocks: nobody writes
             fifo.read()
-    return LinearModel(path, device)
+    return LinearModel(path, device, **options)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def test_errors_map_to_grpc_codes(server, call, code, fragment):
         ([2, 1, 6, 5], "FP32", None, "expected shape [-1, 1, 6, 6]"),
         ([1, 36], "FP16", None, "FP16 has no contents field"),
         ([1, 36], "FP32", b"\x00" * 8, "needs 144"),
-        ([1, 36], "STRING", None, "unknown datatype 'STRING'"),
+        ([1, 36], "STRING", None, "expected datatype FP32 (or another numeric type"),
     ],
 )
 def test_bad_inputs_are_invalid_argument_naming_the_problem(server, shape, datatype, raw, fragment):

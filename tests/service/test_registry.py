@@ -255,10 +255,10 @@ def test_a_stuck_load_delays_no_other_model_no_unload_and_no_shutdown(make_clien
     publish_tiny(repo, "stuck", seed=1)
     gate = threading.Event()
 
-    def loader(path, device):
+    def loader(path, device, **options):
         if "/stuck/" in str(path):
             gate.wait()  # like an open() that never returns
-        return LinearModel(path, device)
+        return LinearModel(path, device, **options)
 
     try:
         client = make_client(loader=loader, poll_interval_s=0.05, wait=False)
@@ -282,10 +282,10 @@ def test_a_stuck_load_delays_no_other_model_no_unload_and_no_shutdown(make_clien
 def test_a_load_past_the_time_limit_is_refused_and_its_late_result_discarded(make_client, repo):
     gate = threading.Event()
 
-    def loader(path, device):
+    def loader(path, device, **options):
         if "/tiny/2/" in str(path):
             gate.wait(30)
-        return LinearModel(path, device)
+        return LinearModel(path, device, **options)
 
     client = make_client(loader=loader, load_timeout_s=0.3)
     publish_tiny(repo, "tiny", seed=1)
@@ -378,9 +378,9 @@ def test_load_honours_a_requested_version_and_pins_it(make_client, repo):
 def test_a_version_loaded_on_request_then_loaded_again_is_compiled_once(make_client, repo):
     loads: list[str] = []
 
-    def loader(path, device):
+    def loader(path, device, **options):
         loads.append(path.parent.name)
-        return LinearModel(path, device)
+        return LinearModel(path, device, **options)
 
     client = make_client(loader=loader)
     publish_tiny(repo, "tiny", seed=1)
