@@ -68,13 +68,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         app.state.dataplane.draining = True
         await registry.close()
+        app.state.metrics.close()
 
 
 def create_app(settings: Settings, *, loader: Loader | None = None) -> ServingApp:
     """Build the service for ``settings``; ``loader`` (default :func:`model.load_model`) turns an
     artifact path and device into an object with ``predict``, ``warmup``, ``input_spec``,
     ``labels`` and ``spec``."""
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(shared_dir=settings.metrics_dir)
     registry = ModelRegistry(settings, loader or _default_loader(), metrics)
     app = ServingApp(
         title="bnnserve",

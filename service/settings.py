@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     graceful_shutdown_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish"
     )
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="Server processes on the one port, each loading the models itself; "
+        "auto = the usable cores (affinity and cgroup CPU quota)",
+    )
 
     # --- dynamic batching ------------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, le=65536, description="Rows per engine call, at most")
@@ -78,6 +83,11 @@ class Settings(BaseSettings):
     log_json: bool = Field(True, description="One JSON object per log line")
     access_log: bool = Field(
         False, description="Log a line per successful request too (errors are always logged)"
+    )
+    metrics_dir: Path | None = Field(
+        None,
+        description="Directory where the server processes share their metrics; set, /metrics "
+        "reports the totals of all. Default: a fresh temporary one when BNN_WORKERS > 1",
     )
 
     @field_validator("models", mode="before")
@@ -112,6 +122,18 @@ class Settings(BaseSettings):
         if value.startswith("cuda:") and index.isdigit():
             return value
         raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value != "auto" and not value.isdigit():
+                raise ValueError(f"expected a positive number of processes or auto, got {value!r}")
+            value = value if value == "auto" else int(value)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"expected a positive number of processes or auto, got {value}")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1,0 +1,98 @@
+"""BNN_WORKERS: how many processes, how many engine threads each, and shared metrics."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.metrics import MultiprocessMetricsError, ServiceMetrics
+from service.settings import Settings, describe_validation_error
+from service.workers import (
+    cgroup_cpu_limit,
+    divide_engine_threads,
+    engine_threads,
+    usable_cores,
+    worker_count,
+)
+
+AFFINITY = len(os.sched_getaffinity(0))
+
+
+def cgroup_v2(tmp_path: Path, cpu_max: str) -> Path:
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    return tmp_path
+
+
+def cgroup_v1(tmp_path: Path, quota: int, period: int) -> Path:
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text(f"{period}\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cores"), [("max 100000", None), ("200000 100000", 2.0), ("150000 100000", 1.5)]
+)
+def test_cgroup_v2_quota_in_cores(tmp_path, cpu_max, cores):
+    assert cgroup_cpu_limit(cgroup_v2(tmp_path, cpu_max)) == cores
+
+
+@pytest.mark.parametrize(("quota", "cores"), [(-1, None), (50_000, 0.5), (300_000, 3.0)])
+def test_cgroup_v1_quota_in_cores(tmp_path, quota, cores):
+    assert cgroup_cpu_limit(cgroup_v1(tmp_path, quota, 100_000)) == cores
+
+
+def test_no_cgroup_files_means_no_quota(tmp_path):
+    assert cgroup_cpu_limit(tmp_path) is None
+    assert usable_cores(tmp_path) == AFFINITY
+
+
+def test_usable_cores_is_the_smaller_of_affinity_and_quota_rounded_down(tmp_path):
+    assert usable_cores(cgroup_v2(tmp_path, "150000 100000")) == 1
+    assert usable_cores(cgroup_v2(tmp_path, f"{(AFFINITY + 8) * 100_000} 100000")) == AFFINITY
+
+
+def test_a_quota_under_one_core_still_runs_one_worker(tmp_path):
+    assert usable_cores(cgroup_v1(tmp_path, 20_000, 100_000)) == 1
+
+
+def test_worker_count_and_engine_threads_share_the_cores():
+    assert worker_count("auto", 6) == 6
+    assert worker_count(2, 6) == 2
+    assert [engine_threads(w, 8) for w in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+
+
+def test_engine_thread_variables_are_set_unless_given():
+    environ = {"OMP_NUM_THREADS": "7"}
+    assert divide_engine_threads(2, 8, environ) == 4
+    assert environ == {"OMP_NUM_THREADS": "7", "NUMBA_NUM_THREADS": "4"}
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("auto", "auto"), (" AUTO ", "auto"), ("3", 3)])
+def test_workers_setting(monkeypatch, value, parsed):
+    monkeypatch.setenv("BNN_WORKERS", value)
+    assert Settings(_env_file=None).workers == parsed
+
+
+def test_workers_default_to_one(monkeypatch):
+    monkeypatch.delenv("BNN_WORKERS", raising=False)
+    assert Settings(_env_file=None).workers == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_bad_workers_setting_is_named(monkeypatch, value):
+    monkeypatch.setenv("BNN_WORKERS", value)
+    with pytest.raises(ValidationError) as info:
+        Settings(_env_file=None)
+    message = describe_validation_error(info.value)
+    assert message.startswith(f"invalid setting BNN_WORKERS='{value}'")
+    assert "expected a positive number of processes or auto" in message
+
+
+def test_shared_metrics_need_prometheus_multiproc_dir_at_import(tmp_path):
+    # This test process imported prometheus-client without PROMETHEUS_MULTIPROC_DIR.
+    with pytest.raises(MultiprocessMetricsError, match="PROMETHEUS_MULTIPROC_DIR"):
+        ServiceMetrics(shared_dir=tmp_path)
