@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from service.__main__ import share_metrics
 from service.metrics import MultiprocessMetricsError, ServiceMetrics
 from service.settings import Settings, describe_validation_error
 from service.workers import (
@@ -96,3 +97,32 @@ def test_shared_metrics_need_prometheus_multiproc_dir_at_import(tmp_path):
     # This test process imported prometheus-client without PROMETHEUS_MULTIPROC_DIR.
     with pytest.raises(MultiprocessMetricsError, match="PROMETHEUS_MULTIPROC_DIR"):
         ServiceMetrics(shared_dir=tmp_path)
+
+
+def clear_environment(monkeypatch, *names: str) -> None:
+    """Remove ``names`` from the environment, restored after the test even if absent now."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def test_one_worker_shares_no_metrics(monkeypatch):
+    clear_environment(monkeypatch, "PROMETHEUS_MULTIPROC_DIR")
+    assert share_metrics(Settings(_env_file=None, metrics_dir=None), workers=1) is None
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+
+def test_workers_share_a_fresh_metrics_dir_or_the_configured_one_emptied(monkeypatch, tmp_path):
+    clear_environment(monkeypatch, "PROMETHEUS_MULTIPROC_DIR", "BNN_METRICS_DIR")
+    made = share_metrics(Settings(_env_file=None, metrics_dir=None), workers=2)
+    try:
+        assert made.is_dir() and not any(made.iterdir())
+        assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == os.environ["BNN_METRICS_DIR"] == str(made)
+    finally:
+        made.rmdir()
+    configured = tmp_path / "metrics"
+    configured.mkdir()
+    (configured / "counter_123.db").write_bytes(b"stale")  # a previous run's worker
+    (configured / "keep.txt").write_text("not ours")
+    assert share_metrics(Settings(_env_file=None, metrics_dir=configured), workers=2) == configured
+    assert sorted(p.name for p in configured.iterdir()) == ["keep.txt"]
