@@ -16,8 +16,10 @@ import os
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# Thread pools the engine's libraries size from these; an explicit value in the environment wins.
-ENGINE_THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")
+# numba sizes the engine's parallel kernels and its helper team from this, and passes its count
+# to each OpenMP region itself; an explicit value in the environment wins. OMP_NUM_THREADS is
+# left to the user (it would also resize numpy's BLAS in the full-precision layers).
+ENGINE_THREAD_VARIABLES = ("NUMBA_NUM_THREADS",)
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:

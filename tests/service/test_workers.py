@@ -67,9 +67,12 @@ def test_worker_count_and_engine_threads_share_the_cores():
 
 
 def test_engine_thread_variables_are_set_unless_given():
-    environ = {"OMP_NUM_THREADS": "7"}
+    environ: dict[str, str] = {}
     assert divide_engine_threads(2, 8, environ) == 4
-    assert environ == {"OMP_NUM_THREADS": "7", "NUMBA_NUM_THREADS": "4"}
+    assert environ == {"NUMBA_NUM_THREADS": "4"}
+    given = {"NUMBA_NUM_THREADS": "7"}
+    assert divide_engine_threads(2, 8, given) == 4
+    assert given == {"NUMBA_NUM_THREADS": "7"}
 
 
 @pytest.mark.parametrize(("value", "parsed"), [("auto", "auto"), (" AUTO ", "auto"), ("3", 3)])
