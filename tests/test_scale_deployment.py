@@ -166,6 +166,7 @@ def test_sigterm_on_a_replica_loses_no_request(stack):
         stack("--profile", "scale", "start", "replica-1", timeout=120)
         wait_for(lambda: all_up(stack), timeout=120, what="replica-1 back up")
         load.wait_for_more(50)
+    print(f"SIGTERM: {len(load.failures())} of {len(load.outcomes)} requests failed")
     assert len(load.outcomes) >= 200
     assert load.failures() == []
 
@@ -190,6 +191,8 @@ def test_sigkill_loses_at_most_the_in_flight_requests_and_the_replica_leaves_wit
         down_after = marked_down_by - container_stopped_at(stack, "replica-2")
         load.wait_for_more(100)
     failures = load.failures()
+    print(f"SIGKILL: {len(failures)} of {len(load.outcomes)} requests failed; HAProxy marked "
+          f"the replica down {down_after:.1f} s after it died")  # fmt: skip
     assert len(failures) <= CONCURRENCY, failures  # at most one in flight per client
     assert all(t - killed_at < DOWN_WITHIN_S for t, _ in failures), (failures, killed_at)
     assert down_after < DOWN_WITHIN_S, f"marked down after {down_after:.1f} s"
