@@ -10,12 +10,17 @@
    path) at concurrency 32: dynamic batching on (BNN_MAX_BATCH_SIZE=64) and off (=1), and a
    plain FastAPI server that runs the eager float torch model per request. Target: ≥ 10×.
 
+3. With ``--workers``: the digits mlp and the 4096-wide mlp at concurrency 32 served by 1 and 2
+   processes (``BNN_WORKERS``), each next to the bare FastAPI endpoint with as many uvicorn
+   workers, measured in alternating windows.
+
 Every server is a separate uvicorn process; the load generator is another process (a minimal
 keep-alive HTTP/1.1 client on asyncio, far cheaper per request than an HTTP library, so that
 more of the machine's cores go to the server under test). Both share the machine, which the
 report states.
 
     python -m bench service [--duration 5] [--sections digits,grpc,mlp4096] [--write-docs]
+    python -m bench service --workers [--duration 5] [--write-docs]
     python -m bench.service ...     (the same)
 """
 
@@ -41,6 +46,7 @@ from fastapi import FastAPI, Request, Response
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "service.json"
+WORKERS_RESULTS = ROOT / "bench" / "results" / "service-workers.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 CONCURRENCY = (1, 8, 32)
 GRPC_CONCURRENCY = (8, 32)
@@ -255,6 +261,10 @@ def eager_app(artifact: str, prebinarized: bool = False):
 def serve_main(args: argparse.Namespace) -> None:
     import uvicorn
 
+    if args.kind == "bare" and args.workers > 1:
+        uvicorn.run("bench.service:bare_app", factory=True, workers=args.workers,
+                    host="127.0.0.1", port=args.port, log_level="warning", access_log=False)  # fmt: skip
+        return
     if args.kind == "bare":
         app = bare_app()
     else:
@@ -267,6 +277,36 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _stat_fields(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = _stat_fields(pid)
+    except FileNotFoundError:  # exited since it was listed
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and its descendants (uvicorn's worker processes, their helpers)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(
+                    int(entry.name)
+                )
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [child for pid in frontier for child in parents.get(pid, [])]
+        tree += frontier
+    return tree
 
 
 class Server:
@@ -306,9 +346,9 @@ class Server:
         raise RuntimeError(f"server at {self.url} not ready after {timeout_s} s")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the server process has used so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time the server process and its worker processes have used so
+        far (Linux /proc)."""
+        return sum(_cpu_seconds(pid) for pid in _process_tree(self.process.pid))
 
     def __enter__(self) -> Server:
         return self
@@ -329,8 +369,9 @@ def service_server(repo: Path, **settings: object) -> Server:
     return Server([sys.executable, "-m", "service"], env, "/v2/health/ready")
 
 
-def baseline_server(kind: str, artifact: Path | None = None) -> Server:
+def baseline_server(kind: str, artifact: Path | None = None, workers: int = 1) -> Server:
     command = [sys.executable, "-m", "bench.service", "serve", kind, "--port", "{port}"]
+    command += ["--workers", str(workers)]
     if artifact is not None:
         command += ["--artifact", str(artifact)]
     return Server(command, {}, "/docs")
@@ -492,6 +533,74 @@ def mlp4096_rows(repo: Path, artifacts: dict[str, Path], duration_s: float) -> d
     }
 
 
+WORKER_COUNTS = (1, 2)
+WARMUP_S = 5.0  # unmeasured load on each fresh server before its windows
+
+
+def run_workers_benchmark(duration_s: float) -> dict[str, Any]:
+    """Throughput at concurrency 32 with 1 and 2 server processes, each next to bare FastAPI
+    with as many uvicorn workers (alternating windows per pair)."""
+    results: dict[str, Any] = {"machine": machine(), "duration_s": duration_s, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "repo"
+        build_models(repo)
+        bodies = {"digits-mlp": infer_body((64,), 16), "mlp-4096": infer_body((784,), 255)}
+        for name, body in bodies.items():
+            target = f"/v2/models/{name}/infer"
+            for workers in WORKER_COUNTS:
+                with service_server(repo, models=name, workers=workers) as service, \
+                        baseline_server("bare", workers=workers) as bare:  # fmt: skip
+                    contenders = {"service": (service, target, body), "bare": (bare, target, body)}
+                    for server, _, _ in contenders.values():  # a fresh server's first seconds
+                        run_load(server.url, target, body, 32, WARMUP_S, warmup_s=0.0)
+                    measured = run_interleaved(contenders, 32, duration_s, ROUNDS)
+                row = {"model": name, "workers": workers, **measured,
+                       "ratio": measured["service"]["rps"] / measured["bare"]["rps"]}  # fmt: skip
+                results["rows"].append(row)
+                print(f"{name} workers={workers}: {measured['service']['rps']:.0f} vs bare "
+                      f"{measured['bare']['rps']:.0f} req/s", file=sys.stderr)  # fmt: skip
+    results["load_average_end"] = os.getloadavg()
+    return results
+
+
+def render_workers_markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "## Service: worker processes",
+        "",
+        f"`python -m bench service --workers`: {m['cpu']}, {m['cores']} cores, load average "
+        f"{m['load_average_at_start'][0]:.1f} at the start and {results['load_average_end'][0]:.1f} "
+        "at the end (a shared machine). Concurrency 32 on keep-alive connections, V2 JSON, one "
+        f"instance per request; each pair measured for {results['duration_s']:g} s in all as "
+        f"{ROUNDS} alternating windows, after {WARMUP_S:g} s of unmeasured load on each fresh "
+        "server. `BNN_WORKERS=N` against bare FastAPI (a route that parses "
+        "the JSON body and returns a constant) under uvicorn with N workers; CPU is the whole "
+        "process tree's.",
+        "",
+        "| model | workers | bnnserve req/s | p50 ms | p99 ms | CPU µs/req | bare req/s | "
+        "bare CPU µs/req | bnnserve / bare |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        s, b = row["service"], row["bare"]
+        lines.append(
+            f"| {row['model']} | {row['workers']} | {s['rps']:.0f} | {_ms(s['p50_ms'])} | "
+            f"{_ms(s['p99_ms'])} | {_us(s['cpu_us_per_request'])} | {b['rps']:.0f} | "
+            f"{_us(b['cpu_us_per_request'])} | {row['ratio']:.0%} |"
+        )
+    lines += [
+        "",
+        "Reading it: here the server processes, the load generator and the machine's other "
+        "tenants share 2 cores, so a second worker has no idle core to use and the 1- and "
+        "2-worker rows are CPU-bound alike (so is bare FastAPI, whose column is the ceiling of "
+        "the HTTP and JSON work alone). A worker pays where a pod has more cores than one event "
+        "loop keeps busy: one process decodes and encodes every request's JSON on one core, and "
+        "`BNN_WORKERS=auto` gives each core its own. The unmeasured load first matters: a fresh "
+        "server's first seconds were several times slower in trial runs.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # --- report --------------------------------------------------------------------------------------
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
@@ -650,12 +759,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("kind", choices=["bare", "eager", "eager-prebinarized"])
     serve.add_argument("--port", type=int, required=True)
     serve.add_argument("--artifact")
+    serve.add_argument("--workers", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per row")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument(
         "--sections",
         default=",".join(SECTIONS),
         help=f"comma-separated subset of {', '.join(SECTIONS)} (--write-docs needs all)",
+    )
+    parser.add_argument(
+        "--workers", action="store_true", help="only the 1- and 2-worker comparison"
     )
     args = parser.parse_args(argv)
     if args.command == "loadgen":
@@ -664,21 +777,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         serve_main(args)
         return 0
-    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
-    unknown = set(sections) - set(SECTIONS)
-    if unknown or (args.write_docs and set(sections) != set(SECTIONS)):
-        parser.error(
-            f"--sections: expected a subset of {', '.join(SECTIONS)}; all with --write-docs"
-        )
-    results = run_benchmark(args.duration, sections)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    markdown = render_markdown(results)
+    if args.workers:
+        results, title = run_workers_benchmark(args.duration), "Service: worker processes"
+        markdown, results_path = render_workers_markdown(results), WORKERS_RESULTS
+    else:
+        sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+        unknown = set(sections) - set(SECTIONS)
+        if unknown or (args.write_docs and set(sections) != set(SECTIONS)):
+            parser.error(
+                f"--sections: expected a subset of {', '.join(SECTIONS)}; all with --write-docs"
+            )
+        results, title = run_benchmark(args.duration, sections), "Service"
+        markdown, results_path = render_markdown(results), RESULTS
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=2))
     print(markdown)
     if args.write_docs:
         from bench.engine import write_docs_section  # one writer for every section
 
-        write_docs_section(markdown, DOCS, title="Service")
+        write_docs_section(markdown, DOCS, title=title)
     return 0
 
 

@@ -91,6 +91,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await registry.close()
         dataplane.close()
         dataplane.tracing.shutdown()
+        app.state.metrics.close()
 
 
 def create_app(
@@ -99,7 +100,7 @@ def create_app(
     """Build the service for ``settings``; ``loader`` (default :func:`model.load_model`) turns an
     artifact path and device into an object with ``predict``, ``warmup``, ``input_spec``,
     ``labels`` and ``spec``; ``tracing`` makes OpenTelemetry spans (default: none)."""
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(shared_dir=settings.metrics_dir)
     registry = ModelRegistry(settings, loader or _default_loader(settings), metrics)
     app = ServingApp(
         title="bnnserve",

@@ -85,3 +85,5 @@ def configure_logging(level: str = "info", json_lines: bool = True) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    # The service writes its own access lines (service.middleware); uvicorn's would double them.
+    logging.getLogger("uvicorn.access").propagate = False

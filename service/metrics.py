@@ -6,14 +6,32 @@ and :class:`LoopHistogram`: plain numbers per label set, found in a dict, with t
 by bisection — no lock per update, which is what prometheus-client's own metrics take (~1 µs
 per observation; together ~8 % of a small model's request). The registry exports them in the
 standard text format through their ``collect``; the other metrics are prometheus-client's.
+
+With several server processes (``BNN_WORKERS`` > 1) a scrape reaches one of them, yet must
+report the totals of all. Then every metric is prometheus-client's own in its multiprocess
+mode: each process writes its values to memory-mapped files in ``BNN_METRICS_DIR`` (which
+``PROMETHEUS_MULTIPROC_DIR`` names to prometheus-client, set before it is imported), and a
+scrape sums the counters and histograms of every process, live or gone, and shows the gauges
+of each live process with a ``pid`` label (``bnn_model_ready{..., pid}``: which worker serves
+which version; a worker's gauges go as it stops, and a retired version's read 0).
 """
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
@@ -108,50 +126,68 @@ class LoopHistogram(_LoopMetric):
         yield family
 
 
-class ServiceMetrics:
-    """Every metric the service exports; names are prefixed ``bnn_``."""
+class MultiprocessMetricsError(RuntimeError):
+    """Shared metrics were asked for, but prometheus-client was imported without
+    ``PROMETHEUS_MULTIPROC_DIR`` (its values would stay in this process)."""
 
-    def __init__(self) -> None:
+
+class ServiceMetrics:
+    """Every metric the service exports; names are prefixed ``bnn_``. With ``shared_dir`` the
+    metrics are shared between processes through files there (see the module docstring)."""
+
+    def __init__(self, shared_dir: Path | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.shared_dir = shared_dir
         self._ready: set[tuple[str, str]] = set()
-        registry = self.registry
-        self.inference_requests = LoopCounter(
+        if shared_dir is not None and prometheus_values.ValueClass is prometheus_values.MutexValue:
+            raise MultiprocessMetricsError(
+                f"metrics shared in {shared_dir} need PROMETHEUS_MULTIPROC_DIR set before "
+                "prometheus_client is imported"
+            )
+        # Shared metrics are collected from the files, not from a registry of this process.
+        registry = self.registry if shared_dir is None else None
+        counter, histogram = self._per_request_types()
+        self.inference_requests = counter(
             "bnn_inference_requests",
             "Inference requests by model, version, protocol and HTTP status",
             ["model", "version", "protocol", "status"],
         )
-        self.inference_latency = LoopHistogram(
+        self.inference_latency = histogram(
             "bnn_inference_request_duration_seconds",
             "Time from decoded request to model outputs (queue + engine), by model",
             ["model", "version"],
             _LATENCY_BUCKETS,
         )
-        self.queue_time = LoopHistogram(
+        self.queue_time = histogram(
             "bnn_batch_queue_seconds",
             "Time a request waited in the batcher's queue before its engine call",
             ["model", "version"],
             _LATENCY_BUCKETS,
         )
-        self.batch_size = LoopHistogram(
+        self.batch_size = histogram(
             "bnn_batch_size_rows",
             "Rows per engine call after dynamic batching",
             ["model", "version"],
             _BATCH_BUCKETS,
         )
-        self.engine_time = LoopHistogram(
+        self.engine_time = histogram(
             "bnn_engine_seconds",
             "Duration of one engine call (one batch)",
             ["model", "version"],
             _LATENCY_BUCKETS,
         )
         self.models_loaded = Gauge(
-            "bnn_models_loaded", "Model versions loaded and serving", registry=registry
+            "bnn_models_loaded",
+            "Model versions loaded and serving",
+            registry=registry,
+            multiprocess_mode="liveall",
         )
         self.model_ready = Gauge(
             "bnn_model_ready",
             "1 while a model version is loaded and ready",
             ["model", "version"],
             registry=registry,
+            multiprocess_mode="liveall",
         )
         self.model_load_failures = Counter(
             "bnn_model_load_failures",
@@ -159,26 +195,33 @@ class ServiceMetrics:
             ["model"],
             registry=registry,
         )
-        self.http_requests = LoopCounter(
+        self.http_requests = counter(
             "bnn_http_requests",
             "HTTP requests by method, route template and status",
             ["method", "route", "status"],
         )
-        self.grpc_requests = LoopCounter(
+        self.grpc_requests = counter(
             "bnn_grpc_requests",
             "gRPC calls by method and status code",
             ["method", "code"],
         )
-        for metric in (
-            self.grpc_requests,
-            self.inference_requests,
-            self.inference_latency,
-            self.queue_time,
-            self.batch_size,
-            self.engine_time,
-            self.http_requests,
-        ):
-            registry.register(metric)
+        if shared_dir is None:
+            for metric in (
+                self.grpc_requests,
+                self.inference_requests,
+                self.inference_latency,
+                self.queue_time,
+                self.batch_size,
+                self.engine_time,
+                self.http_requests,
+            ):
+                self.registry.register(metric)
+
+    def _per_request_types(self) -> tuple[type, type]:
+        """The event-loop series in one process; prometheus-client's (file-backed) when shared."""
+        if self.shared_dir is None:
+            return LoopCounter, LoopHistogram
+        return _shared_counter, _shared_histogram
 
     def observe_batch(self, model: str, version: str, stats: BatchStats) -> None:
         self.batch_size.labels(model, version).observe(stats.rows)
@@ -192,10 +235,32 @@ class ServiceMetrics:
         if ready:
             self.model_ready.labels(model, version).set(1)
             self._ready.add(key)
+        elif key in self._ready and self.shared_dir is not None:
+            self.model_ready.labels(model, version).set(0)  # a shared file keeps its series
+            self._ready.discard(key)
         elif key in self._ready:
             self.model_ready.remove(model, version)
             self._ready.discard(key)
         self.models_loaded.set(len(self._ready))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(self.shared_dir))
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """A stopping worker: its gauges no longer count (its counters still do)."""
+        if self.shared_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), str(self.shared_dir))
+
+
+def _shared_counter(name: str, documentation: str, labelnames: Sequence[str]) -> Counter:
+    return Counter(name, documentation, labelnames, registry=None)
+
+
+def _shared_histogram(
+    name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+) -> Histogram:
+    return Histogram(name, documentation, labelnames, registry=None, buckets=buckets)

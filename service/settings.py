@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     graceful_shutdown_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish"
     )
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="Server processes on the one port, each loading the models itself; "
+        "auto = the usable cores (affinity and cgroup CPU quota)",
+    )
 
     # --- dynamic batching ------------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, le=65536, description="Rows per engine call, at most")
@@ -120,6 +125,11 @@ class Settings(BaseSettings):
     log_json: bool = Field(True, description="One JSON object per log line")
     access_log: bool = Field(
         False, description="Log a line per successful request too (errors are always logged)"
+    )
+    metrics_dir: Path | None = Field(
+        None,
+        description="Directory where the server processes share their metrics; set, /metrics "
+        "reports the totals of all. Default: a fresh temporary one when BNN_WORKERS > 1",
     )
 
     @field_validator("models", mode="before")
@@ -176,6 +186,18 @@ class Settings(BaseSettings):
             return value
         raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value != "auto" and not value.isdigit():
+                raise ValueError(f"expected a positive number of processes or auto, got {value!r}")
+            value = value if value == "auto" else int(value)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"expected a positive number of processes or auto, got {value}")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_log_level(cls, value: object) -> object:
@@ -231,3 +253,20 @@ def describe_validation_error(exc: ValidationError) -> str:
         else:  # a check across fields names them itself
             problems.append(message)
     return "invalid setting " + "; ".join(problems)
+
+
+def as_environment(settings: Settings) -> dict[str, str | None]:
+    """The resolved settings as ``BNN_*`` variables (None: unset it), so that worker processes,
+    which read the environment, get exactly what flags, variables and defaults gave the parent.
+    The API key travels as its value (never its file: the parent already read it)."""
+    env: dict[str, str | None] = {}
+    for field, value in settings.model_dump(exclude={"api_key", "api_key_file"}).items():
+        if isinstance(value, tuple | list):
+            value = ",".join(map(str, value))
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[f"{ENV_PREFIX}{field.upper()}"] = None if value is None else str(value)
+    env[f"{ENV_PREFIX}API_KEY_FILE"] = None
+    key = settings.api_key
+    env[f"{ENV_PREFIX}API_KEY"] = key.get_secret_value() if key is not None else None
+    return env

@@ -5,6 +5,9 @@
     bnn-train summary --arch cnn --channels 32,64 --pool 0,1
     bnn-train export-onnx --repo models --name digits-mlp --out digits-mlp.onnx
 
+``torchrun --nproc_per_node=N -m training train ...`` trains data-parallel in N processes
+(:mod:`training.distributed`); rank 0 prints and publishes.
+
 ``train`` prints the model summary and the metrics, and the published version's directory as the
 last line of stdout (the progress bar goes to stderr). Every usage or validation error is one line
 on stderr and exit status 2; a failure of the artifact or repository is one line and status 1.
@@ -172,7 +175,15 @@ def run_train(args: argparse.Namespace) -> int:
         from model.repository import validate_model_name
 
         validate_model_name(name)  # fail before training, not after
-    result = train(config)
+    from training.distributed import from_environment, shut_down
+
+    distributed = from_environment()  # under torchrun: join the other processes
+    try:
+        result = train(config, distributed)
+    finally:
+        shut_down(distributed)
+    if result is None:  # not rank 0: rank 0 reports and publishes
+        return 0
     print(result.summary.to_text())
     print()
     print(result.data.describe())
@@ -181,6 +192,7 @@ def run_train(args: argparse.Namespace) -> int:
         f"best epoch {m['best_epoch']}/{m['epochs']}: val accuracy {m['best_val_accuracy']:.4f}; "
         f"test accuracy {m['test_accuracy']:.4f} (loss {m['test_loss']:.4f}); "
         f"trained in {m['train_seconds']:.1f} s on {m['num_threads']} thread(s)"
+        + (f" × {m['world_size']} processes ({m['backend']})" if m["world_size"] > 1 else "")
     )
     for path in result.files.values():
         print(f"wrote {path}")

@@ -6,6 +6,10 @@ backward, optimizer step(s), schedule step, then clip the binary layers' latent 
 on the validation split; the epoch with the best validation accuracy (ties: lower validation
 loss) is kept and restored at the end, and the test split is evaluated once, on that state.
 
+Under torchrun the same loop runs data-parallel (:mod:`training.distributed`): each process
+trains on its shard of every epoch with ``batch_size / N`` rows per step, gradients averaged
+over the processes; only rank 0 evaluates and returns a result.
+
 Reproducibility: ``config.seed`` seeds the weight initialisation, the shuffling, the augmentation
 and any stochastic quantizer; the same config on the same machine and thread count gives the same
 weights bit for bit.
@@ -29,6 +33,7 @@ from torch import Tensor, nn
 from training.architectures import ArchitectureConfig, BinaryNet, build_model
 from training.config import ConfigError, TrainConfig
 from training.data import DataBundle, load_dataset
+from training.distributed import SINGLE_PROCESS, DistributedContext
 from training.layers import clip_latent_weights
 from training.optim import build_optimizers, build_scheduler
 from training.plots import render_curves
@@ -86,21 +91,24 @@ class TrainResult:
         return render_curves([asdict(e) for e in self.history], self.metrics["best_epoch"])
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(
+    config: TrainConfig, distributed: DistributedContext = SINGLE_PROCESS
+) -> TrainResult | None:
     """Train, keep the best validation epoch, evaluate on test, write the output files.
 
     Runs on ``config.num_threads`` torch threads and restores the caller's count afterwards.
+    In a distributed run every process calls this; rank 0 gets the result, the others None.
     """
     threads = torch.get_num_threads()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     try:
-        return _train(config)
+        return _train(config, distributed)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(config: TrainConfig) -> TrainResult:
+def _train(config: TrainConfig, distributed: DistributedContext) -> TrainResult | None:
     data = load_dataset(
         config.dataset,
         config.data_dir,
@@ -108,8 +116,10 @@ def _train(config: TrainConfig) -> TrainResult:
         test_fraction=config.test_fraction,
         seed=config.split_seed,
     )
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights in every process
+    # Alone: shuffling and augmentation from one generator. Distributed: the sampler shuffles
+    # (seeded by config.seed), and each process augments its own shard from its own stream.
+    generator = torch.Generator().manual_seed(config.seed + distributed.rank)
     model_config = config.model_config()
     try:
         model = build_model(model_config, data.input_shape, data.num_classes)
@@ -117,8 +127,11 @@ def _train(config: TrainConfig) -> TrainResult:
         raise ConfigError(
             f"cannot build {model_config.arch} for {data.describe()}: {exc}"
         ) from None
+    trained = distributed.wrap(model)  # model itself, or DDP around it (shared parameters)
+    device, main = distributed.device, distributed.is_main
+    batch_size = distributed.local_batch_size(config.batch_size)
     x_train, y_train = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
-    steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
+    steps_per_epoch = math.ceil(distributed.shard_size(len(y_train)) / batch_size)
     optimizers = build_optimizers(model, config)
     scheduler = build_scheduler(optimizers[0], steps_per_epoch, config)
     shift = config.augment_shift if len(data.input_shape) == 3 else 0
@@ -127,21 +140,24 @@ def _train(config: TrainConfig) -> TrainResult:
     best: tuple[float, float] = (-1.0, math.inf)  # (val accuracy, −) and val loss
     best_state: dict[str, Tensor] = {}
     best_epoch = 0
-    progress = _progress_bar(config, steps_per_epoch)
+    progress = _progress_bar(config, steps_per_epoch, enabled=main)
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         lr = optimizers[0].param_groups[0]["lr"]
         model.train()
-        order = torch.randperm(len(y_train), generator=generator)
+        order = distributed.epoch_order(len(y_train), config.seed, epoch)
+        if order is None:
+            order = torch.randperm(len(y_train), generator=generator)
         loss_sum, correct, seen = 0.0, 0, 0
         progress.set_description(f"epoch {epoch}/{config.epochs}")
-        for begin in range(0, len(order), config.batch_size):
-            index = order[begin : begin + config.batch_size]
+        for begin in range(0, len(order), batch_size):
+            index = order[begin : begin + batch_size]
             x, y = x_train[index], y_train[index]
             if shift:
                 x = random_shift(x, shift, generator)
-            logits = model(x)
+            x, y = x.to(device), y.to(device)
+            logits = trained(x)
             loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
@@ -155,7 +171,10 @@ def _train(config: TrainConfig) -> TrainResult:
             seen += len(y)
             progress.update(1)
             progress.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
-        val = evaluate(model, data.val.x, data.val.y)
+        loss_sum, correct, seen = distributed.sum(loss_sum, correct, seen)
+        if not main:
+            continue
+        val = evaluate(model, data.val.x, data.val.y, device=device)
         history.append(
             EpochStats(
                 epoch=epoch,
@@ -169,7 +188,7 @@ def _train(config: TrainConfig) -> TrainResult:
         )
         if (val.accuracy, -val.loss) > (best[0], -best[1]):
             best, best_epoch = (val.accuracy, val.loss), epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         progress.set_postfix(
             loss=f"{loss_sum / seen:.4f}",
             acc=f"{correct / seen:.4f}",
@@ -177,7 +196,10 @@ def _train(config: TrainConfig) -> TrainResult:
         )
     progress.close()
     train_seconds = time.perf_counter() - started
+    if not main:
+        return None
 
+    model.to("cpu")
     model.load_state_dict(best_state)
     model.eval()
     test = evaluate(model, data.test.x, data.test.y)
@@ -200,6 +222,7 @@ def _train(config: TrainConfig) -> TrainResult:
         "float_params": summary.float_params,
         "compression_ratio": summary.compression_ratio,
         "num_threads": torch.get_num_threads(),
+        **distributed.metrics(),
     }
     result = TrainResult(
         model=model,
@@ -216,11 +239,16 @@ def _train(config: TrainConfig) -> TrainResult:
 
 
 def evaluate(
-    model: nn.Module, x: np.ndarray | Tensor, y: np.ndarray | Tensor, batch_size: int = EVAL_BATCH
+    model: nn.Module,
+    x: np.ndarray | Tensor,
+    y: np.ndarray | Tensor,
+    batch_size: int = EVAL_BATCH,
+    device: torch.device | str = "cpu",
 ) -> Evaluation:
-    """Mean cross-entropy and accuracy of ``model`` in eval mode on (x, y); restores the mode."""
-    x = torch.as_tensor(x, dtype=torch.float32)
-    y = torch.as_tensor(y, dtype=torch.int64)
+    """Mean cross-entropy and accuracy of ``model`` (on ``device``) in eval mode on (x, y);
+    restores the mode."""
+    x = torch.as_tensor(x, dtype=torch.float32, device=device)
+    y = torch.as_tensor(y, dtype=torch.int64, device=device)
     if len(x) != len(y) or len(y) == 0:
         raise ValueError(f"evaluate: expected equal, non-zero numbers of inputs and labels, "
                          f"got {len(x)} and {len(y)}")  # fmt: skip
@@ -264,13 +292,13 @@ def write_outputs(result: TrainResult, out_dir: Path) -> dict[str, Path]:
     return {name: path for name, (path, _) in files.items()}
 
 
-def _progress_bar(config: TrainConfig, steps_per_epoch: int) -> Any:
+def _progress_bar(config: TrainConfig, steps_per_epoch: int, enabled: bool = True) -> Any:
     from tqdm import tqdm
 
     return tqdm(
         total=config.epochs * steps_per_epoch,
         unit="batch",
-        disable=not config.progress,
+        disable=not (config.progress and enabled),
         dynamic_ncols=True,
         leave=True,
     )
