@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None, *, loader: Loader | None = None) -> int:
     os.environ.setdefault("BNN_SPIN_US", "50")  # not imported: the engine loads lazily
     metrics_dir = share_metrics(settings, workers)
     made_metrics_dir = metrics_dir is not None and settings.metrics_dir is None
+    if made_metrics_dir:
+        settings = settings.model_copy(update={"metrics_dir": metrics_dir})
     logging.getLogger("service").info(
         "starting bnn-serve",
         extra={"settings": settings.model_dump(mode="json", exclude={"api_key"})}

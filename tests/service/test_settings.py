@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pydantic import ValidationError
 from service.__main__ import main
 from service.settings import (
     Settings,
+    as_environment,
     describe_validation_error,
     flag_of,
     settings_from_command_line,
@@ -180,3 +182,27 @@ def test_api_key_and_its_file_together_are_refused(monkeypatch, tmp_path):
     with pytest.raises(ValidationError) as info:
         settings_from_command_line(["--api-key-file", str(key_file)])
     assert "set BNN_API_KEY or BNN_API_KEY_FILE, not both" in describe_validation_error(info.value)
+
+
+def test_worker_processes_get_the_settings_the_parent_resolved(monkeypatch, tmp_path):
+    """Workers rebuild Settings from the environment: as_environment must carry flags, a key
+    read from its file and defaults so that the rebuilt settings equal the parent's."""
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    monkeypatch.setenv("BNN_MAX_BATCH_SIZE", "8")
+    parent = settings_from_command_line(
+        ["--models", "a,b", "--port", "9123", "--no-warmup", "--api-key-file", str(key_file)]
+    )
+    for name in [n for n in os.environ if n.startswith("BNN_")]:
+        monkeypatch.delenv(name)
+    for name, value in as_environment(parent).items():
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    child = Settings(_env_file=None)
+    assert child.model_dump(exclude={"api_key", "api_key_file"}) == parent.model_dump(
+        exclude={"api_key", "api_key_file"}
+    )
+    assert child.api_key.get_secret_value() == "s3cret"
+    assert (child.models, child.port, child.warmup, child.max_batch_size) == (
+        ("a", "b"), 9123, False, 8,
+    )  # fmt: skip

@@ -92,7 +92,7 @@ def test_bad_workers_setting_is_named(monkeypatch, value):
     with pytest.raises(ValidationError) as info:
         Settings(_env_file=None)
     message = describe_validation_error(info.value)
-    assert message.startswith(f"invalid setting BNN_WORKERS='{value}'")
+    assert message.startswith(f"invalid setting --workers/BNN_WORKERS='{value}'")
     assert "expected a positive number of processes or auto" in message
 
 
