@@ -27,6 +27,7 @@ pytestmark = [
         "chromium-driver)",
     ),
 ]
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -139,10 +140,17 @@ def test_another_input_shape_and_the_repository_panel(server, browser):
     assert label == api_label(process.url, "tiny", shown["data"], [1, 1, 6, 6])
     assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 3
 
-    rows = lambda d: [  # noqa: E731
-        [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
-        for row in d.find_elements(By.CSS_SELECTOR, "#index tr")
-    ]
+    def rows(d) -> list[list[str]]:
+        """The repository panel's rows; none while the panel is being re-rendered (its poll
+        replaces the rows, so an element read mid-render is stale)."""
+        try:
+            return [
+                [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+                for row in d.find_elements(By.CSS_SELECTOR, "#index tr")
+            ]
+        except StaleElementReferenceException:
+            return []
+
     wait(browser, lambda d: ["tiny", "1", "READY", ""] in rows(d))
     publish_tiny(repo, "tiny", seed=1)  # version 2: the poller loads it, the panel notices
     notice = wait(
@@ -151,4 +159,4 @@ def test_another_input_shape_and_the_repository_panel(server, browser):
     )
     assert notice == "tiny version 2 is live (was 1)."
     wait(browser, lambda d: ["tiny", "2", "READY", ""] in rows(d))
-    assert ["tiny", "1", "UNAVAILABLE", "superseded by version 2"] in rows(browser)
+    wait(browser, lambda d: ["tiny", "1", "UNAVAILABLE", "superseded by version 2"] in rows(d))
