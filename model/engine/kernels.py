@@ -643,7 +643,7 @@ def planes_word_threshold_pack(planes, w, pcw, cut, invert, out):
             out[m, j] = word
 
 
-@njit(**_PAR)
+@njit(**_PAR_EXACT)  # fast-math would let the backend reorder the sums on some CPUs
 def real_packed_dense(x, w, out):
     """Real input × packed ±1 weights in float32, without unpacking: out[m, o] = Σ_i x[m, i]·s_oi
     (s = −1 where bit i of w[o] is set), summed as :func:`signed_sums8` does, so each value is
@@ -813,7 +813,7 @@ def _conv_sum(x, w, bias, i, y0, x0, kh, kw, o):
     return a
 
 
-@njit(**_JIT, inline="always")
+@njit(**_JIT_EXACT, inline="always")
 def _or_decisions(sums, count, cut, invert, out, i, oy, ox, o):
     """Set the decision bits of channels o … o + count − 1 (one word) from their float32 sums."""
     j = o // WORD
