@@ -717,8 +717,9 @@ def signed_dense(bits, w_t, base, coef, out):
 
 
 def _conv_sums_codegen(context, builder, sig, args, vectors):
-    """8·``vectors`` float32 sums bias[o + j] + Σ fl(x·w[·, o + j]) over one window, in (dy, dx,
-    c) order; each of the ``vectors`` <8 x float> accumulators stays in a register."""
+    """8·``vectors`` float32 sums acc ← fma(x, w[·, o + j], acc) from acc = bias[o + j] over one
+    window, in (dy, dx, c) order; each of the ``vectors`` <8 x float> accumulators stays in a
+    register."""
     x_type, w_type, b_type = sig.args[:3]
     x_val, w_val, b_val, i, y0, x0, kh, kw, o, _ = args
     x_arr = context.make_array(x_type)(context, builder, x_val)
@@ -730,6 +731,10 @@ def _conv_sums_codegen(context, builder, sig, args, vectors):
     def vector_at(base, index):
         return builder.load(builder.bitcast(builder.gep(base, [index]), _F8.as_pointer()), align=4)
 
+    # one rounding per term, as oneDNN's convolution (a library call where the CPU has no FMA)
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_F8, [_F8, _F8, _F8]), "llvm.fma.v8f32"
+    )
     offsets = [builder.add(o, ir.Constant(_I64, 8 * v)) for v in range(vectors)]
     accs = [cgutils.alloca_once(builder, _F8) for _ in range(vectors)]
     for acc, at in zip(accs, offsets, strict=True):
@@ -752,12 +757,28 @@ def _conv_sums_codegen(context, builder, sig, args, vectors):
                 )
                 w_row = builder.mul(builder.add(row, ch), o_rows)
                 for acc, at in zip(accs, offsets, strict=True):
-                    product = builder.fmul(vb, vector_at(w_arr.data, builder.add(w_row, at)))
-                    builder.store(builder.fadd(builder.load(acc), product), acc)
+                    wv = vector_at(w_arr.data, builder.add(w_row, at))
+                    builder.store(builder.call(fma, [vb, wv, builder.load(acc)]), acc)
     d_arr = context.make_array(sig.args[9])(context, builder, args[9])
     for v, acc in enumerate(accs):
         target = builder.gep(d_arr.data, [ir.Constant(_I64, 8 * v)])
         builder.store(builder.load(acc), builder.bitcast(target, _F8.as_pointer()), align=4)
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """fma(a, b, c) in float32: a·b + c rounded once (LLVM ``llvm.fma.f32``)."""
+    if not all(isinstance(t, types.Float) and t.bitwidth == 32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32"
+        )
+        return builder.call(fn, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
 
 
 def _conv_sums_intrinsic(vectors):
@@ -786,7 +807,8 @@ def _conv_sums_intrinsic(vectors):
 
 def _conv_sums_doc(lanes):
     return (
-        f"sums[j] = bias[o + j] + Σ fl(x·w[·, o + j]) for j < {lanes} over the window at (y0, x0) "
+        f"sums[j] = bias[o + j] + Σ x·w[·, o + j] (fused multiply-adds) for j < {lanes} over the "
+        "window at (y0, x0) "
         "of image i: x (N, Hp, Wp, C), w (kh·kw·C, O), bias (O,), sums (≥ lanes,) float32, "
         "C-contiguous. Per input value one broadcast, and per 8 channels a multiply and an add "
         "into an accumulator that stays in a register (a loop over an accumulator array loads "
@@ -802,14 +824,14 @@ conv_sums8.__doc__ = _conv_sums_doc(8)
 
 @njit(**_JIT_EXACT, inline="always")
 def _conv_sum(x, w, bias, i, y0, x0, kh, kw, o):
-    """One channel of :func:`_conv_sums8`, the same operations in the same order."""
+    """One channel of :func:`conv_sums8`, the same operations in the same order."""
     c = x.shape[3]
     a = bias[o]
     for dy in range(kh):
         for dx in range(kw):
             row = (dy * kw + dx) * c
             for ch in range(c):
-                a += x[i, y0 + dy, x0 + dx, ch] * w[row + ch, o]
+                a = fma32(x[i, y0 + dy, x0 + dx, ch], w[row + ch, o], a)
     return a
 
 
@@ -829,8 +851,8 @@ def real_conv_threshold_pack(x, w, bias, kh, kw, sh, sw, cut, invert, out):
 
     x (N, Hp, Wp, C) float32, already padded; w (kh·kw·C, O) float32, rows in (dy, dx, c)
     order; bias (O,) float32, the sum's first term (F.conv2d adds it too); out (N, OH, OW,
-    ⌈O/64⌉) gets bit o = (raw ≥ cut[o]) XOR invert[o] with raw = bias + Σ fl(x·w), each product
-    rounded and added in (dy, dx, c) order in float32 (:func:`_conv_sums8`). No reduction is
+    ⌈O/64⌉) gets bit o = (raw ≥ cut[o]) XOR invert[o] with raw = bias + Σ x·w in float32, one
+    fused multiply-add per term in (dy, dx, c) order (:func:`conv_sums64`). No reduction is
     vectorized and no fast-math flag is set, so raw is the same on every CPU.
     """
     n = x.shape[0]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from model.engine import kernels
 from model.engine.cpu import integer_bit_planes, unpack_bits
-from model.engine.floatmath import affine_f32
+from model.engine.floatmath import affine_f32, fma_f32
 from model.engine.program import Bits, aligned_empty, pad_rows, row_words
 from model.packing import pack_signs, unpack_signs, words_for
 from model.quantizers import SIGN, STEP
@@ -309,11 +309,12 @@ def test_signed_dense(seed, m, f, o, step):
 
 
 def ref_conv_sums(windows: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """bias + Σ_r fl(windows[..., r]·w[r]) in float32, term by term in r order: what
-    real_conv_threshold_pack computes per channel, on every CPU."""
+    """raw ← fma(windows[..., r], w[r], raw) from raw = bias in float32, term by term in r
+    order (correctly rounded fma, floatmath.fma_f32): what real_conv_threshold_pack computes
+    per channel, on every CPU."""
     raw = np.broadcast_to(bias, (*windows.shape[:-1], w.shape[1])).astype(np.float32)
     for r in range(w.shape[0]):
-        raw = (raw + (windows[..., r : r + 1] * w[r]).astype(np.float32)).astype(np.float32)
+        raw = fma_f32(windows[..., r : r + 1], w[r], raw)
     return raw
 
 
