@@ -43,6 +43,7 @@ RESULTS = ROOT / "bench" / "results" / "engine.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "img" / "engine-latency.png"
 SECTION = "Inference engine"
+FLOAT_SECTION = "Inference engine: real-valued inputs"
 
 GEMM_SIZE = 4096
 PAUSE_S = 0.3  # between turns of different contenders, see timed_together
@@ -581,6 +582,30 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{d['samples_with_any_difference']} of the {d['samples']} samples; the predicted class "
         f"differs on {d['class_disagreement']:.2%} of samples. Every binary layer after it is "
         "exact (integer popcounts, thresholds folded from torch's own float32 BatchNorm formula).",
+    ]
+    return "\n".join(lines)
+
+
+def render_float_markdown(r: dict[str, Any]) -> str:
+    """The "## Inference engine: real-valued inputs" section, with this run's machine and load
+    and its integer-input figures beside, for a reader comparing runs."""
+    m, mlp, cnn = r["machine"], r["mlp"], r["cnn"]
+    m1, m64 = _row(mlp["batches"], 1), _row(mlp["batches"], 64)
+    c1 = _row(cnn["batches"], 1)
+    lines = [
+        f"## {FLOAT_SECTION}",
+        "",
+        f"`python -m bench engine --write-docs`, one run, {r['date']}. Machine: {m['cpu']}, "
+        f"{m['cores']} cores (AVX-512 VPOPCNTDQ: "
+        f"{'yes' if m['avx512_vpopcntdq'] else 'no'}), numba {m['numba']} (threading layer "
+        f"`{m['threading_layer']}`, {m['numba_threads']} threads). Load average at start "
+        f"{', '.join(f'{v:.2f}' for v in r['load_average_start'])}, at end "
+        f"{', '.join(f'{v:.2f}' for v in r['load_average_end'])} (other work shares these "
+        "cores). Median (best) per call, contenders in alternating rounds. Integer-input "
+        f"figures of the same run, for scale: mlp batch 1 {_ms(m1['engine']['median_s'])} "
+        f"({_ms(m1['engine']['best_s'])}), batch 64 {_ms(m64['engine']['median_s'])} "
+        f"({_ms(m64['engine']['best_s'])}); cnn batch 1 {_ms(c1['engine']['median_s'])} "
+        f"({_ms(c1['engine']['best_s'])}).",
         "",
         *float_input_lines(r),
     ]
@@ -786,9 +811,11 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.write_text(json.dumps(results, indent=2))
     plot(results)
     markdown = render_markdown(results)
-    print(markdown)
+    float_markdown = render_float_markdown(results)
+    print(markdown + "\n\n" + float_markdown)
     if args.write_docs:
         write_docs_section(markdown)
+        write_docs_section(float_markdown, title=FLOAT_SECTION)
     return 0
 
 
