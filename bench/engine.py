@@ -36,11 +36,14 @@ from typing import Any
 
 import numpy as np
 
+from bench import float_inputs
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "engine.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "img" / "engine-latency.png"
 SECTION = "Inference engine"
+FLOAT_SECTION = "Inference engine: real-valued inputs"
 
 GEMM_SIZE = 4096
 PAUSE_S = 0.3  # between turns of different contenders, see timed_together
@@ -99,9 +102,12 @@ def timed_together(
 
 
 # --- models ---------------------------------------------------------------------------------------
-def build_artifact(config, input_spec, path: Path, seed: int = 0) -> Path:
+def build_artifact(
+    config, input_spec, path: Path, seed: int = 0, calibration: np.ndarray | None = None
+) -> Path:
     """Random weights through training's export path; BatchNorm statistics calibrated on
-    random pixels then perturbed (both signs), so thresholds are realistic."""
+    ``calibration`` (default: random pixels of the input's range) then perturbed (both signs),
+    so thresholds are realistic."""
     import torch
 
     from training.architectures import build_model
@@ -113,7 +119,9 @@ def build_artifact(config, input_spec, path: Path, seed: int = 0) -> Path:
     for bn in bns:
         bn.momentum = 1.0
     low, high = input_spec.value_range
-    x = np.random.default_rng(seed).integers(int(low), int(high) + 1, (32, *input_spec.shape))
+    x = calibration
+    if x is None:
+        x = np.random.default_rng(seed).integers(int(low), int(high) + 1, (32, *input_spec.shape))
     model.train()
     with torch.no_grad():
         model(torch.from_numpy(x.astype(np.float32)))
@@ -567,8 +575,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "**Full-precision first convolution.** The cnn's stem conv has float weights, so its "
         "output is a float sum that eager torch accumulates in float32 (oneDNN's order) and the "
-        "engine in float64; where BatchNorm puts the threshold within rounding error of a sum, "
-        "the two can binarize differently. Measured on "
+        "engine in float32 in its own fixed order; where BatchNorm puts the threshold within "
+        "rounding error of a sum, the two can binarize differently (a tie). Measured on "
         f"{d['samples']} random 3×32×32 inputs: {d['differing_decisions']} of "
         f"{d['decisions']:,} stem decisions differ (rate {d['decision_rate']:.2e}), in "
         f"{d['samples_with_any_difference']} of the {d['samples']} samples; the predicted class "
@@ -576,6 +584,109 @@ def render_markdown(r: dict[str, Any]) -> str:
         "exact (integer popcounts, thresholds folded from torch's own float32 BatchNorm formula).",
     ]
     return "\n".join(lines)
+
+
+def render_float_markdown(r: dict[str, Any]) -> str:
+    """The "## Inference engine: real-valued inputs" section, with this run's machine and load
+    and its integer-input figures beside, for a reader comparing runs."""
+    m, mlp, cnn = r["machine"], r["mlp"], r["cnn"]
+    m1, m64 = _row(mlp["batches"], 1), _row(mlp["batches"], 64)
+    c1 = _row(cnn["batches"], 1)
+    lines = [
+        f"## {FLOAT_SECTION}",
+        "",
+        f"`python -m bench engine --write-docs`, one run, {r['date']}. Machine: {m['cpu']}, "
+        f"{m['cores']} cores (AVX-512 VPOPCNTDQ: "
+        f"{'yes' if m['avx512_vpopcntdq'] else 'no'}), numba {m['numba']} (threading layer "
+        f"`{m['threading_layer']}`, {m['numba_threads']} threads). Load average at start "
+        f"{', '.join(f'{v:.2f}' for v in r['load_average_start'])}, at end "
+        f"{', '.join(f'{v:.2f}' for v in r['load_average_end'])} (other work shares these "
+        "cores). Median (best) per call, contenders in alternating rounds. Integer-input "
+        f"figures of the same run, for scale: mlp batch 1 {_ms(m1['engine']['median_s'])} "
+        f"({_ms(m1['engine']['best_s'])}), batch 64 {_ms(m64['engine']['median_s'])} "
+        f"({_ms(m64['engine']['best_s'])}); cnn batch 1 {_ms(c1['engine']['median_s'])} "
+        f"({_ms(c1['engine']['best_s'])}).",
+        "",
+        *float_input_lines(r),
+    ]
+    return "\n".join(lines)
+
+
+def float_input_lines(r: dict[str, Any]) -> list[str]:
+    """The section on real-valued inputs: speed against pixels, the stem, ties."""
+
+    def timing(entry: dict) -> str:
+        return f"{_ms(entry['median_s'])} ({_ms(entry['best_s'])})"
+
+    def ratio(slow: dict, fast: dict) -> str:
+        return (
+            f"{slow['median_s'] / fast['median_s']:.2f}× ({slow['best_s'] / fast['best_s']:.2f}×)"
+        )
+
+    lines = [
+        "**Real-valued inputs.** A float input (normalized images, features) cannot use the "
+        "bit-planes of integer pixels. The first layer then sums ±x over its packed weight bits "
+        "in float32 (`kernels.real_packed_dense`; before: its weights unpacked to float64 tiles "
+        "on every call and multiplied by BLAS in float64). Same run, alternating rounds, mlp "
+        "784→3×4096→10 (target: float within 1.5× of uint8):",
+        "",
+        "| batch | uint8 pixels | standard-normal float | float / uint8 | float, before | "
+        "before / now | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["float_mlp"]:
+        slower = row["float"]["median_s"] / row["uint8"]["median_s"]
+        lines.append(
+            f"| {row['batch']} | {timing(row['uint8'])} | {timing(row['float'])} | "
+            f"{ratio(row['float'], row['uint8'])} | {timing(row['float_before'])} | "
+            f"{ratio(row['float_before'], row['float'])} | ≤ 1.5×: {_check(slower <= 1.5)} |"
+        )
+    lines += [
+        "",
+        "The cnn's full-precision stem (3×32×32 → 128 channels, 3×3, folded thresholds) in "
+        "float32 with eight 8-lane accumulators held in registers and one fused multiply-add per "
+        "term (`kernels.conv_sums64`), "
+        "against the float64 kernel it replaces (as of 884fda1, kept in `bench/float_inputs.py`), "
+        "alone and inside the whole cnn (target: stem ≥ 2× faster):",
+        "",
+        "| batch | stem float32 | stem float64 (before) | speedup | cnn | cnn with the float64 "
+        "stem | speedup |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["stem"]:
+        gain = row["stem_before"]["median_s"] / row["stem"]["median_s"]
+        lines.append(
+            f"| {row['batch']} | {timing(row['stem'])} | {timing(row['stem_before'])} | "
+            f"{ratio(row['stem_before'], row['stem'])} {_check(gain >= 2)} | {timing(row['cnn'])}"
+            f" | {timing(row['cnn_before'])} | {ratio(row['cnn_before'], row['cnn'])} |"
+        )
+    labels = {
+        "mlp_standard_normal": "mlp 784→3×4096 for real input, standard-normal rows",
+        "cnn_standard_normal": "cnn stem, standard-normal images",
+        "cnn_pixels": "cnn stem, random pixels (integers, float weights)",
+        "digits_mlp_digits_as_floats": "digits mlp 64→1024→256, digits test set / 16",
+    }
+    lines += [
+        "",
+        "**Ties.** A tie is a first-layer decision that differs between the engine and eager "
+        "float32 torch: the threshold lies between two float32 roundings of the same sum. "
+        "Every later layer is exact, so a row without a tie has eager's class and logits within "
+        "1e-5 (`tests/model/engine/test_float_inputs.py`); integer inputs to binary weights "
+        "never tie. Measured here (models' BatchNorm calibrated on inputs like these, so "
+        "thresholds sit where the sums fall):",
+        "",
+        "| model, inputs | rows | decisions | tied decisions (rate) | rows with a tie | "
+        "class differs | decisions +1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, label in labels.items():
+        t = r["ties"][key]
+        lines.append(
+            f"| {label} | {t['rows']:,} | {t['decisions']:,} | {t['tied_decisions']} "
+            f"({t['decision_rate']:.1e}) | {t['tied_rows']} | {t['class_disagreement']:.2%} | "
+            f"{t['firing_fraction']:.2f} |"
+        )
+    return lines
 
 
 def gemm_bound_lines(bound: dict[str, Any], g1: dict[str, Any]) -> list[str]:
@@ -629,6 +740,24 @@ def write_docs_section(markdown: str, path: Path = DOCS, title: str = SECTION) -
     path.write_text(text.rstrip() + "\n")
 
 
+def float_artifacts(folder: Path) -> tuple[Path, Path]:
+    """The 4096-wide mlp for real-valued input, BatchNorm calibrated on standard-normal inputs,
+    and the digits mlp (64 → 1024 → 256 → 10) calibrated on the digits training set / 16: models
+    whose thresholds sit where their float inputs put the sums, for counting ties."""
+    from model import InputSpec
+    from training.architectures import MLPConfig
+    from training.data import load_digits
+
+    real = InputSpec(shape=(1, 28, 28), value_range=(-4.0, 4.0), integer_valued=False)
+    normal = np.random.default_rng(7).standard_normal((32, 1, 28, 28))
+    digits = InputSpec(shape=(1, 8, 8), value_range=(0.0, 1.0), integer_valued=False)
+    train = load_digits().train.x[:256] / 16.0
+    return (
+        build_artifact(MLPConfig(hidden=(4096,) * 3), real, folder / "real.st", calibration=normal),
+        build_artifact(MLPConfig(hidden=(1024, 256)), digits, folder / "dg.st", calibration=train),
+    )
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     from model import InputSpec
     from training.architectures import CNNConfig, MLPConfig
@@ -659,6 +788,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         results["cnn"] = bench_model(cnn, (1, 16) if quick else CNN_BATCHES, budget)
         print("first conv…", file=sys.stderr, flush=True)
         results["first_conv"] = first_conv_disagreement(cnn, 64 if quick else 1000)
+        print("float inputs…", file=sys.stderr, flush=True)
+        results["float_mlp"] = float_inputs.bench_float_mlp(mlp, timed_together, budget)
+        results["stem"] = float_inputs.bench_stem(cnn, timed_together, budget)
+        results["ties"] = float_inputs.bench_ties(
+            *float_artifacts(Path(tmp)), cnn, 200 if quick else 2000
+        )
     results["machine"]["threading_layer"] = machine()["threading_layer"]
     results["load_average_end"] = os.getloadavg()
     return results
@@ -676,9 +811,11 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.write_text(json.dumps(results, indent=2))
     plot(results)
     markdown = render_markdown(results)
-    print(markdown)
+    float_markdown = render_float_markdown(results)
+    print(markdown + "\n\n" + float_markdown)
     if args.write_docs:
         write_docs_section(markdown)
+        write_docs_section(float_markdown, title=FLOAT_SECTION)
     return 0
 
 

@@ -1,10 +1,12 @@
 """The numba CPU backend: runs a :class:`~model.engine.program.Program` on numpy arrays.
 
-Binary layers go through the packed kernels of :mod:`model.engine.kernels`. The full-precision
-stem convolution (followed by its folded thresholds) and the full-precision output layer (on
-packed bits) have float64 numba kernels of their own: at these sizes a BLAS call costs more in
-im2col copies and thread wake-ups than in arithmetic. Any other real-valued layer goes through
-numpy's BLAS, also accumulating in float64. Every call allocates its own buffers, so concurrent
+Binary layers go through the packed kernels of :mod:`model.engine.kernels`. Real-valued
+layers run in float32, as eager torch does: the full-precision stem convolution (followed by its
+folded thresholds) and a real input to packed ±1 weights (a float model input) have numba
+kernels whose float32 sums are the same on every CPU (at these sizes a BLAS call costs more in
+im2col copies and thread wake-ups than in arithmetic); any other real-valued layer uses numpy's
+float32 BLAS. The full-precision output layer on packed bits sums in float64 (an integer input
+keeps its logits within rounding of eager's). Every call allocates its own buffers, so concurrent
 calls share nothing mutable; packed buffers start on a cache line (see
 :func:`~model.engine.kernels.aligned_words`).
 
@@ -72,8 +74,6 @@ TEAM_WORK_LIMIT = 1 << 22
 TEAM_OPS = (RealFlatten, PlanesDense, BinaryDense, SignedDense)
 # Bit-planes assumed for the integer input layer (pixels 0..255) when estimating work.
 PLANES_ESTIMATE = 8
-# Rows of a packed weight matrix unpacked at once on the float path (bounded scratch memory).
-UNPACK_TILE_ROWS = 512
 
 
 class NumbaExecutor:
@@ -168,9 +168,8 @@ class NumbaExecutor:
         x = x.reshape(x.shape[0], -1)
         planes = integer_bit_planes(x, op.weight.shape[1])
         ep = op.epilogue
-        if planes is None:  # not integers in range: exact-as-possible float path
-            raw = _packed_matmul(x, op.weight, op.features).astype(F32)
-            return _decide_or_real(ep, raw, kset)
+        if planes is None:  # not integers in range: float32 sums over the packed bits
+            return _decide_or_real(ep, packed_dense(x, op.weight, op.features, kset), kset)
         if isinstance(ep, Decide):
             out = kernels.aligned_words((x.shape[0], words_for(op.weight.shape[0])))
             # rows of one word: vectorized across outputs rather than along the row
@@ -189,12 +188,12 @@ class NumbaExecutor:
     def _float_dense(self, op: FloatDense, x: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
         x = x.reshape(x.shape[0], -1)
         if op.weight.dtype == np.uint64:
-            raw64 = _packed_matmul(x, op.weight, op.features)
+            raw = packed_dense(x, op.weight, op.features, kset)
         else:
-            raw64 = x.astype(F64) @ op.weight.astype(F64).T
+            raw = np.ascontiguousarray(x, dtype=F32) @ op.weight.T  # float32 BLAS
         if op.bias_in_raw is not None:
-            raw64 += op.bias_in_raw
-        return _decide_or_real(op.epilogue, raw64.astype(F32), kset)
+            raw += op.bias_in_raw
+        return _decide_or_real(op.epilogue, raw, kset)
 
     def _signed_dense(
         self, op: SignedDense, words: np.ndarray, kset: KernelSet = PARALLEL
@@ -212,7 +211,7 @@ class NumbaExecutor:
             out = kernels.aligned_words((n, oh, ow, words_for(op.weight.shape[1])))
             (kh, kw), (sh, sw) = op.kernel, op.stride
             padded = pad_nhwc(x, op.padding, op.pad_value)
-            bias = np.zeros(op.weight.shape[1], F64)
+            bias = np.zeros(op.weight.shape[1], F32)
             if op.bias_in_raw is not None:
                 bias[:] = op.bias_in_raw
             kset.real_conv_threshold_pack(
@@ -222,14 +221,13 @@ class NumbaExecutor:
         cols = real_im2col(x, op.kernel, op.stride, op.padding, op.pad_value)
         if op.weight.dtype == np.uint64:
             c = op.in_shape[0]
-            signs = unpack_signs(op.weight, c, axis=1, dtype=F64)  # (O, C, kh, kw), transient
+            signs = unpack_signs(op.weight, c, axis=1, dtype=F32)  # (O, C, kh, kw), transient
             w = signs.transpose(2, 3, 1, 0).reshape(-1, signs.shape[0])
         else:
-            w = op.weight.astype(F64)
-        raw64 = cols @ w  # (N·OH·OW, O)
+            w = op.weight
+        raw = cols @ w  # (N·OH·OW, O) float32 BLAS
         if op.bias_in_raw is not None:
-            raw64 += op.bias_in_raw
-        raw = raw64.astype(F32)
+            raw += op.bias_in_raw
         if isinstance(ep, ToReal):
             return _to_real(ep, raw).reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
         return self._pools(ep, _threshold_rows(ep, raw, kset).reshape(n, oh, ow, -1), kset)
@@ -421,10 +419,10 @@ def real_im2col(
     padding: tuple[int, int],
     pad_value: float,
 ) -> np.ndarray:
-    """(N, C, H, W) → (N·OH·OW, kh·kw·C) float64 patches in (dy, dx, c) order."""
+    """(N, C, H, W) → (N·OH·OW, kh·kw·C) float32 patches in (dy, dx, c) order."""
     c = x.shape[1]
     (kh, kw), (sh, sw) = kernel, stride
-    padded = pad_nhwc(x, padding, pad_value).astype(F64)
+    padded = pad_nhwc(x, padding, pad_value)
     windows = sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
     # (N, OH, OW, C, kh, kw) → (N, OH, OW, kh, kw, C)
     return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3)).reshape(-1, kh * kw * c)
@@ -435,15 +433,14 @@ def real_maxpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]
     return windows.max(axis=(-2, -1))
 
 
-def _packed_matmul(x: np.ndarray, weight: np.ndarray, features: int) -> np.ndarray:
-    """x (M, F) · unpack(weight)ᵀ in float64, unpacking UNPACK_TILE_ROWS weight rows at a time
-    (the rows' zero padding words, up to a cache line, are left out)."""
-    x64 = x.astype(F64)
-    out = np.empty((x.shape[0], weight.shape[0]), F64)
-    words = words_for(features)
-    for r in range(0, weight.shape[0], UNPACK_TILE_ROWS):
-        tile = unpack_signs(weight[r : r + UNPACK_TILE_ROWS, :words], features, dtype=F64)
-        out[:, r : r + tile.shape[0]] = x64 @ tile.T
+def packed_dense(x: np.ndarray, weight: np.ndarray, features: int, kset: KernelSet) -> np.ndarray:
+    """x (M, F) real · unpack(weight)ᵀ → (M, O) float32, summed over the packed bits in float32
+    (:func:`~model.engine.kernels.real_packed_dense`); x is copied into rows of whole words,
+    zero past F."""
+    rows = np.zeros((x.shape[0], 64 * words_for(features)), F32)
+    rows[:, :features] = x
+    out = np.empty((x.shape[0], weight.shape[0]), F32)
+    kset.real_packed_dense(rows, weight, out)
     return out
 
 

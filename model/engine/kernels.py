@@ -38,7 +38,8 @@ ROW_CHUNK = 64
 _JIT = {"nogil": True, "cache": True, "fastmath": True}
 _PAR = {**_JIT, "parallel": True}
 # Float kernels keep IEEE semantics: no reassociation, no contraction of float64 → float32 casts.
-_PAR_EXACT = {"nogil": True, "cache": True, "parallel": True}
+_JIT_EXACT = {"nogil": True, "cache": True}
+_PAR_EXACT = {**_JIT_EXACT, "parallel": True}
 
 
 @intrinsic
@@ -187,6 +188,110 @@ def xor_popcount8_bits(typingctx, a, w, m, o, cut, invert):
         flip = builder.icmp_unsigned("!=", inverts, ir.Constant(i8x8, [0] * 8))
         bits = builder.bitcast(builder.xor(fires, flip), ir.IntType(8))
         return builder.zext(bits, _I64)
+
+    return sig, codegen
+
+
+# Row b: the 8 values ±1.0 of the bits of byte b (bit set ⇔ −1), for :func:`signed_sums8`.
+SIGNS_BY_BYTE = np.where(
+    (np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1, np.float32(-1.0), np.float32(1.0)
+).astype(np.float32)
+_F8 = ir.VectorType(ir.FloatType(), 8)
+
+
+def _is_array_2d(t, dtype) -> bool:
+    return isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype == dtype
+
+
+def _lane_sum(builder, v):
+    """The 8 lanes of a <8 x float> summed in a fixed tree: ((0+4)+(2+6)) + ((1+5)+(3+7))."""
+    for half in (4, 2, 1):
+        low = builder.shuffle_vector(
+            v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half)))
+        )
+        high = builder.shuffle_vector(
+            v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half, 2 * half)))
+        )
+        v = builder.fadd(low, high)
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _signed_sums(context, builder, sig, args, rows):
+    """[Σ_i x[m, i]·s_i(w[o + j]) for j < rows] as float32 values, s_i = −1 where bit i is set.
+
+    Per word k of the weight rows and byte b of the word: one <8 x float> load of
+    x[m, 64k + 8b : 64k + 8b + 8], and per weight row the ±1 pattern of its byte from
+    SIGNS_BY_BYTE, a multiply (exact: x·±1) and an add into that row's own 8-lane accumulator.
+    Each lane adds its inputs in index order and the lanes are summed in a fixed tree, with no
+    fast-math flag, so the result is the same on every CPU and vector width."""
+    x_type, w_type, s_type = sig.args[:3]
+    x_val, w_val, s_val, row, col = args
+    x_arr = context.make_array(x_type)(context, builder, x_val)
+    w_arr = context.make_array(w_type)(context, builder, w_val)
+    s_arr = context.make_array(s_type)(context, builder, s_val)
+    stride = builder.extract_value(w_arr.shape, 1)
+    features = builder.extract_value(x_arr.shape, 1)
+    words = builder.udiv(features, ir.Constant(_I64, WORD))  # the weights' padding words skipped
+    x_row = builder.gep(x_arr.data, [builder.mul(row, features)])
+    w_rows = [
+        builder.gep(w_arr.data, [builder.mul(builder.add(col, ir.Constant(_I64, j)), stride)])
+        for j in range(rows)
+    ]
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(_F8, [0.0] * 8)) for _ in range(rows)]
+    byte_mask = ir.Constant(_I64, 255)
+    with cgutils.for_range(builder, words) as loop:
+        k = loop.index
+        w_words = [builder.load(builder.gep(w_row, [k])) for w_row in w_rows]
+        for b in range(8):
+            at = builder.add(builder.mul(k, ir.Constant(_I64, WORD)), ir.Constant(_I64, 8 * b))
+            xv = builder.load(builder.bitcast(builder.gep(x_row, [at]), _F8.as_pointer()), align=4)
+            for j in range(rows):
+                byte = builder.and_(builder.lshr(w_words[j], ir.Constant(_I64, 8 * b)), byte_mask)
+                s_ptr = builder.gep(s_arr.data, [builder.mul(byte, ir.Constant(_I64, 8))])
+                sv = builder.load(builder.bitcast(s_ptr, _F8.as_pointer()), align=4)
+                acc = builder.fadd(builder.load(accs[j]), builder.fmul(xv, sv))
+                builder.store(acc, accs[j])
+    return [_lane_sum(builder, builder.load(acc)) for acc in accs]
+
+
+def _signed_sums_typing(x, w, signs, m, o, rows):
+    if not (
+        _is_array_2d(x, types.float32)
+        and _is_words_2d(w)
+        and _is_array_2d(signs, types.float32)
+        and isinstance(m, types.Integer)
+        and isinstance(o, types.Integer)
+    ):
+        return None
+    result = types.UniTuple(types.float32, rows) if rows > 1 else types.float32
+    return result(x, w, signs, types.int64, types.int64)
+
+
+@intrinsic
+def signed_sums8(typingctx, x, w, signs, m, o):
+    """x[m] · s(w[o + j]) for j < 8 as a tuple of float32 (see :func:`_signed_sums`): x (M,
+    64·W) float32, zero past the features, W ≤ L; w (O, L) uint64 packed ±1 rows (words past
+    W are not read); signs = SIGNS_BY_BYTE."""
+    sig = _signed_sums_typing(x, w, signs, m, o, 8)
+    if sig is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        sums = _signed_sums(context, builder, sig, args, 8)
+        return context.make_tuple(builder, sig.return_type, sums)
+
+    return sig, codegen
+
+
+@intrinsic
+def signed_sum1(typingctx, x, w, signs, m, o):
+    """x[m] · s(w[o]) as float32, bit for bit what :func:`signed_sums8` gives for that row."""
+    sig = _signed_sums_typing(x, w, signs, m, o, 1)
+    if sig is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _signed_sums(context, builder, sig, args, 1)[0]
 
     return sig, codegen
 
@@ -538,6 +643,28 @@ def planes_word_threshold_pack(planes, w, pcw, cut, invert, out):
             out[m, j] = word
 
 
+@njit(**_PAR_EXACT)  # fast-math would let the backend reorder the sums on some CPUs
+def real_packed_dense(x, w, out):
+    """Real input × packed ±1 weights in float32, without unpacking: out[m, o] = Σ_i x[m, i]·s_oi
+    (s = −1 where bit i of w[o] is set), summed as :func:`signed_sums8` does, so each value is
+    the same whatever the batch, the thread count or the CPU. x (M, 64·⌈F/64⌉) float32 with
+    zeros past the F features, w (O, L ≥ ⌈F/64⌉) uint64, out (M, O) float32. One work item per (row, 64 output
+    channels)."""
+    m_rows, o_rows = x.shape[0], w.shape[0]
+    blocks = (o_rows + WORD - 1) // WORD
+    for t in prange(m_rows * blocks):
+        b, m = t // m_rows, t % m_rows
+        o, o1 = b * WORD, min(o_rows, (b + 1) * WORD)
+        while o + 8 <= o1:
+            s = signed_sums8(x, w, SIGNS_BY_BYTE, m, o)
+            for i in range(8):
+                out[m, o + i] = s[i]
+            o += 8
+        while o < o1:
+            out[m, o] = signed_sum1(x, w, SIGNS_BY_BYTE, m, o)
+            o += 1
+
+
 @njit(nogil=True, cache=True)
 def affine_rows(raw, scale, bias, out):
     """out[m, o] = fl(fl(raw[m, o]·scale[o]) + bias[o]) in float32, each operation rounded as
@@ -589,36 +716,168 @@ def signed_dense(bits, w_t, base, coef, out):
             out[m, o] = base[o] + coef * out[m, o]
 
 
+def _conv_sums_codegen(context, builder, sig, args, vectors):
+    """8·``vectors`` float32 sums acc ← fma(x, w[·, o + j], acc) from acc = bias[o + j] over one
+    window, in (dy, dx, c) order; each of the ``vectors`` <8 x float> accumulators stays in a
+    register."""
+    x_type, w_type, b_type = sig.args[:3]
+    x_val, w_val, b_val, i, y0, x0, kh, kw, o, _ = args
+    x_arr = context.make_array(x_type)(context, builder, x_val)
+    w_arr = context.make_array(w_type)(context, builder, w_val)
+    b_arr = context.make_array(b_type)(context, builder, b_val)
+    hp, wp, c = (builder.extract_value(x_arr.shape, d) for d in (1, 2, 3))
+    o_rows = builder.extract_value(w_arr.shape, 1)
+
+    def vector_at(base, index):
+        return builder.load(builder.bitcast(builder.gep(base, [index]), _F8.as_pointer()), align=4)
+
+    # one rounding per term, as oneDNN's convolution (a library call where the CPU has no FMA)
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_F8, [_F8, _F8, _F8]), "llvm.fma.v8f32"
+    )
+    offsets = [builder.add(o, ir.Constant(_I64, 8 * v)) for v in range(vectors)]
+    accs = [cgutils.alloca_once(builder, _F8) for _ in range(vectors)]
+    for acc, at in zip(accs, offsets, strict=True):
+        builder.store(vector_at(b_arr.data, at), acc)
+    zero8 = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+    with cgutils.for_range(builder, kh) as dy_loop:
+        y = builder.add(y0, dy_loop.index)
+        with cgutils.for_range(builder, kw) as dx_loop:
+            dx = dx_loop.index
+            pixel = builder.add(builder.mul(builder.add(builder.mul(i, hp), y), wp), x0)
+            x_base = builder.mul(builder.add(pixel, dx), c)
+            row = builder.mul(builder.add(builder.mul(dy_loop.index, kw), dx), c)
+            with cgutils.for_range(builder, c) as ch_loop:
+                ch = ch_loop.index
+                v = builder.load(builder.gep(x_arr.data, [builder.add(x_base, ch)]))
+                vb = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(_F8, None), v, ir.Constant(_I32, 0)),
+                    ir.Constant(_F8, None),
+                    zero8,
+                )
+                w_row = builder.mul(builder.add(row, ch), o_rows)
+                for acc, at in zip(accs, offsets, strict=True):
+                    wv = vector_at(w_arr.data, builder.add(w_row, at))
+                    builder.store(builder.call(fma, [vb, wv, builder.load(acc)]), acc)
+    d_arr = context.make_array(sig.args[9])(context, builder, args[9])
+    for v, acc in enumerate(accs):
+        target = builder.gep(d_arr.data, [ir.Constant(_I64, 8 * v)])
+        builder.store(builder.load(acc), builder.bitcast(target, _F8.as_pointer()), align=4)
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """fma(a, b, c) in float32: a·b + c rounded once (LLVM ``llvm.fma.f32``)."""
+    if not all(isinstance(t, types.Float) and t.bitwidth == 32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32"
+        )
+        return builder.call(fn, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+def _conv_sums_intrinsic(vectors):
+    def typer(typingctx, x, w, bias, i, y0, x0, kh, kw, o, sums):
+        arrays_ok = (
+            isinstance(x, types.Array) and x.ndim == 4 and x.layout == "C"
+            and x.dtype == types.float32 and _is_array_2d(w, types.float32)
+            and all(
+                isinstance(v, types.Array) and v.ndim == 1 and v.layout == "C"
+                and v.dtype == types.float32
+                for v in (bias, sums)
+            )
+        )  # fmt: skip
+        if not arrays_ok:
+            return None
+        sig = types.none(x, w, bias, *(types.int64,) * 6, sums)
+
+        def codegen(context, builder, sig, args):
+            _conv_sums_codegen(context, builder, sig, args, vectors)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return typer
+
+
+def _conv_sums_doc(lanes):
+    return (
+        f"sums[j] = bias[o + j] + Σ x·w[·, o + j] (fused multiply-adds) for j < {lanes} over the "
+        "window at (y0, x0) "
+        "of image i: x (N, Hp, Wp, C), w (kh·kw·C, O), bias (O,), sums (≥ lanes,) float32, "
+        "C-contiguous. Per input value one broadcast, and per 8 channels a multiply and an add "
+        "into an accumulator that stays in a register (a loop over an accumulator array loads "
+        "and stores it for every product)."
+    )
+
+
+conv_sums64 = intrinsic(_conv_sums_intrinsic(8))
+conv_sums64.__doc__ = _conv_sums_doc(64)
+conv_sums8 = intrinsic(_conv_sums_intrinsic(1))
+conv_sums8.__doc__ = _conv_sums_doc(8)
+
+
+@njit(**_JIT_EXACT, inline="always")
+def _conv_sum(x, w, bias, i, y0, x0, kh, kw, o):
+    """One channel of :func:`conv_sums8`, the same operations in the same order."""
+    c = x.shape[3]
+    a = bias[o]
+    for dy in range(kh):
+        for dx in range(kw):
+            row = (dy * kw + dx) * c
+            for ch in range(c):
+                a = fma32(x[i, y0 + dy, x0 + dx, ch], w[row + ch, o], a)
+    return a
+
+
+@njit(**_JIT_EXACT, inline="always")
+def _or_decisions(sums, count, cut, invert, out, i, oy, ox, o):
+    """Set the decision bits of channels o … o + count − 1 (one word) from their float32 sums."""
+    j = o // WORD
+    word = np.uint64(0)
+    for k in range(count):
+        word |= _decide(np.float64(sums[k]), cut, invert, o + k, j * WORD)
+    out[i, oy, ox, j] |= word
+
+
 @njit(**_PAR_EXACT)
 def real_conv_threshold_pack(x, w, bias, kh, kw, sh, sw, cut, invert, out):
-    """Full-precision conv with folded thresholds, output packed (the stem conv).
+    """Full-precision conv with folded thresholds, output packed (the stem conv), in float32.
 
     x (N, Hp, Wp, C) float32, already padded; w (kh·kw·C, O) float32, rows in (dy, dx, c)
-    order; bias (O,) float64 added inside the sum (as F.conv2d does); out (N, OH, OW, ⌈O/64⌉)
-    gets bit o = (fl32(bias + Σ x·w) ≥ cut[o]) XOR invert[o]; sums in float64.
+    order; bias (O,) float32, the sum's first term (F.conv2d adds it too); out (N, OH, OW,
+    ⌈O/64⌉) gets bit o = (raw ≥ cut[o]) XOR invert[o] with raw = bias + Σ x·w in float32, one
+    fused multiply-add per term in (dy, dx, c) order (:func:`conv_sums64`). No reduction is
+    vectorized and no fast-math flag is set, so raw is the same on every CPU.
     """
-    n, _, _, c = x.shape
+    n = x.shape[0]
     oh, ow, words = out.shape[1], out.shape[2], out.shape[3]
     o_rows = w.shape[1]
     for r in prange(n * oh):
         i, oy = r // oh, r % oh
-        acc = np.empty(o_rows, np.float64)
+        sums = np.empty(WORD, np.float32)
         for ox in range(ow):
-            for o in range(o_rows):
-                acc[o] = bias[o]
-            for dy in range(kh):
-                for dx in range(kw):
-                    row = (dy * kw + dx) * c
-                    for ch in range(c):
-                        v = np.float64(x[i, oy * sh + dy, ox * sw + dx, ch])
-                        for o in range(o_rows):
-                            acc[o] += v * np.float64(w[row + ch, o])
             for j in range(words):
-                word = np.uint64(0)
-                for o in range(j * WORD, min(o_rows, (j + 1) * WORD)):
-                    raw = np.float64(np.float32(acc[o]))
-                    word |= _decide(raw, cut, invert, o, j * WORD)
-                out[i, oy, ox, j] = word
+                out[i, oy, ox, j] = 0
+            o = 0
+            while o + 64 <= o_rows:  # a word at a time: eight independent chains of adds
+                conv_sums64(x, w, bias, i, oy * sh, ox * sw, kh, kw, o, sums)
+                _or_decisions(sums, 64, cut, invert, out, i, oy, ox, o)
+                o += 64
+            while o + 8 <= o_rows:
+                conv_sums8(x, w, bias, i, oy * sh, ox * sw, kh, kw, o, sums)
+                _or_decisions(sums, 8, cut, invert, out, i, oy, ox, o)
+                o += 8
+            while o < o_rows:
+                raw = _conv_sum(x, w, bias, i, oy * sh, ox * sw, kh, kw, o)
+                j = o // WORD
+                out[i, oy, ox, j] |= _decide(np.float64(raw), cut, invert, o, j * WORD)
+                o += 1
 
 
 @njit(**_PAR)
@@ -695,6 +954,7 @@ class KernelSet:
     planes_word_threshold_pack: object
     threshold_pack_rows: object
     signed_dense: object
+    real_packed_dense: object
     real_conv_threshold_pack: object
     im2col_bits: object
     pool_bits: object
@@ -711,6 +971,7 @@ PARALLEL = KernelSet(
     planes_word_threshold_pack,
     threshold_pack_rows,
     signed_dense,
+    real_packed_dense,
     real_conv_threshold_pack,
     im2col_bits,
     pool_bits,

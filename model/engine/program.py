@@ -172,7 +172,8 @@ class BinaryConv:
 class PlanesDense:
     """Real (integer-valued) model input × packed ±1 weights, exactly, through bit-planes:
     x·w = Σ_b 2^b (popcount(x_b XOR w) − pcw). Inputs that are not integers in
-    [0, MAX_PLANE_VALUE] take a float path that unpacks weight tiles transiently."""
+    [0, MAX_PLANE_VALUE] take a float32 path that sums ±x over the packed bits
+    (:func:`model.engine.kernels.real_packed_dense`)."""
 
     name: str
     weight: np.ndarray  # (O, row_words(⌈F/64⌉)) uint64, zero-padded
@@ -183,9 +184,9 @@ class PlanesDense:
 
 @dataclass(frozen=True)
 class FloatDense:
-    """Real input × weights through BLAS (float64 accumulation). ``weight`` is float32 (O, F), or
-    packed ±1 (O, ⌈F/64⌉) uint64 unpacked in row tiles per call. raw = fl(x·W) (+ bias when it
-    is not part of the epilogue's affine)."""
+    """Real input × weights in float32: ``weight`` is float32 (O, F) (BLAS), or packed ±1
+    (O, ⌈F/64⌉) uint64 (summed over the bits, :func:`model.engine.kernels.real_packed_dense`).
+    raw = fl(x·W) (+ bias when it is not part of the epilogue's affine)."""
 
     name: str
     weight: np.ndarray
@@ -210,7 +211,7 @@ class SignedDense:
 
 @dataclass(frozen=True)
 class FloatConv:
-    """Real (N, C, H, W) input, padded with ``pad_value``, ⋆ weights, accumulated in float64.
+    """Real (N, C, H, W) input, padded with ``pad_value``, ⋆ weights, accumulated in float32.
     ``weight`` is float32 (kh·kw·C, O) with rows in (dy, dx, c) order, or packed ±1
     (O, kh, kw, ⌈C/64⌉) words as stored (unpacked per call)."""
 

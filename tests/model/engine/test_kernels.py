@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from model.engine import kernels
 from model.engine.cpu import integer_bit_planes, unpack_bits
-from model.engine.floatmath import affine_f32
+from model.engine.floatmath import affine_f32, fma_f32
 from model.engine.program import Bits, aligned_empty, pad_rows, row_words
 from model.packing import pack_signs, unpack_signs, words_for
 from model.quantizers import SIGN, STEP
@@ -308,20 +308,31 @@ def test_signed_dense(seed, m, f, o, step):
     np.testing.assert_allclose(out, values @ w.T.astype(np.float64), rtol=1e-12, atol=1e-9)
 
 
+def ref_conv_sums(windows: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """raw ← fma(windows[..., r], w[r], raw) from raw = bias in float32, term by term in r
+    order (correctly rounded fma, floatmath.fma_f32): what real_conv_threshold_pack computes
+    per channel, on every CPU."""
+    raw = np.broadcast_to(bias, (*windows.shape[:-1], w.shape[1])).astype(np.float32)
+    for r in range(w.shape[0]):
+        raw = fma_f32(windows[..., r : r + 1], w[r], raw)
+    return raw
+
+
 @SETTINGS
 @given(
     seed=st.integers(0, 2**31),
     c=st.integers(1, 4),
-    o=st.integers(1, 70),
+    o=st.integers(1, 140),
     hw=st.integers(3, 7),
     stride=st.sampled_from([(1, 1), (2, 2)]),
 )
 def test_real_conv_threshold_pack(seed, c, o, hw, stride):
+    """Bit for bit the float32 sums of ref_conv_sums, through the 64-, 8- and 1-channel paths."""
     rng = np.random.default_rng(seed)
     (kh, kw), (sh, sw) = (3, 3), stride
-    x = rng.integers(0, 256, size=(2, hw + 2, hw + 2, c)).astype(np.float32)  # padded NHWC
+    x = rng.normal(0, 50, size=(2, hw + 2, hw + 2, c)).astype(np.float32)  # padded NHWC
     w = rng.normal(size=(kh * kw * c, o)).astype(np.float32)
-    bias = rng.normal(size=o)
+    bias = rng.normal(size=o).astype(np.float32)
     oh = (hw + 2 - kh) // sh + 1
     windows = np.stack(
         [
@@ -331,14 +342,51 @@ def test_real_conv_threshold_pack(seed, c, o, hw, stride):
         ],
         axis=1,
     )  # (N, OH·OW, kh·kw·C) in (dy, dx, c) order
-    raw = (windows.astype(np.float64) @ w.astype(np.float64) + bias).astype(np.float32)
-    cut = np.median(raw.reshape(-1, o), axis=0).astype(np.float32).astype(np.float64)
+    raw = ref_conv_sums(windows, w, bias)
+    cut = np.median(raw.reshape(-1, o), axis=0).astype(np.float64)  # some raws sit on the cut
     invert = rng.integers(0, 2, size=o).astype(np.uint8)
     out = np.empty((2, oh, oh, words_for(o)), np.uint64)
     kernels.real_conv_threshold_pack(x, w, bias, kh, kw, sh, sw, cut, invert, out)
     want = ref_pack(((raw >= cut) ^ invert.astype(bool)).reshape(-1, o)).reshape(out.shape)
-    # float64 sums in another order may round to a neighbouring float32 exactly at the cut
-    assert (out != want).mean() <= 0.01
+    np.testing.assert_array_equal(out, want)
+
+
+def ref_signed_sums(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """x (M, 64·W) · signs (O, 64·W)ᵀ in float32 as real_packed_dense sums: lane l of 8 adds
+    the terms i ≡ l (mod 8) in order, then lanes ((0+4)+(2+6)) + ((1+5)+(3+7))."""
+    terms = (x[:, None, :] * signs[None, :, :]).astype(np.float32)  # exact: ±x
+    lanes = np.zeros((*terms.shape[:2], 8), np.float32)
+    for k in range(terms.shape[2] // 8):
+        lanes = (lanes + terms[..., 8 * k : 8 * k + 8]).astype(np.float32)
+    half = (lanes[..., :4] + lanes[..., 4:]).astype(np.float32)
+    quarter = (half[..., :2] + half[..., 2:]).astype(np.float32)
+    return (quarter[..., 0] + quarter[..., 1]).astype(np.float32)
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**31),
+    m=st.integers(1, 5),
+    o=st.integers(1, 80),
+    f=st.integers(1, 300),
+    padded=st.booleans(),
+)
+def test_real_packed_dense(seed, m, o, f, padded):
+    """Bit for bit ref_signed_sums, through the 8-row and 1-row paths, with weight rows padded
+    to whole cache lines (words the kernel must not read) or not."""
+    rng = np.random.default_rng(seed)
+    w, signs = random_words(rng, (o,), f)
+    w = pad_rows(w) if padded else w
+    x = np.zeros((m, 64 * words_for(f)), np.float32)
+    x[:, :f] = rng.standard_normal((m, f)) * 10
+    full_signs = np.zeros((o, x.shape[1]), np.float32)
+    full_signs[:, :f] = signs
+    out = np.empty((m, o), np.float32)
+    kernels.real_packed_dense(x, w, out)
+    np.testing.assert_array_equal(out, ref_signed_sums(x, full_signs))
+    serial = np.empty_like(out)
+    kernels.SERIAL.real_packed_dense(x, w, serial)
+    np.testing.assert_array_equal(serial, out)
 
 
 @pytest.mark.parametrize("parts", ["both", "scale", "bias", "neither"])
