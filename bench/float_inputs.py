@@ -127,19 +127,15 @@ def stem_runs(model) -> tuple[Callable, Callable, Callable, Callable]:
 
 
 # --- ties --------------------------------------------------------------------------------------------
-def first_layer_ties(path: Path, x: np.ndarray) -> dict[str, Any]:
-    """First-layer decisions of the engine and of eager float32 torch (the layers up to the next
-    quantized layer's input quantizer) on rows ``x``: how many differ, and in how many rows."""
+def first_decisions(model, eager, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first layer's binary decisions, (rows, values), from the engine's program and from
+    the eager module (its layers up to the next quantized layer's input quantizer)."""
     import torch
 
-    from model import load_model
     from model.engine.cpu import unpack_bits
     from model.engine.kernels import PARALLEL
     from model.engine.program import Decide
-    from training.export import module_from_artifact
 
-    model = load_model(path, device="cpu")
-    eager = module_from_artifact(path)
     executor = model._executor
     value = model.check_input(x)
     for op in executor.program.ops:
@@ -154,8 +150,23 @@ def first_layer_ties(path: Path, x: np.ndarray) -> dict[str, Any]:
             if getattr(following, "input_quantizer_name", None) is not None:
                 h = following.input_quantizer(h)
                 break
+    return engine, h.reshape(len(x), -1).numpy()
+
+
+def first_layer_ties(path: Path, x: np.ndarray) -> dict[str, Any]:
+    """First-layer decisions of the engine and of eager float32 torch (the layers up to the next
+    quantized layer's input quantizer) on rows ``x``: how many differ, and in how many rows."""
+    import torch
+
+    from model import load_model
+    from training.export import module_from_artifact
+
+    model = load_model(path, device="cpu")
+    eager = module_from_artifact(path)
+    engine, reference = first_decisions(model, eager, x)
+    with torch.inference_mode():
         classes = eager(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy().argmax(1)
-    differ = engine != h.reshape(len(x), -1).numpy()
+    differ = engine != reference
     return {
         "rows": len(x),
         "decisions": int(differ.size),

@@ -16,17 +16,13 @@ float32 in BLAS's order, so the two raw sums can differ in their last bits. The 
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from bench.float_inputs import first_decisions  # noqa: E402
 from model import InputSpec  # noqa: E402
-from model.engine.cpu import unpack_bits  # noqa: E402
-from model.engine.kernels import PARALLEL  # noqa: E402
-from model.engine.program import Decide  # noqa: E402
 from tests.model.engine.test_equivalence import CNNS, DIGITS, MLPS, config_id  # noqa: E402
 
 # A model published for real-valued input (no bit-planes: the first layer is a FloatDense).
@@ -34,27 +30,6 @@ REAL = InputSpec(shape=(1, 8, 8), value_range=(-4.0, 4.0), integer_valued=False)
 LOGIT_TOLERANCE = 1e-5
 MAX_TIED_ROWS = 0.02
 CONFIGS = [MLPS[0], MLPS[1], MLPS[4], CNNS[0], CNNS[1], CNNS[4]]
-
-
-def first_decisions(model, eager, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The first layer's binary decisions, (rows, values), from the engine's program and from
-    the eager module (its layers up to the next quantized layer's input quantizer)."""
-    executor = model._executor
-    value = model.check_input(x)
-    for op in executor.program.ops:
-        value = executor._handlers[type(op)](op, value, PARALLEL)
-        if isinstance(getattr(op, "epilogue", None), Decide):
-            break
-    engine = unpack_bits(value, op.epilogue.out).reshape(len(x), -1)
-    children = list(eager.layers.children())
-    h = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-    with torch.no_grad():
-        for module, following in itertools.pairwise(children):
-            h = module(h)
-            if getattr(following, "input_quantizer_name", None) is not None:
-                h = following.input_quantizer(h)
-                break
-    return engine, h.reshape(len(x), -1).numpy()
 
 
 def check_policy(model, eager, x: np.ndarray) -> float:
