@@ -12,8 +12,11 @@ than take the cores that the event loop and the engine need.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -50,7 +53,9 @@ class RequestDecoder:
     def _worker(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # spawn: a fork would copy the engine's threads' locks in whatever state they are.
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent
+            )
         return self._pool
 
     def close(self) -> None:
@@ -58,3 +63,13 @@ class RequestDecoder:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """In the worker: ask Linux to send SIGTERM when the server process dies, however it dies
+    (SIGKILL, OOM killer), so that no orphaned decoder outlives it. A no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -8,6 +8,8 @@ import multiprocessing
 import os
 import signal
 import struct
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +214,44 @@ def test_a_dead_decoding_worker_is_a_503_and_a_new_one_serves_the_next_body(make
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
     assert "worker decoding large request bodies stopped" in refused.json()["error"]
     assert client.post("/v2/models/tiny/infer", json=body).status_code == 200
+
+
+DECODER_PARENT = """
+import asyncio, sys
+from service.decoding import RequestDecoder
+from service.protocol.codec import EncodedInferRequest
+from service.tensors import InputExpectation
+
+decoder = RequestDecoder(offload_bytes=0)
+body = b'{"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}'
+asyncio.run(decoder.decode(EncodedInferRequest(body, None), InputExpectation("input", (2,), "FP32", 8)))
+import multiprocessing
+print(multiprocessing.active_children()[0].pid, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_decoding_worker_dies_with_a_killed_server():
+    """SIGKILL leaves the server no chance to stop its worker: the kernel's parent-death signal
+    must, or every killed server leaves an orphan process behind."""
+    import subprocess
+    import time
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", DECODER_PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    worker = int(parent.stdout.readline())
+    os.kill(worker, 0)  # alive while its parent is
+    parent.kill()
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError(f"decoding worker {worker} outlived its killed parent")
