@@ -45,7 +45,7 @@ from service.settings import (
     settings_from_command_line,
 )
 from service.tracing import Tracing, tracing_from_environment
-from service.workers import divide_engine_threads, usable_cores, worker_count
+from service.workers import die_with_parent, divide_engine_threads, usable_cores, worker_count
 
 if TYPE_CHECKING:
     from service.app import ServingApp
@@ -67,6 +67,7 @@ def build_app(settings: Settings, tracing: Tracing, loader: Loader | None = None
 def serving_app() -> ServingApp:
     """uvicorn's app factory, called in each worker process: the settings the parent resolved
     (handed down as ``BNN_*`` variables) and the ``OTEL_*`` tracing it checked."""
+    die_with_parent()  # a killed supervisor leaves no worker behind
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
     return build_app(settings, tracing_from_environment())

@@ -12,16 +12,14 @@ than take the cores that the event loop and the engine need.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import multiprocessing
-import signal
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from service.errors import DecodeWorkerError
 from service.tensors import DecodedRequest, EncodedRequest, InputExpectation
+from service.workers import die_with_parent
 
 log = logging.getLogger("service.decoding")
 
@@ -63,13 +61,3 @@ class RequestDecoder:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent() -> None:
-    """In the worker: ask Linux to send SIGTERM when the server process dies, however it dies
-    (SIGKILL, OOM killer), so that no orphaned decoder outlives it. A no-op elsewhere."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

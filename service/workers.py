@@ -11,8 +11,11 @@ together start no more compute threads than there are cores.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import signal
+import sys
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -20,6 +23,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # to each OpenMP region itself; an explicit value in the environment wins. OMP_NUM_THREADS is
 # left to the user (it would also resize numpy's BLAS in the full-precision layers).
 ENGINE_THREAD_VARIABLES = ("NUMBA_NUM_THREADS",)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
@@ -61,3 +65,11 @@ def divide_engine_threads(workers: int, cores: int, environ: dict[str, str]) -> 
     for name in ENGINE_THREAD_VARIABLES:
         environ.setdefault(name, str(threads))
     return threads
+
+
+def die_with_parent() -> None:
+    """In a child process (a server worker, the body-decoding worker): ask Linux to send it
+    SIGTERM when its parent dies, however the parent dies (SIGKILL, the OOM killer), so that no
+    orphan outlives it; a server worker then drains as on any SIGTERM. A no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -158,3 +158,34 @@ def test_sigterm_drains_every_worker_and_exits_0(tmp_path):
             httpx.get(f"{service.url}/v2/health/live", timeout=2)
     finally:
         service.stop()
+
+
+def test_a_killed_supervisor_leaves_no_worker_behind(tmp_path):
+    """SIGKILL gives the parent no chance to stop its workers: each asked the kernel for a
+    parent-death signal, so each gets SIGTERM and exits instead of serving on as an orphan."""
+    import os
+
+    random_mlp(tmp_path / "repo", MODEL, hidden=(64, 64), seed=0)
+    service = ServiceProcess(tmp_path / "repo", tmp_path / "server.log", workers=2)
+    try:
+        service.wait_ready(timeout_s=300)
+        workers = wait_until(
+            lambda: len(pids := pids_serving(samples(service.url))) == 2 and pids,
+            60,
+            "both workers serving",
+        )
+        service.process.kill()
+        service.process.wait(10)
+
+        def all_gone() -> bool:
+            for pid in workers:
+                try:
+                    os.kill(int(pid), 0)
+                except ProcessLookupError:
+                    continue
+                return False
+            return True
+
+        wait_until(all_gone, 30, "the orphaned workers to exit")
+    finally:
+        service.stop()
