@@ -15,6 +15,8 @@ import pytest
 from tests.service.live import ServiceProcess
 from tests.service.numpy_model import publish_tiny
 
+pytestmark = pytest.mark.slow  # starts a real server
+
 GRACEFUL_S = 3.0
 INFER = {"inputs": [{"name": "input", "shape": [1, 36], "datatype": "FP32", "data": [0.0] * 36}]}
 

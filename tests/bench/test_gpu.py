@@ -10,6 +10,8 @@ pytest.importorskip("torch")
 
 from bench import gpu
 
+pytestmark = pytest.mark.slow  # runs the whole prepared GPU check on the CPU
+
 
 def test_gpu_check_runs_on_the_cpu_and_reports_every_part(tmp_path):
     results_path = tmp_path / "gpu.json"

@@ -231,6 +231,7 @@ sys.stdin.read()  # until killed
 """
 
 
+@pytest.mark.slow  # a subprocess server and its worker
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_the_decoding_worker_dies_with_a_killed_server():
     """SIGKILL leaves the server no chance to stop its worker: the kernel's parent-death signal

@@ -48,6 +48,8 @@ from training.onnx_export import (  # noqa: E402
 from training.publish import publish_result  # noqa: E402
 from training.quantizers import QUANTIZERS, Quantizer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains small models and runs ONNX Runtime
+
 DIGITS = InputSpec(shape=(1, 8, 8), value_range=(0.0, 16.0), integer_valued=True)
 DIGITS_SPEC = ModelSpec("digits", "none", DIGITS, tuple("0123456789"), (Flatten("flatten"),))
 # One small config per architecture, trained for real on digits (a new architecture must be
