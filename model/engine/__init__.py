@@ -353,7 +353,9 @@ def warmup_inputs(spec: InputSpec, batch_sizes: Iterable[int]) -> list[np.ndarra
     """Random float32 inputs of each batch size within the spec's value range (integers when
     the input is integer-valued), seeded."""
     rng = np.random.default_rng(0)
-    low, high = spec.value_range or (0.0, 1.0)
+    # + 0.0 turns -0.0 into 0.0: [0.0, -0.0] is a valid range, but numpy's uniform refuses its
+    # width (-0.0) as negative.
+    low, high = (v + 0.0 for v in spec.value_range or (0.0, 1.0))
     inputs = []
     for size in batch_sizes:
         shape = (int(size), *spec.shape)

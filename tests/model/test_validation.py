@@ -282,9 +282,11 @@ _LOADABLE_VALUES = st.sampled_from(
     edits=st.lists(st.tuples(st.integers(min_value=0), _LOADABLE_VALUES), min_size=1, max_size=2)
 )
 @example(edits=[(_LOADABLE_PATHS.index(("input", "value_range")), [-3.4e38, 3.4e38])])
+@example(edits=[(_LOADABLE_PATHS.index(("input", "value_range")), [0.0, -0.0])])
 def test_load_and_warm_up_raise_only_artifact_errors(tmp_path_factory, edits):
     """What decodes also loads and warms up, or is refused with an ArtifactError: no
-    ValueError from drawing warm-up integers in a range of ±3.4e38, no InvalidInputError."""
+    ValueError from drawing warm-up integers in a range of ±3.4e38 or from the range
+    [0.0, -0.0] (a width of -0.0), no InvalidInputError."""
     from model.engine import MemoryLimit, load_model
 
     doc = copy.deepcopy(_DOC)
