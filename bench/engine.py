@@ -799,13 +799,16 @@ def run(quick: bool = False) -> dict[str, Any]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench engine", description=__doc__.split("\n")[0]
-    )
+def timing_arguments(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
+    """The command line shared by the in-process timing benchmarks: --write-docs, --quick."""
+    parser = argparse.ArgumentParser(prog=prog, description=description.split("\n")[0])
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = timing_arguments("python -m bench engine", __doc__, argv)
     results = run(quick=args.quick)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))

@@ -17,7 +17,6 @@ this machine:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,6 +31,7 @@ from bench.engine import (
     machine,
     pixels,
     timed_together,
+    timing_arguments,
     write_docs_section,
 )
 
@@ -175,12 +175,7 @@ def _bytes(size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench onnx", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
-    parser.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
-    args = parser.parse_args(argv)
+    args = timing_arguments("python -m bench onnx", __doc__, argv)
     results = run(quick=args.quick)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
