@@ -35,6 +35,7 @@ from pydantic_settings import SettingsError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
+from model.cpus import usable_cores
 from service.logs import configure_logging
 from service.registry import Loader
 from service.settings import (
@@ -45,7 +46,7 @@ from service.settings import (
     settings_from_command_line,
 )
 from service.tracing import Tracing, tracing_from_environment
-from service.workers import die_with_parent, divide_engine_threads, usable_cores, worker_count
+from service.workers import die_with_parent, divide_engine_threads, worker_count
 
 if TYPE_CHECKING:
     from service.app import ServingApp

@@ -8,16 +8,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from model.cpus import cgroup_cpu_limit, usable_cores
 from service.__main__ import share_metrics
 from service.metrics import MultiprocessMetricsError, ServiceMetrics
 from service.settings import Settings, describe_validation_error
-from service.workers import (
-    cgroup_cpu_limit,
-    divide_engine_threads,
-    engine_threads,
-    usable_cores,
-    worker_count,
-)
+from service.workers import divide_engine_threads, engine_threads, worker_count
 
 AFFINITY = len(os.sched_getaffinity(0))
 
