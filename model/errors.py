@@ -40,6 +40,30 @@ class UnknownLayerError(InvalidSpecError):
     """A layer names a kind this version does not know."""
 
 
+class GraphError(InvalidSpecError):
+    """The layer graph (format v2's ``inputs``) is not a well-formed DAG in topological order."""
+
+
+class DanglingInputError(GraphError):
+    """A layer takes its input from a name that is neither a layer nor the model input."""
+
+
+class GraphCycleError(GraphError):
+    """A layer takes its input from itself or a later layer: a cycle, or not topological order."""
+
+
+class UnusedLayerError(GraphError):
+    """A layer's output feeds nothing and it is not the graph's output (a dead branch)."""
+
+
+class ShapeMismatchError(GraphError):
+    """The inputs of an ``add`` or ``concat`` do not fit together."""
+
+
+class FormatVersionError(InvalidSpecError):
+    """A v1 document uses a v2 feature (a graph ``inputs`` field or a v2 layer kind)."""
+
+
 class UnknownQuantizerError(InvalidSpecError):
     """A layer names a quantizer that is not registered."""
 

@@ -1,8 +1,15 @@
 """The layer graph of an artifact: typed layer specs, shape inference and the tensors each needs.
 
-A model is a sequence of layers applied to one input tensor of shape ``input.shape`` (per
+A model is a graph of layers applied to one input tensor of shape ``input.shape`` (per
 instance, batch axis excluded; images are channels-first ``(C, H, W)`` as in PyTorch). The
 graph is stored as JSON in the artifact's metadata; this module is its schema and validator.
+
+Layers are listed in topological order. In format v1 each layer takes the previous layer's
+output (the first takes the model input). Format v2 adds an optional ``inputs`` list per layer
+naming earlier layers (or ``@input``, the model input), which expresses residual shortcuts and
+channel concatenation; a layer without ``inputs`` still takes the previous layer's output. The
+last layer's output is the model's output. A graph that needs none of v2's features is written
+as v1, byte for byte as before.
 
 Layer kinds and their tensors (``<name>.<suffix>``; binary weights are bit-packed, see
 :mod:`model.packing`):
@@ -15,6 +22,14 @@ Layer kinds and their tensors (``<name>.<suffix>``; binary weights are bit-packe
 ``batchnorm``  ``weight``, ``bias``, ``running_mean``, ``running_var`` (C,) float32, raw
 ``maxpool2d``  none
 ``flatten``    none — (C, H, W) → (C·H·W,) in C, H, W order
+v2:
+``avgpool2d``  none — mean over each kh×kw window (no padding), like ``nn.AvgPool2d``
+``global_avgpool2d`` none — (C, H, W) → (C,): the mean over H·W per channel
+``shift``      ``shift`` (C,) float32 — y = x + shift[c] (ReActNet's RSign threshold and RPReLU's
+               shifts; C is axis 0)
+``prelu``      ``weight`` (C,) float32 — y = x if x ≥ 0 else weight[c] · x
+``add``        none — the elementwise sum of its ≥ 2 inputs, which have one shape, summed in order
+``concat``     none — its ≥ 2 inputs joined along axis 0 (channels); other axes must agree
 =============  =================================================================================
 
 A dense or conv layer computes ``y = scale ⊙ (q_in(x) ∗ q_k(W)) + bias`` where ``q_in`` and
@@ -27,24 +42,30 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from model.errors import (
+    DanglingInputError,
     DimensionTooLargeError,
+    FormatVersionError,
+    GraphCycleError,
     InvalidBatchNormError,
     InvalidInputShapeError,
     InvalidLabelsError,
     InvalidSpecError,
     InvalidValueRangeError,
+    ShapeMismatchError,
     UnknownLayerError,
+    UnusedLayerError,
 )
 from model.packing import packed_shape
 from model.quantizers import SIGN, binarizer_for, check_kernel_quantizer
 
 FORMAT_NAME = "bnnserve"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+FORMAT_VERSION = 2  # the newest; a graph that needs no v2 feature is still written as v1
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
+MODEL_INPUT = "@input"  # the name by which a v2 layer's ``inputs`` refers to the model input
 FLOAT32 = "F32"
 UINT64 = "U64"
 
@@ -72,17 +93,28 @@ class Layer:
     """Base of every layer spec; ``kind`` is the JSON tag."""
 
     kind: ClassVar[str] = ""
+    since_version: ClassVar[int] = 1  # the first format version with this kind
+    arity: ClassVar[int] = 1  # inputs taken; 0 means two or more (add, concat)
     name: str
+    # v2: the layers (or MODEL_INPUT) whose outputs this layer takes; () = the previous layer's.
+    inputs: tuple[str, ...] = field(default=(), kw_only=True)
 
     def output_shape(self, shape: Shape) -> Shape:
         raise NotImplementedError
 
+    def merge_shapes(self, shapes: tuple[Shape, ...]) -> Shape:
+        """The output shape of a layer given all its input shapes (one, unless arity is 0)."""
+        return self.output_shape(shapes[0])
+
     def tensors(self, shape: Shape) -> dict[str, TensorExpectation]:
-        """Tensors this layer needs, given its input shape, keyed by full tensor name."""
+        """Tensors this layer needs, given its (first) input shape, keyed by full tensor name."""
         return {}
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, **_jsonable(asdict(self))}
+        doc = {"kind": self.kind, **_jsonable(asdict(self))}
+        if not self.inputs:
+            del doc["inputs"]  # v1 documents have no such field
+        return doc
 
 
 @dataclass(frozen=True)
@@ -168,11 +200,7 @@ class MaxPool2d(Layer):
     stride: tuple[int, int] = (2, 2)
 
     def output_shape(self, shape: Shape) -> Shape:
-        _expect(len(shape) == 3, self, f"expects a (C, H, W) input, got {list(shape)}")
-        c, h, w = shape
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        _expect(h >= kh and w >= kw, self, f"window {kh}x{kw} does not fit input {h}x{w}")
-        return (c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+        return _window_shape(self, shape, self.kernel_size, self.stride)
 
 
 @dataclass(frozen=True)
@@ -186,8 +214,120 @@ class Flatten(Layer):
         return (size,)
 
 
+@dataclass(frozen=True)
+class AvgPool2d(Layer):
+    """Mean over each kh×kw window with the given stride, no padding: like ``nn.AvgPool2d``
+    (float32 sum of the window, then one division by kh·kw)."""
+
+    kind: ClassVar[str] = "avgpool2d"
+    since_version: ClassVar[int] = 2
+    kernel_size: tuple[int, int] = (2, 2)
+    stride: tuple[int, int] = (2, 2)
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return _window_shape(self, shape, self.kernel_size, self.stride)
+
+
+@dataclass(frozen=True)
+class GlobalAvgPool2d(Layer):
+    """(C, H, W) → (C,): y[c] = Σ_{h,w} x[c, h, w] / (H·W), i.e. ``x.mean((2, 3))``."""
+
+    kind: ClassVar[str] = "global_avgpool2d"
+    since_version: ClassVar[int] = 2
+
+    def output_shape(self, shape: Shape) -> Shape:
+        _expect(len(shape) == 3, self, f"expects a (C, H, W) input, got {list(shape)}")
+        return (shape[0],)
+
+
+@dataclass(frozen=True)
+class Shift(Layer):
+    """y = x + shift[c] per channel (axis 0): the learnable threshold of ReActNet's RSign
+    (``sign(x + shift)``) and the two shifts of its RPReLU."""
+
+    kind: ClassVar[str] = "shift"
+    since_version: ClassVar[int] = 2
+    num_features: int
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return _per_channel_shape(self, self.num_features, shape)
+
+    def tensors(self, shape: Shape) -> dict[str, TensorExpectation]:
+        return {f"{self.name}.shift": TensorExpectation((self.num_features,), FLOAT32)}
+
+
+@dataclass(frozen=True)
+class PReLU(Layer):
+    """y = x if x ≥ 0 else weight[c] · x per channel (axis 0), like ``nn.PReLU(C)``."""
+
+    kind: ClassVar[str] = "prelu"
+    since_version: ClassVar[int] = 2
+    num_features: int
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return _per_channel_shape(self, self.num_features, shape)
+
+    def tensors(self, shape: Shape) -> dict[str, TensorExpectation]:
+        return {f"{self.name}.weight": TensorExpectation((self.num_features,), FLOAT32)}
+
+
+@dataclass(frozen=True)
+class Add(Layer):
+    """The elementwise sum of two or more inputs of one shape, y = ((x₁ + x₂) + x₃) + …, in
+    float32 and in the order of ``inputs`` (a residual shortcut)."""
+
+    kind: ClassVar[str] = "add"
+    since_version: ClassVar[int] = 2
+    arity: ClassVar[int] = 0
+
+    def merge_shapes(self, shapes: tuple[Shape, ...]) -> Shape:
+        if any(shape != shapes[0] for shape in shapes):
+            raise ShapeMismatchError(
+                f"layer {self.name!r} (add): inputs {list(self.inputs)} have shapes "
+                f"{[list(s) for s in shapes]}; expected one shape"
+            )
+        return shapes[0]
+
+
+@dataclass(frozen=True)
+class Concat(Layer):
+    """Two or more inputs joined along axis 0 (channels, or features for flat inputs), as
+    ``torch.cat(dim=1)`` on batches; the other axes must agree."""
+
+    kind: ClassVar[str] = "concat"
+    since_version: ClassVar[int] = 2
+    arity: ClassVar[int] = 0
+
+    def merge_shapes(self, shapes: tuple[Shape, ...]) -> Shape:
+        if any(len(s) != len(shapes[0]) or s[1:] != shapes[0][1:] for s in shapes):
+            raise ShapeMismatchError(
+                f"layer {self.name!r} (concat): inputs {list(self.inputs)} have shapes "
+                f"{[list(s) for s in shapes]}; expected the same shape apart from axis 0"
+            )
+        channels = sum(s[0] for s in shapes)
+        if channels > MAX_DIMENSION:
+            raise DimensionTooLargeError(
+                f"layer {self.name!r} (concat): {channels} channels; expected at most "
+                f"{MAX_DIMENSION}"
+            )
+        return (channels, *shapes[0][1:])
+
+
 LAYER_KINDS: dict[str, type[Layer]] = {
-    cls.kind: cls for cls in (Dense, Conv2d, BatchNorm, MaxPool2d, Flatten)
+    cls.kind: cls
+    for cls in (
+        Dense,
+        Conv2d,
+        BatchNorm,
+        MaxPool2d,
+        Flatten,
+        AvgPool2d,
+        GlobalAvgPool2d,
+        Shift,
+        PReLU,
+        Add,
+        Concat,
+    )
 }
 
 
@@ -214,16 +354,62 @@ class ModelSpec:
     output_name: str = "logits"
     training: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    # None: the lowest version that expresses this graph (what a writer records); a parsed
+    # document keeps the version it declared.
+    format_version: int | None = field(default=None, compare=False)
+
+    @property
+    def effective_format_version(self) -> int:
+        return self.format_version or self.required_format_version()
+
+    def required_format_version(self) -> int:
+        """1 for a plain sequence of v1 kinds, 2 once any layer has ``inputs`` or a v2 kind."""
+        return max((2 if layer.inputs else layer.since_version) for layer in self.layers)
+
+    def layer_inputs(self) -> list[tuple[str, ...]]:
+        """Each layer's input names resolved: ``inputs``, or else the previous layer's name
+        (MODEL_INPUT for the first layer). Raises the GraphError subclasses for names that
+        are unknown or not earlier, for a wrong number of inputs and for dead branches."""
+        names = [layer.name for layer in self.layers]
+        position = {name: i for i, name in enumerate(names)}
+        resolved: list[tuple[str, ...]] = []
+        for i, layer in enumerate(self.layers):
+            sources = layer.inputs or ((names[i - 1],) if i else (MODEL_INPUT,))
+            for source in sources:
+                _check_source(layer, source, i, position)
+            _check_arity(layer, sources)
+            resolved.append(sources)
+        used = {source for sources in resolved for source in sources}
+        dead = [name for name in names[:-1] if name not in used]
+        if dead:
+            raise UnusedLayerError(
+                f"layers {dead} feed nothing; every layer but the last must be some layer's "
+                "input (the last layer's output is the model's output)"
+            )
+        return resolved
+
+    def is_sequential(self) -> bool:
+        """True when every layer takes exactly the previous layer's output (a v1 chain)."""
+        previous = [MODEL_INPUT] + [layer.name for layer in self.layers[:-1]]
+        return all(
+            sources == (prev,) for sources, prev in zip(self.layer_inputs(), previous, strict=True)
+        )
+
+    def graph_shapes(self) -> list[tuple[tuple[Shape, ...], Shape]]:
+        """(input shapes, output shape) of each layer; InvalidSpecError on any mismatch."""
+        produced: dict[str, Shape] = {MODEL_INPUT: tuple(self.input.shape)}
+        shapes = []
+        for layer, sources in zip(self.layers, self.layer_inputs(), strict=True):
+            ins = tuple(produced[source] for source in sources)
+            out = layer.merge_shapes(ins)
+            produced[layer.name] = out
+            shapes.append((ins, out))
+        return shapes
 
     def layer_shapes(self) -> list[tuple[Shape, Shape]]:
-        """(input shape, output shape) of each layer; InvalidSpecError on any mismatch."""
-        shapes, shape = [], tuple(self.input.shape)
-        for layer in self.layers:
-            out = layer.output_shape(shape)
-            shapes.append((shape, out))
-            shape = out
-        return shapes
+        """(first input shape, output shape) of each layer; InvalidSpecError on any mismatch.
+        For a sequential graph the first input shape is the previous layer's output."""
+        return [(ins[0], out) for ins, out in self.graph_shapes()]
 
     def expected_tensors(self) -> dict[str, TensorExpectation]:
         """Every tensor the graph needs, with its stored shape and dtype."""
@@ -243,6 +429,13 @@ class ModelSpec:
             seen.add(layer.name)
             _check_field_types(layer)
             _check_quantizers(layer)
+        required = self.required_format_version()
+        if self.format_version is not None and self.format_version < required:
+            raise FormatVersionError(
+                f"format_version {self.format_version} cannot express this graph (a layer has "
+                f"'inputs' or a kind added in version {required}); expected format_version "
+                f"{required}"
+            )
         _input_shape_from_json(list(self.input.shape))
         _value_range_from_json(
             None if self.input.value_range is None else list(self.input.value_range)
@@ -258,7 +451,7 @@ class ModelSpec:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
-            "format_version": self.format_version,
+            "format_version": self.effective_format_version,
             "name": self.name,
             "architecture": self.architecture,
             "input": _jsonable(asdict(self.input)),
@@ -299,14 +492,14 @@ def layer_from_json(doc: Any) -> Layer:
     if cls is None:
         known = ", ".join(sorted(LAYER_KINDS))
         raise UnknownLayerError(f"unknown layer kind {kind!r}; expected one of: {known}")
-    fields = {k: v for k, v in doc.items() if k != "kind"}
-    allowed = set(cls.__dataclass_fields__)
-    unexpected = sorted(set(fields) - allowed)
+    values = {k: v for k, v in doc.items() if k != "kind"}
+    allowed = {f.name for f in fields(cls)}
+    unexpected = sorted(set(values) - allowed)
     if unexpected:
         raise InvalidSpecError(f"layer {doc.get('name')!r} ({kind}): unknown fields {unexpected}")
     try:
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-        layer = cls(**fields)
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        layer = cls(**values)
     except TypeError as exc:
         raise InvalidSpecError(f"layer {doc.get('name')!r} ({kind}): {exc}") from None
     _check_field_types(layer)
@@ -348,6 +541,50 @@ def _check_quantizers(layer: Layer) -> None:
         )
 
 
+def _window_shape(
+    layer: Layer, shape: Shape, kernel: tuple[int, int], stride: tuple[int, int]
+) -> Shape:
+    """(C, H, W) → (C, ⌊(H − kh)/sh⌋ + 1, ⌊(W − kw)/sw⌋ + 1): a pooling window, no padding."""
+    _expect(len(shape) == 3, layer, f"expects a (C, H, W) input, got {list(shape)}")
+    c, h, w = shape
+    (kh, kw), (sh, sw) = kernel, stride
+    _expect(h >= kh and w >= kw, layer, f"window {kh}x{kw} does not fit input {h}x{w}")
+    return (c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+
+
+def _per_channel_shape(layer: Layer, channels: int, shape: Shape) -> Shape:
+    _expect(
+        len(shape) in (1, 3) and shape[0] == channels,
+        layer,
+        f"num_features={channels} but input shape is {list(shape)}",
+    )
+    return shape
+
+
+def _check_source(layer: Layer, source: str, index: int, position: dict[str, int]) -> None:
+    if source == MODEL_INPUT:
+        return
+    if source not in position:
+        raise DanglingInputError(
+            f"layer {layer.name!r} ({layer.kind}): input {source!r} names no layer; expected "
+            f"an earlier layer's name or {MODEL_INPUT!r}"
+        )
+    if position[source] >= index:
+        raise GraphCycleError(
+            f"layer {layer.name!r} ({layer.kind}): input {source!r} is "
+            f"{'itself' if position[source] == index else 'a later layer'}; layers must be "
+            "listed in topological order, so the graph has no cycles"
+        )
+
+
+def _check_arity(layer: Layer, sources: tuple[str, ...]) -> None:
+    if layer.arity == 0:
+        _expect(len(sources) >= 2, layer, f"takes two or more inputs, got {list(sources)}")
+    else:
+        _expect(len(sources) == layer.arity, layer, f"takes one input, got {list(sources)}")
+    _expect(len(set(sources)) == len(sources), layer, f"inputs {list(sources)} repeat a name")
+
+
 def _check_field_types(layer: Layer) -> None:
     if isinstance(layer, BatchNorm) and not (
         isinstance(layer.eps, int | float) and math.isfinite(layer.eps) and layer.eps > 0
@@ -356,10 +593,12 @@ def _check_field_types(layer: Layer) -> None:
             f"layer {layer.name!r} (batchnorm): eps is {layer.eps!r:.40}; expected a finite "
             "number > 0 (it keeps 1/sqrt(running_var + eps) finite)"
         )
-    for name, f in layer.__dataclass_fields__.items():
-        value = getattr(layer, name)
+    for f in fields(layer):
+        name, value = f.name, getattr(layer, f.name)
         if name in ("input_quantizer", "kernel_quantizer"):
             ok = value is None or isinstance(value, str)
+        elif name == "inputs":
+            ok = isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)
         elif f.type in ("int",):
             ok = _is_int(value) and value > 0
         elif f.type == "tuple[int, int]":

@@ -1,6 +1,6 @@
 """Hand-built artifacts and an eager torch interpreter of the artifact spec, for engine tests.
 
-``eager_logits`` follows :mod:`model.spec`'s semantics with the same torch ops the training
+``eager_logits`` follows :mod:`model.spec`'s semantics (v1 chains and v2 graphs) with the same torch ops the training
 layers use (``x.mm(w.t()) + b``, ``F.pad`` + ``F.conv2d(x, w, b)``, α as ``y * α + b``, torch
 BatchNorm in eval mode), so it serves as the reference until, and alongside,
 ``training.export.module_from_artifact``.
@@ -16,7 +16,22 @@ import numpy as np
 from model.artifact import write_artifact
 from model.packing import pack_signs, unpack_signs
 from model.quantizers import binarizer_for
-from model.spec import BatchNorm, Conv2d, Dense, Flatten, InputSpec, MaxPool2d, ModelSpec
+from model.spec import (
+    MODEL_INPUT,
+    Add,
+    AvgPool2d,
+    BatchNorm,
+    Concat,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalAvgPool2d,
+    InputSpec,
+    MaxPool2d,
+    ModelSpec,
+    PReLU,
+    Shift,
+)
 
 SIGN_QUANTIZERS = ("ste_sign", "clipped_ste", "approx_sign", "swish_sign")
 
@@ -59,6 +74,12 @@ def random_tensors(spec: ModelSpec, rng: np.random.Generator, *, zero_bn: float 
             tensors[f"{layer.name}.running_var"] = (
                 rng.uniform(0.2, 2.0, size=c) * spread**2
             ).astype(np.float32)
+        elif isinstance(layer, Shift):
+            shift = rng.normal(0, 0.3, size=layer.num_features).astype(np.float32)
+            tensors[f"{layer.name}.shift"] = shift
+        elif isinstance(layer, PReLU):
+            slope = rng.uniform(-0.5, 0.5, size=layer.num_features).astype(np.float32)
+            tensors[f"{layer.name}.weight"] = slope
     return tensors
 
 
@@ -184,6 +205,112 @@ def cnn_spec(
     )
 
 
+def bireal_spec(
+    input_shape: tuple[int, int, int] = (1, 8, 8),
+    widths: tuple[int, ...] = (8, 16),
+    blocks: int = 1,
+    classes: int = 10,
+    *,
+    stem_kernel: int = 3,
+    stem_stride: int = 1,
+    stem_pool: bool = False,
+    reactnet: bool = False,
+    concat: bool = False,
+    value_range: tuple[float, float] = (0.0, 16.0),
+    integer_valued: bool = True,
+) -> ModelSpec:
+    """A Bi-Real-Net-shaped v2 graph: a full-precision stem conv → BN (→ 3×3/2 max-pool), then
+    per stage ``blocks`` residual blocks ``x + BN(conv3x3_bin(sign(x)))`` (the first of each
+    later stage with stride 2 and the shortcut ``BN(conv1x1_fp(avgpool2x2(x)))``), global
+    average pooling and a full-precision dense classifier. ``reactnet`` adds RSign (a shift
+    before each sign) and RPReLU (shift → PReLU → shift) after each residual sum; ``concat``
+    makes the last stage's output the channel concatenation of its sum and its shortcut (a
+    BinaryDenseNet-style join)."""
+    c = input_shape[0]
+    pad = stem_kernel // 2
+    layers: list = [
+        Conv2d(
+            name="stem",
+            in_channels=c,
+            out_channels=widths[0],
+            kernel_size=(stem_kernel, stem_kernel),
+            stride=(stem_stride, stem_stride),
+            padding=(pad, pad),
+            pad_value=0.0,
+        ),
+        BatchNorm(name="stem_bn", num_features=widths[0]),
+    ]
+    if stem_pool:
+        layers.append(MaxPool2d(name="stem_pool", kernel_size=(3, 3), stride=(2, 2)))
+    x, prev = layers[-1].name, widths[0]
+    for s, width in enumerate(widths):
+        for b in range(blocks):
+            tag, stride = f"s{s}b{b}", 2 if (s > 0 and b == 0) else 1
+            binarizer_input = x
+            if reactnet:
+                layers.append(Shift(name=f"{tag}_rsign", num_features=prev, inputs=(x,)))
+                binarizer_input = f"{tag}_rsign"
+            layers += [
+                Conv2d(
+                    name=f"{tag}_conv",
+                    in_channels=prev,
+                    out_channels=width,
+                    stride=(stride, stride),
+                    pad_value=1.0,
+                    input_quantizer="ste_sign",
+                    kernel_quantizer="ste_sign",
+                    bias=False,
+                    inputs=(binarizer_input,),
+                ),
+                BatchNorm(name=f"{tag}_bn", num_features=width),
+            ]
+            shortcut = x
+            if stride != 1 or width != prev:
+                layers += [
+                    AvgPool2d(
+                        name=f"{tag}_pool",
+                        kernel_size=(stride, stride),
+                        stride=(stride, stride),
+                        inputs=(x,),
+                    ),
+                    Conv2d(
+                        name=f"{tag}_down",
+                        in_channels=prev,
+                        out_channels=width,
+                        kernel_size=(1, 1),
+                        padding=(0, 0),
+                        pad_value=0.0,
+                        bias=False,
+                    ),
+                    BatchNorm(name=f"{tag}_down_bn", num_features=width),
+                ]
+                shortcut = f"{tag}_down_bn"
+            layers.append(Add(name=f"{tag}_add", inputs=(f"{tag}_bn", shortcut)))
+            x = f"{tag}_add"
+            if reactnet:
+                layers += [
+                    Shift(name=f"{tag}_rp_in", num_features=width),
+                    PReLU(name=f"{tag}_rp", num_features=width),
+                    Shift(name=f"{tag}_rp_out", num_features=width),
+                ]
+                x = f"{tag}_rp_out"
+            last_shortcut, prev = shortcut, width
+    if concat:
+        layers.append(Concat(name="join", inputs=(x, last_shortcut)))
+        x, prev = "join", prev * 2
+    layers += [
+        GlobalAvgPool2d(name="gap", inputs=(x,)),
+        Dense(name="fc", in_features=prev, out_features=classes),
+    ]
+    return ModelSpec(
+        name="test-bireal",
+        architecture="reactnet" if reactnet else "birealnet",
+        input=InputSpec(shape=input_shape, value_range=value_range, integer_valued=integer_valued),
+        labels=tuple(str(i) for i in range(classes)),
+        layers=tuple(layers),
+    )
+
+
 # --- the eager reference --------------------------------------------------------------------------
 def eager_logits(spec: ModelSpec, tensors: dict, x: np.ndarray) -> np.ndarray:
     """Run the spec with torch ops, as the training layers do, in float32 eval mode."""
@@ -209,9 +336,28 @@ def eager_logits(spec: ModelSpec, tensors: dict, x: np.ndarray) -> np.ndarray:
         return torch.from_numpy(np.array(tensors[key], np.float32)) if key in tensors else None
 
     v = torch.from_numpy(np.asarray(x, np.float32).reshape(x.shape[0], *spec.input.shape))
+    values = {MODEL_INPUT: v}
+
+    def per_channel(vec, like):
+        return vec.view(1, -1, *([1] * (like.dim() - 2)))
+
     with torch.no_grad():
-        for layer in spec.layers:
-            if isinstance(layer, Dense | Conv2d):
+        for layer, sources in zip(spec.layers, spec.layer_inputs(), strict=True):
+            v = values[sources[0]]
+            if isinstance(layer, Add):
+                for source in sources[1:]:
+                    v = v + values[source]
+            elif isinstance(layer, Concat):
+                v = torch.cat([values[source] for source in sources], dim=1)
+            elif isinstance(layer, Shift):
+                v = v + per_channel(vector(layer, "shift"), v)
+            elif isinstance(layer, PReLU):
+                v = F.prelu(v, vector(layer, "weight"))
+            elif isinstance(layer, AvgPool2d):
+                v = F.avg_pool2d(v, layer.kernel_size, layer.stride)
+            elif isinstance(layer, GlobalAvgPool2d):
+                v = v.mean((2, 3))
+            elif isinstance(layer, Dense | Conv2d):
                 xq, w = quantize(layer.input_quantizer, v), weight(layer)
                 bias, scale = vector(layer, "bias"), vector(layer, "scale")
                 if isinstance(layer, Dense):
@@ -240,4 +386,5 @@ def eager_logits(spec: ModelSpec, tensors: dict, x: np.ndarray) -> np.ndarray:
                 v = F.max_pool2d(v, layer.kernel_size, layer.stride)
             elif isinstance(layer, Flatten):
                 v = v.reshape(v.shape[0], -1)
+            values[layer.name] = v
     return v.numpy()

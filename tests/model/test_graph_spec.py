@@ -1,0 +1,149 @@
+"""Format v2's layer graph: named inputs, the new kinds, and the graph errors."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.artifact import decode_artifact, encode_artifact, read_artifact
+from model.errors import (
+    DanglingInputError,
+    FormatVersionError,
+    GraphCycleError,
+    InvalidSpecError,
+    ShapeMismatchError,
+    UnusedLayerError,
+)
+from model.spec import MODEL_INPUT, Add, Concat, ModelSpec, layer_from_json
+from tests.model.engine.reference import bireal_spec, cnn_spec, random_tensors
+
+DEFAULT_MODEL = Path(__file__).parents[2] / "deploy/models/digits-mlp/1/model.safetensors"
+
+
+def with_layers(spec: ModelSpec, layers) -> ModelSpec:
+    return dataclasses.replace(spec, layers=tuple(layers))
+
+
+def replace_layer(spec: ModelSpec, name: str, **changes) -> ModelSpec:
+    return with_layers(
+        spec,
+        [dataclasses.replace(x, **changes) if x.name == name else x for x in spec.layers],
+    )
+
+
+def test_a_plain_chain_is_written_as_format_v1():
+    spec = cnn_spec()
+    assert spec.required_format_version() == 1
+    assert spec.to_json()["format_version"] == 1
+    assert all("inputs" not in layer for layer in spec.to_json()["layers"])
+    assert spec.is_sequential()
+
+
+def test_the_committed_default_model_loads_and_re_encodes_byte_for_byte():
+    data = DEFAULT_MODEL.read_bytes()
+    artifact = read_artifact(DEFAULT_MODEL)
+    assert artifact.spec.effective_format_version == 1
+    assert encode_artifact(artifact.spec, dict(artifact.tensors)) == data
+
+
+@pytest.mark.parametrize("options", [{}, {"reactnet": True}, {"reactnet": True, "concat": True}])
+def test_residual_graphs_round_trip_as_format_v2(options):
+    rng = np.random.default_rng(0)
+    spec = bireal_spec(**options)
+    spec.validate()
+    assert spec.required_format_version() == 2 and not spec.is_sequential()
+    artifact = decode_artifact(encode_artifact(spec, random_tensors(spec, rng)))
+    assert artifact.spec == spec
+    assert artifact.spec.to_json()["format_version"] == 2
+
+
+def test_graph_shapes_follow_named_inputs():
+    spec = bireal_spec(input_shape=(1, 8, 8), widths=(8, 16), concat=True)
+    shapes = {
+        layer.name: out for layer, (_, out) in zip(spec.layers, spec.graph_shapes(), strict=True)
+    }
+    assert shapes["s1b0_pool"] == (8, 4, 4)
+    assert shapes["s1b0_add"] == (16, 4, 4)
+    assert shapes["join"] == (32, 4, 4)
+    assert shapes["gap"] == (32,)
+
+
+def test_the_first_layer_may_name_the_model_input():
+    spec = cnn_spec()
+    named = replace_layer(spec, "conv0", inputs=(MODEL_INPUT,))
+    named.validate()
+    assert named.required_format_version() == 2
+
+
+def test_an_input_that_names_no_layer_is_dangling():
+    spec = replace_layer(bireal_spec(), "s0b0_add", inputs=("s0b0_bn", "nowhere"))
+    with pytest.raises(DanglingInputError, match="input 'nowhere' names no layer"):
+        spec.validate()
+
+
+@pytest.mark.parametrize(("source", "word"), [("s0b0_add", "itself"), ("fc", "a later layer")])
+def test_an_input_from_itself_or_a_later_layer_is_a_cycle(source, word):
+    spec = replace_layer(bireal_spec(), "s0b0_add", inputs=("s0b0_bn", source))
+    with pytest.raises(GraphCycleError, match=word):
+        spec.validate()
+
+
+def test_a_layer_that_feeds_nothing_is_refused():
+    spec = replace_layer(bireal_spec(), "fc", inputs=("s1b0_add",))
+    with pytest.raises(UnusedLayerError, match=r"\['gap'\] feed nothing"):
+        spec.validate()
+
+
+def test_add_inputs_of_different_shapes_are_a_mismatch():
+    spec = replace_layer(bireal_spec(), "s1b0_add", inputs=("s1b0_bn", "s1b0_pool"))
+    spec = with_layers(
+        spec, [x for x in spec.layers if x.name not in ("s1b0_down", "s1b0_down_bn")]
+    )
+    with pytest.raises(ShapeMismatchError, match=r"add.*\[\[16, 4, 4\], \[8, 4, 4\]\]"):
+        spec.validate()
+
+
+def test_concat_inputs_of_different_sizes_are_a_mismatch():
+    spec = replace_layer(bireal_spec(concat=True), "join", inputs=("s1b0_add", "s0b0_add"))
+    with pytest.raises(ShapeMismatchError, match="apart from axis 0"):
+        spec.validate()
+
+
+@pytest.mark.parametrize(
+    ("layer", "inputs", "message"),
+    [
+        (Add(name="a"), ("fc",), "takes two or more inputs"),
+        (Concat(name="a"), ("fc", "fc"), "repeat a name"),
+    ],
+)
+def test_arity_is_checked(layer, inputs, message):
+    spec = bireal_spec()
+    last = dataclasses.replace(layer, inputs=inputs)
+    with pytest.raises(InvalidSpecError, match=message):
+        with_layers(spec, [*spec.layers, last]).layer_inputs()
+
+
+def test_a_single_input_layer_with_two_inputs_is_refused():
+    spec = replace_layer(bireal_spec(), "s0b0_conv", inputs=("stem_bn", "stem"))
+    with pytest.raises(InvalidSpecError, match="takes one input"):
+        spec.validate()
+
+
+def test_a_v1_document_cannot_use_v2_features():
+    doc = bireal_spec().to_json() | {"format_version": 1}
+    with pytest.raises(FormatVersionError, match="expected format_version 2"):
+        ModelSpec.from_json(doc)
+
+
+@pytest.mark.parametrize("inputs", [["ok", 3], "stem", [""], [["nested"]]])
+def test_malformed_inputs_fields_are_named(inputs):
+    doc = {"kind": "add", "name": "a", "inputs": inputs}
+    with pytest.raises(InvalidSpecError, match="'inputs'"):
+        layer_from_json(doc)
+
+
+def test_per_channel_layers_check_their_width():
+    spec = replace_layer(bireal_spec(reactnet=True), "s0b0_rp", num_features=9)
+    with pytest.raises(InvalidSpecError, match="num_features=9"):
+        spec.validate()
