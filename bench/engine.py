@@ -249,7 +249,7 @@ def bench_gemm(budget_s: float) -> list[dict[str, Any]]:
 
     from model.engine import kernels
     from model.engine.kernels import ROW_CHUNK
-    from model.engine.program import aligned_empty, pad_rows
+    from model.engine.layout import aligned_empty, pad_rows
     from model.engine.team import shared_team
     from model.packing import pack_signs
 
@@ -318,7 +318,7 @@ def bench_gemm_bound(repeats: int = 200) -> dict[str, Any]:
 
     from model.engine import kernels
     from model.engine.kernels import ROW_CHUNK
-    from model.engine.program import aligned_empty, pad_rows
+    from model.engine.layout import aligned_empty, pad_rows
     from model.packing import pack_signs
 
     rng = np.random.default_rng(1)

@@ -134,7 +134,7 @@ def first_decisions(model, eager, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
     from model.engine.cpu import unpack_bits
     from model.engine.kernels import PARALLEL
-    from model.engine.program import Decide
+    from model.engine.ops import Decide
 
     executor = model._executor
     value = model.check_input(x)

@@ -1,4 +1,4 @@
-"""The numba CPU backend: runs a :class:`~model.engine.program.Program` on numpy arrays.
+"""The numba CPU backend: runs a :class:`~model.engine.ops.Program` on numpy arrays.
 
 Binary layers go through the packed kernels of :mod:`model.engine.kernels`. Real-valued
 layers run in float32, as eager torch does: the full-precision stem convolution (followed by its
@@ -29,6 +29,7 @@ Threads, by the call's work (:func:`row_work` × batch):
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numba
@@ -38,7 +39,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from model.engine import kernels
 from model.engine.floatmath import F32, F64, affine_f32, fma_f32
 from model.engine.kernels import PARALLEL, ROW_CHUNK, SERIAL, KernelSet
-from model.engine.program import (
+from model.engine.ops import (
     MAX_PLANE_VALUE,
     BinaryConv,
     BinaryDense,
@@ -56,7 +57,6 @@ from model.engine.program import (
     SignedDense,
     ToReal,
     Unpack,
-    handlers,
 )
 from model.engine.runtime import kernel_guard
 from model.engine.team import shared_team
@@ -74,19 +74,34 @@ TEAM_WORK_LIMIT = 1 << 22
 TEAM_OPS = (RealFlatten, PlanesDense, BinaryDense, SignedDense)
 # Bit-planes assumed for the integer input layer (pixels 0..255) when estimating work.
 PLANES_ESTIMATE = 8
+# An executor method: (op, value, kernel set) → value.
+Handler = Callable[..., np.ndarray]
 
 
 class NumbaExecutor:
     """Executes a program with numba kernels; ``run`` is safe to call from several threads.
 
-    One ``_<op>(op, value, kset)`` method per kind of operation; ``kset`` is the kernel set the
-    call runs (serial or parallel), the same for all its operations."""
+    One ``_<op>(op, value, kset)`` method per kind of operation, found through the explicit
+    ``{op class: method}`` map built in ``__init__``; ``kset`` is the kernel set the call runs
+    (serial, team or parallel), the same for all its operations."""
 
     name = "numba"
 
     def __init__(self, program: Program) -> None:
         self.program = program
-        self._handlers = handlers(self)
+        self._handlers: dict[type, Handler] = {
+            BinaryDense: self._binary_dense,
+            BinaryConv: self._binary_conv,
+            PlanesDense: self._planes_dense,
+            FloatDense: self._float_dense,
+            SignedDense: self._signed_dense,
+            FloatConv: self._float_conv,
+            Quantize: self._quantize,
+            Unpack: self._unpack,
+            RealBatchNorm: self._real_batch_norm,
+            RealMaxPool: self._real_max_pool,
+            RealFlatten: self._real_flatten,
+        }
         self._serial_rows = serial_rows(program)
         self._team_rows, self._team = self._serial_rows, None
         if all(isinstance(op, TEAM_OPS) for op in program.ops):

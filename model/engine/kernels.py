@@ -32,7 +32,7 @@ from numba.extending import intrinsic
 from model.engine import runtime  # noqa: F401  (cache directory and threading layer first)
 
 WORD = 64
-CACHE_LINE_WORDS = 8  # 64 bytes (see model.engine.program.CACHE_LINE)
+CACHE_LINE_WORDS = 8  # 64 bytes (see model.engine.layout.CACHE_LINE)
 # Rows of a batch that stream past one block of 64 weight rows (dense_threshold_pack).
 ROW_CHUNK = 64
 _JIT = {"nogil": True, "cache": True, "fastmath": True}
@@ -485,7 +485,7 @@ def pack_bit_planes(x, planes):
 @njit(**_JIT)
 def aligned_words(shape):
     """An uninitialized uint64 array of ``shape`` (a tuple) whose data starts on a cache line, like
-    :func:`model.engine.program.aligned_empty` at a third of its cost per call: numba allocates on
+    :func:`model.engine.layout.aligned_empty` at a third of its cost per call: numba allocates on
     32 bytes, so one cache line more is allocated and the start moved up to the next line."""
     size = 1
     for n in shape:

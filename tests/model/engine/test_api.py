@@ -227,6 +227,15 @@ def test_workqueue_fallback_serializes_kernels(mlp_path):
     assert result.stdout.split() == ["workqueue", "0", "160"]
 
 
+def test_the_cpu_executor_maps_every_op_to_its_own_method(mlp):
+    """The explicit {op class: method} map covers each kind of operation exactly once."""
+    from model.engine.ops import OPS
+
+    handlers = mlp._executor._handlers
+    assert set(handlers) == set(OPS)
+    assert len({method.__name__ for method in handlers.values()}) == len(OPS)
+
+
 def test_small_calls_run_serial_kernels(mlp, monkeypatch):
     """A call whose work is below SERIAL_WORK_LIMIT runs on the calling thread: an mlp in one
     kernel call (integer inputs) or the serial twins of the kernels; below TEAM_WORK_LIMIT a

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from model.engine import kernels
 from model.engine.cpu import integer_bit_planes, unpack_bits
 from model.engine.floatmath import affine_f32, fma_f32
-from model.engine.program import Bits, aligned_empty, pad_rows, row_words
+from model.engine.layout import aligned_empty, pad_rows, row_words
+from model.engine.ops import Bits
 from model.packing import pack_signs, unpack_signs, words_for
 from model.quantizers import SIGN, STEP
 
