@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from model.engine.kernels import WORD, aligned_words
+from model.engine.kernels import aligned_words
+from model.engine.layout import WORD
 from model.packing import unpack_signs, words_for
 
 BATCHES = (1, 64)

@@ -20,7 +20,7 @@ def row_words(words: int) -> int:
 
 
 # Bytes of a cache line: kernel arrays start on one, so that with rows of a multiple of 8 words
-# no 512-bit load straddles two lines (measured +8–10% on the 4096×4096 layer, batch 1 and 64).
+# no 512-bit load straddles two lines (measured: docs/benchmarks.md, "Engine design figures").
 CACHE_LINE = 64
 CACHE_LINE_WORDS = CACHE_LINE // 8
 
