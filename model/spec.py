@@ -50,6 +50,7 @@ from model.errors import (
     DimensionTooLargeError,
     FormatVersionError,
     GraphCycleError,
+    GraphTooLargeError,
     InvalidBatchNormError,
     InvalidInputShapeError,
     InvalidLabelsError,
@@ -75,6 +76,12 @@ _LAYER_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 # reach numpy (OverflowError) or an allocation.
 MAX_DIMENSION = 2**31 - 1
 FLOAT32_MAX = 3.4028234663852886e38  # float(np.finfo(np.float32).max)
+# Caps on a graph's size, checked before any layer is built: a 16 MiB header could list 500k
+# layers or give one concat 4M inputs, each costing the loader time (validation is linear, the
+# compile and warm-up are per layer). A Bi-Real-Net-18 has 62 layers, its ReActNet form 126, a
+# ResNet-152-deep one with RSign/RPReLU about 1,100; a DenseNet block joins at most 48 inputs.
+MAX_LAYERS = 4096
+MAX_LAYER_INPUTS = 256
 Shape = tuple[int, ...]
 
 
@@ -422,6 +429,7 @@ class ModelSpec:
         """Check names, quantizers, shapes and labels; raise a named error for the first problem."""
         if not self.layers:
             raise InvalidSpecError("the layer graph is empty; expected at least one layer")
+        _check_layer_count(len(self.layers))
         seen: set[str] = set()
         for layer in self.layers:
             _expect(bool(_LAYER_NAME.match(layer.name)), layer, "name must match [A-Za-z0-9_]+")
@@ -471,7 +479,7 @@ class ModelSpec:
                 architecture=_typed(doc, "architecture", str),
                 input=_input_from_json(_typed(doc, "input", dict)),
                 labels=_labels_from_json(_typed(doc, "labels", list)),
-                layers=tuple(layer_from_json(item) for item in _typed(doc, "layers", list)),
+                layers=_layers_from_json(_typed(doc, "layers", list)),
                 output_name=_typed(doc.get("output", {}), "name", str, default="logits"),
                 training=_typed(doc, "training", dict, default={}),
                 provenance=_typed(doc, "provenance", dict, default={}),
@@ -481,6 +489,18 @@ class ModelSpec:
             raise InvalidSpecError(f"malformed model spec: {exc}") from None
         spec.validate()
         return spec
+
+
+def _layers_from_json(items: list[Any]) -> tuple[Layer, ...]:
+    _check_layer_count(len(items))  # before building any: the cap bounds the work
+    return tuple(layer_from_json(item) for item in items)
+
+
+def _check_layer_count(count: int) -> None:
+    if count > MAX_LAYERS:
+        raise GraphTooLargeError(
+            f"the graph has {count} layers; expected at most {MAX_LAYERS} (MAX_LAYERS)"
+        )
 
 
 def layer_from_json(doc: Any) -> Layer:
@@ -592,6 +612,11 @@ def _check_field_types(layer: Layer) -> None:
         raise InvalidBatchNormError(
             f"layer {layer.name!r} (batchnorm): eps is {layer.eps!r:.40}; expected a finite "
             "number > 0 (it keeps 1/sqrt(running_var + eps) finite)"
+        )
+    if isinstance(layer.inputs, tuple) and len(layer.inputs) > MAX_LAYER_INPUTS:
+        raise GraphTooLargeError(
+            f"layer {layer.name!r} ({layer.kind}): {len(layer.inputs)} inputs; expected at "
+            f"most {MAX_LAYER_INPUTS} (MAX_LAYER_INPUTS)"
         )
     for f in fields(layer):
         name, value = f.name, getattr(layer, f.name)
