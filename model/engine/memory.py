@@ -296,7 +296,7 @@ def _output_decided(
 ) -> bool:
     """Whether layer i's output folds into a later dense/conv layer's input binarizer: it
     reaches that layer through single-input layers, each the only consumer of the one before,
-    which fold into thresholds (:func:`model.engine.program.foldable_tail`; in a chain, the
+    which fold into thresholds (:func:`foldable_tail`; in a chain, the
     layers up to the next dense/conv). A value with two consumers (a shortcut) is never folded."""
     layers = spec.layers
     tail, name = [], layers[i].name
