@@ -70,7 +70,10 @@ MODEL_INPUT = "@input"  # the name by which a v2 layer's ``inputs`` refers to th
 FLOAT32 = "F32"
 UINT64 = "U64"
 
-_LAYER_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+# Layer names (and so the names in ``inputs``) are short: every message about a layer quotes
+# its name, and a refusal's message reaches the repository index and the logs.
+MAX_NAME_LENGTH = 128
+_LAYER_NAME = re.compile(rf"^[A-Za-z0-9_]{{1,{MAX_NAME_LENGTH}}}$")
 # The largest size of any one dimension (features, channels, kernel, stride, padding, input
 # dims): the kernels index with 32-bit signed integers, and Python's unbounded ints must not
 # reach numpy (OverflowError) or an allocation.
@@ -432,7 +435,11 @@ class ModelSpec:
         _check_layer_count(len(self.layers))
         seen: set[str] = set()
         for layer in self.layers:
-            _expect(bool(_LAYER_NAME.match(layer.name)), layer, "name must match [A-Za-z0-9_]+")
+            _expect(
+                bool(_LAYER_NAME.match(layer.name)),
+                layer,
+                f"name must match [A-Za-z0-9_]+ (at most {MAX_NAME_LENGTH} characters)",
+            )
             _expect(layer.name not in seen, layer, "layer names must be unique")
             seen.add(layer.name)
             _check_field_types(layer)
@@ -511,17 +518,19 @@ def layer_from_json(doc: Any) -> Layer:
     cls = LAYER_KINDS.get(kind)
     if cls is None:
         known = ", ".join(sorted(LAYER_KINDS))
-        raise UnknownLayerError(f"unknown layer kind {kind!r}; expected one of: {known}")
+        raise UnknownLayerError(f"unknown layer kind {kind!r:.80}; expected one of: {known}")
     values = {k: v for k, v in doc.items() if k != "kind"}
     allowed = {f.name for f in fields(cls)}
     unexpected = sorted(set(values) - allowed)
     if unexpected:
-        raise InvalidSpecError(f"layer {doc.get('name')!r} ({kind}): unknown fields {unexpected}")
+        raise InvalidSpecError(
+            f"layer {doc.get('name')!r:.80} ({kind}): unknown fields {unexpected!r:.200}"
+        )
     try:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         layer = cls(**values)
     except TypeError as exc:
-        raise InvalidSpecError(f"layer {doc.get('name')!r} ({kind}): {exc}") from None
+        raise InvalidSpecError(f"layer {doc.get('name')!r:.80} ({kind}): {exc!s:.200}") from None
     _check_field_types(layer)
     return layer
 
@@ -606,6 +615,9 @@ def _check_arity(layer: Layer, sources: tuple[str, ...]) -> None:
 
 
 def _check_field_types(layer: Layer) -> None:
+    # the name first: every message below quotes it
+    name_ok = isinstance(layer.name, str) and bool(_LAYER_NAME.match(layer.name))
+    _expect(name_ok, layer, f"name must match [A-Za-z0-9_]+ (at most {MAX_NAME_LENGTH} characters)")
     if isinstance(layer, BatchNorm) and not (
         isinstance(layer.eps, int | float) and math.isfinite(layer.eps) and layer.eps > 0
     ):
@@ -623,7 +635,8 @@ def _check_field_types(layer: Layer) -> None:
         if name in ("input_quantizer", "kernel_quantizer"):
             ok = value is None or isinstance(value, str)
         elif name == "inputs":
-            ok = isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)
+            ok = isinstance(value, tuple)
+            ok = ok and all(isinstance(v, str) and 0 < len(v) <= MAX_NAME_LENGTH for v in value)
         elif f.type in ("int",):
             ok = _is_int(value) and value > 0
         elif f.type == "tuple[int, int]":
@@ -721,7 +734,7 @@ def _typed(doc: Any, key: str, kind: type, default: Any = ...) -> Any:
 
 def _expect(condition: bool, layer: Layer, message: str) -> None:
     if not condition:
-        raise InvalidSpecError(f"layer {layer.name!r} ({layer.kind}): {message}")
+        raise InvalidSpecError(f"layer {layer.name!r:.80} ({layer.kind}): {message}")
 
 
 def _jsonable(value: Any) -> Any:

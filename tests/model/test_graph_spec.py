@@ -227,3 +227,34 @@ def test_the_model_input_cannot_be_added_to_itself():
     doc["layers"].insert(0, {"kind": "add", "name": "twice", "inputs": [MODEL_INPUT, MODEL_INPUT]})
     with pytest.raises(InvalidSpecError, match="repeat a name"):
         ModelSpec.from_json(doc)
+
+
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [
+        (lambda doc: doc["layers"][0].update(name="n" * 1_000_000), "name must match"),
+        (lambda doc: doc["layers"][4].update(inputs=["n" * 1_000_000, "stem_bn"]), "'inputs'"),
+        (lambda doc: doc["layers"][4].update(kind="k" * 1_000_000), "unknown layer kind"),
+        (lambda doc: doc["layers"][4].update({"x" * 1_000_000: 1}), "unknown fields"),
+    ],
+    ids=["layer name", "input name", "kind", "field name"],
+)
+def test_a_megabyte_name_is_refused_with_a_short_message(edit, error):
+    """A refusal's message reaches the repository index and the logs: names in it are cut."""
+    doc = bireal_spec().to_json()
+    edit(doc)
+    with pytest.raises(InvalidSpecError, match=error) as refused:
+        ModelSpec.from_json(doc)
+    assert len(str(refused.value)) < 1000
+
+
+def test_a_name_of_128_characters_is_accepted():
+    spec = bireal_spec()
+    long = "n" * 128
+    renamed = [dataclasses.replace(spec.layers[0], name=long)]
+    renamed.append(dataclasses.replace(spec.layers[1], inputs=(long,)))
+    with_layers(spec, [*renamed, *spec.layers[2:]]).validate()
+    with pytest.raises(InvalidSpecError, match="at most 128 characters"):
+        with_layers(
+            spec, [*spec.layers[:-1], dataclasses.replace(spec.layers[-1], name="n" * 129)]
+        ).validate()
