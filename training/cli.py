@@ -302,7 +302,10 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "npz: a .npz file with x and y (default: %(default)s)",
     )
     group.add_argument(
-        "--data-dir", type=Path, help="directory with the IDX files, or the .npz file"
+        "--data-dir",
+        type=Path,
+        help="directory with the IDX files, or the .npz file (fashion without it: "
+        "/usr/share/datasets/fashion-mnist, from `apt-get install dataset-fashion-mnist`)",
     )
 
 

@@ -154,3 +154,13 @@ def test_cli_choices_match_the_registries():
 def test_parser_defaults_match_the_make_target():
     args = build_parser().parse_args(["train"])
     assert (args.arch, args.dataset, args.optimizer) == ("mlp", "digits", "adam")
+
+
+def test_fashion_without_package_or_data_dir_says_how_to_install(capsys, tmp_path, monkeypatch):
+    from training.data import PACKAGED_DATASETS, PackagedDataset
+
+    absent = PackagedDataset(tmp_path / "absent", "dataset-fashion-mnist")
+    monkeypatch.setitem(PACKAGED_DATASETS, "fashion", absent)
+    status, _, err = run_main(["train", "--dataset", "fashion", "--no-publish"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "apt-get install dataset-fashion-mnist" in err and "--data-dir DIR" in err
