@@ -359,7 +359,9 @@ TRAINING_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("bop_gamma", float, "Bop adaptivity rate"),
     ("bop_threshold", float, "Bop flip threshold tau"),
     ("label_smoothing", float, "cross-entropy label smoothing"),
-    ("augment_shift", int, "random image shift in pixels per training sample, 0 = off"),
+    ("augment_shift", int, "random crop of the image zero-padded by N pixels (a shift by up to "
+     "N) per training sample, 0 = off"),
+    ("augment_flip", "flag", "mirror each training image left-right with probability 1/2"),
     ("seed", int, "training seed: initialisation, shuffling, augmentation"),
     ("split_seed", int, "data split seed"),
     ("val_fraction", float, "validation share of the data"),
@@ -375,6 +377,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         options: dict[str, Any] = {"dest": field, "default": getattr(DEFAULTS, field)}
         if isinstance(kind, tuple):
             options["choices"] = kind
+        elif kind == "flag":
+            options["action"] = argparse.BooleanOptionalAction
         else:
             options["type"] = _positive_int if kind == "positive" else kind
             options["metavar"] = "X" if kind is float else "N"

@@ -39,8 +39,10 @@ class TrainConfig:
     ``lr_step_epochs`` epochs, ``constant`` keeps it.
 
     ``augment_shift`` (pixels) shifts each training image by a random offset in
-    [−shift, shift]² per epoch, filling with 0 (the background); 0 turns it off and it is ignored
-    for flat (non-image) inputs. ``label_smoothing`` is cross-entropy's (0 = none).
+    [−shift, shift]² per epoch, filling with 0 (the background) — a random crop of the image
+    zero-padded by ``augment_shift``; 0 turns it off. ``augment_flip`` mirrors each training
+    image left-right with probability ½ (for data sets whose classes are mirror-symmetric, like
+    Fashion-MNIST's clothes; not digits). Both are ignored for flat (non-image) inputs. ``label_smoothing`` is cross-entropy's (0 = none).
 
     ``num_threads`` sets ``torch.set_num_threads`` for the run (None: leave torch's default).
     The default is 1: these models are small enough that a second thread mostly adds
@@ -63,6 +65,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     augment_shift: int = 1
+    augment_flip: bool = False
     seed: int = 0
     split_seed: int = 0
     val_fraction: float = 0.15
@@ -98,6 +101,8 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
         if not _is_int(self.augment_shift) or self.augment_shift < 0:
             raise ConfigError(f"augment_shift must be an integer ≥ 0, got {self.augment_shift!r}")
+        if not isinstance(self.augment_flip, bool):
+            raise ConfigError(f"augment_flip must be True or False, got {self.augment_flip!r}")
         if not _is_int(self.seed) or not _is_int(self.split_seed):
             raise ConfigError(f"seeds must be integers, got {self.seed!r}, {self.split_seed!r}")
         if self.num_threads is not None:

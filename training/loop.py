@@ -1,6 +1,7 @@
 """The training loop: one call, :func:`train`, from a :class:`TrainConfig` to a trained model.
 
-Per step: (optionally) shift the batch's images by a random pixel offset, forward, cross-entropy,
+Per step: (optionally) augment the batch's images (random crops of the zero-padded images, flips;
+:mod:`training.augment`), forward, cross-entropy,
 backward, optimizer step(s), schedule step, then clip the binary layers' latent weights to
 [−1, 1] (:func:`training.layers.clip_latent_weights`). After each epoch the model is evaluated
 on the validation split; the epoch with the best validation accuracy (ties: lower validation
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.architectures import ArchitectureConfig, BinaryNet, build_model
+from training.augment import Augmentation
 from training.config import ConfigError, TrainConfig
 from training.data import DataBundle, load_dataset
 from training.distributed import SINGLE_PROCESS, DistributedContext
@@ -134,7 +136,7 @@ def _train(config: TrainConfig, distributed: DistributedContext) -> TrainResult 
     steps_per_epoch = math.ceil(distributed.shard_size(len(y_train)) / batch_size)
     optimizers = build_optimizers(model, config)
     scheduler = build_scheduler(optimizers[0], steps_per_epoch, config)
-    shift = config.augment_shift if len(data.input_shape) == 3 else 0
+    augment = _augmentation(config, data)
 
     history: list[EpochStats] = []
     best: tuple[float, float] = (-1.0, math.inf)  # (val accuracy, −) and val loss
@@ -154,8 +156,7 @@ def _train(config: TrainConfig, distributed: DistributedContext) -> TrainResult 
         for begin in range(0, len(order), batch_size):
             index = order[begin : begin + batch_size]
             x, y = x_train[index], y_train[index]
-            if shift:
-                x = random_shift(x, shift, generator)
+            x = augment(x, generator)
             x, y = x.to(device), y.to(device)
             logits = trained(x)
             loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
@@ -265,21 +266,6 @@ def evaluate(
     return Evaluation(loss=loss_sum / len(y), accuracy=correct / len(y), count=len(y))
 
 
-def random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Shift each image of ``x`` (batch, C, H, W) by its own random offset in
-    [−max_shift, max_shift]² pixels, filling the uncovered border with 0."""
-    n, c, h, w = x.shape
-    s = max_shift
-    padded = F.pad(x, (s, s, s, s))  # (n, c, h + 2s, w + 2s)
-    dy = torch.randint(0, 2 * s + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * s + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (n, 1, h, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (n, 1, 1, w)
-    batch = torch.arange(n)[:, None, None, None]
-    channel = torch.arange(c)[None, :, None, None]
-    return padded[batch, channel, rows, cols]  # (n, c, h, w)
-
-
 def write_outputs(result: TrainResult, out_dir: Path) -> dict[str, Path]:
     """Write ``metrics.json`` and ``curves.png`` into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,6 +276,13 @@ def write_outputs(result: TrainResult, out_dir: Path) -> dict[str, Path]:
     for path, content in files.values():
         path.write_bytes(content)
     return {name: path for name, (path, _) in files.items()}
+
+
+def _augmentation(config: TrainConfig, data: DataBundle) -> Augmentation:
+    """The config's augmentation for image inputs (C, H, W); none for flat features."""
+    if len(data.input_shape) != 3:
+        return Augmentation()
+    return Augmentation(crop_padding=config.augment_shift, flip=config.augment_flip)
 
 
 def _progress_bar(config: TrainConfig, steps_per_epoch: int, enabled: bool = True) -> Any:
