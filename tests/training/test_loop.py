@@ -19,7 +19,8 @@ TINY_MLP = MLPConfig(hidden=(32,))
 
 
 def tiny(**overrides) -> TrainConfig:
-    options = {"arch": "mlp", "model": TINY_MLP, "epochs": 2, "progress": False} | overrides
+    options = {"arch": "mlp", "model": TINY_MLP, "epochs": 2, "progress": False, "num_threads": 1}
+    options |= overrides
     return TrainConfig(**options)
 
 
