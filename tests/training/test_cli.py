@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from model.cpus import usable_cores
 from training.cli import build_parser, main
+from training.runtime import resolve_device
 
 pytestmark = pytest.mark.slow  # trains models (left out of `make test-fast`)
 
@@ -109,6 +111,9 @@ def published(tmp_path_factory):
 def test_train_prints_summary_then_the_published_path_last(published):
     repo, out_dir, stdout = published
     lines = stdout.strip().splitlines()
+    assert lines[0].startswith("training mlp on digits, recipe full: 2 epochs, batch 64, adam")
+    threads = f"{usable_cores()} thread" + "s" * (usable_cores() > 1)
+    assert lines[0].endswith(f"device {resolve_device('auto')}, {threads}")
     assert Path(lines[-1]) == repo / "digits-mlp" / "1"
     assert (Path(lines[-1]) / "model.safetensors").is_file()
     assert "Compression ratio vs float32" in stdout and "test accuracy" in stdout
