@@ -108,7 +108,9 @@ def build_parser() -> OneLineParser:
     data.add_argument("--split", choices=("test", "val", "train"), default="test")
     data.add_argument("--split-seed", type=int, help="default: the artifact's split seed")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
-    evaluate.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    evaluate.add_argument(
+        "--threads", type=_positive_int, help="torch threads (default: every usable core)"
+    )
     evaluate.set_defaults(handler=run_evaluate, parser=evaluate)
 
     summary = commands.add_parser(
@@ -231,11 +233,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from model.artifact import read_artifact
+    from model.cpus import usable_cores
     from training.data import load_dataset
     from training.export import module_from_artifact
     from training.loop import evaluate
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or usable_cores())
     path = _artifact_path(args)
     artifact = read_artifact(path)
     recorded = artifact.spec.provenance.get("config", {})
