@@ -11,6 +11,7 @@ import pytest
 
 from model.cpus import usable_cores
 from training.cli import build_parser, main
+from training.config import TrainConfig
 from training.runtime import resolve_device
 
 pytestmark = pytest.mark.slow  # trains models (left out of `make test-fast`)
@@ -158,7 +159,9 @@ def test_cli_choices_match_the_registries():
 
 def test_parser_defaults_match_the_make_target():
     args = build_parser().parse_args(["train"])
-    assert (args.arch, args.dataset, args.optimizer) == ("mlp", "digits", "adam")
+    assert (args.arch, args.dataset, args.recipe) == ("mlp", "digits", "full")
+    assert args.optimizer is None  # left to the recipe, which says adam
+    assert TrainConfig(arch=args.arch, dataset=args.dataset).optimizer == "adam"
 
 
 def test_fashion_without_package_or_data_dir_says_how_to_install(capsys, tmp_path, monkeypatch):
