@@ -60,7 +60,7 @@ class TrainConfig:
     ``label_smoothing`` is cross-entropy's (0 = none).
 
     ``device``: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu``, ``cuda`` or
-    ``cuda:N``; resolved when training starts (:func:`training.loop.resolve_device`); under
+    ``cuda:N``; resolved when training starts (:func:`training.runtime.resolve_device`); under
     torchrun the process group decides. ``num_threads`` sets ``torch.set_num_threads`` for the
     run; None (the default) means every usable core (:func:`model.cpus.usable_cores`: the
     affinity mask and the cgroup CPU quota), shared out among the processes of a distributed run.
