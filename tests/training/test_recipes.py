@@ -8,7 +8,7 @@ import pytest
 
 from training.architectures import ARCHITECTURES, MLPConfig
 from training.cli import build_parser
-from training.config import ConfigError, TrainConfig
+from training.config import ConfigError, TrainConfig, model_config_from_options
 from training.data import DATASETS
 from training.recipes import (
     GENERIC_RECIPES,
@@ -70,18 +70,16 @@ def test_explicit_options_override_the_recipe_and_the_rest_still_applies():
     assert config.to_dict()["recipe"] == "full" and config.to_dict()["epochs"] == 3
 
 
-def test_the_recipes_model_overrides_apply_unless_a_model_is_given():
-    key = next((k for k, r in RECIPES.items() if r.model), None)
-    if key is None:
-        pytest.skip("no recipe overrides its model config")
-    arch, dataset, name = key
-    config = TrainConfig(arch=arch, dataset=dataset, recipe=name)
-    for field, value in RECIPES[key].model.items():
-        assert getattr(config.model_config(), field) == value
+def test_the_recipes_model_overrides_apply_unless_a_model_is_given(monkeypatch):
+    widened = Recipe(epochs=5, batch_size=64, lr=1e-2, model={"hidden": (24,)})
+    monkeypatch.setitem(RECIPES, ("mlp", "digits", "fast"), widened)
+    assert TrainConfig(recipe="fast").model_config().hidden == (24,)
+    assert TrainConfig(recipe="full").model_config().hidden == (1024, 256)  # the data set's
     given = MLPConfig(hidden=(8,))
-    assert (
-        TrainConfig(arch="mlp", dataset=dataset, recipe=name, model=given).model_config() is given
-    )
+    assert TrainConfig(recipe="fast", model=given).model_config() is given
+    # The CLI's model options go on top of the recipe's overrides.
+    merged = model_config_from_options("mlp", "digits", recipe="fast", scale=True)
+    assert merged.hidden == (24,) and merged.scale
 
 
 def test_unknown_recipe_names_are_refused():
