@@ -33,6 +33,7 @@ from training.config import (
     TrainConfig,
 )
 from training.data import DATASETS, DataError
+from training.recipes import DEFAULT_RECIPE, RECIPE_FIELDS, RECIPE_NAMES
 
 # Parsing and --help import neither torch nor scikit-learn; the commands import what they use.
 USAGE_ERRORS = (ConfigError, DataError, InvalidSpecError, InvalidModelNameError, ModelNotFoundError)
@@ -107,7 +108,9 @@ def build_parser() -> OneLineParser:
     data.add_argument("--split", choices=("test", "val", "train"), default="test")
     data.add_argument("--split-seed", type=int, help="default: the artifact's split seed")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
-    evaluate.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    evaluate.add_argument(
+        "--threads", type=_positive_int, help="torch threads (default: every usable core)"
+    )
     evaluate.set_defaults(handler=run_evaluate, parser=evaluate)
 
     summary = commands.add_parser(
@@ -168,6 +171,8 @@ def run_train(args: argparse.Namespace) -> int:
         model=_model_config(args),
         out_dir=args.out,
         progress=not args.no_progress,
+        recipe=args.recipe,
+        device=args.device,
         **{field: getattr(args, field) for field, _, _ in TRAINING_OPTIONS},
     )
     name = args.name or f"{args.dataset}-{args.arch}"
@@ -179,6 +184,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     distributed = from_environment()  # under torchrun: join the other processes
     try:
+        if distributed.is_main:
+            print(_describe_run(config, distributed), flush=True)
         result = train(config, distributed)
     finally:
         shut_down(distributed)
@@ -206,15 +213,32 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_run(config: TrainConfig, distributed: Any) -> str:
+    """One line: what trains, with which recipe and settings, on which device and threads."""
+    from training.runtime import resolve_runtime
+
+    runtime = resolve_runtime(config, distributed)
+    augment = [f"crop pad {config.augment_shift}"] if config.augment_shift else []
+    augment += ["flip"] if config.augment_flip else []
+    return (
+        f"training {config.arch} on {config.dataset}, recipe {config.recipe}: "
+        f"{config.epochs} epochs, batch {config.batch_size}, {config.optimizer} lr {config.lr:g} "
+        f"{config.lr_schedule}"
+        + (f" after {config.warmup_epochs} warm-up epoch(s)" if config.warmup_epochs else "")
+        + f", augmentation {' + '.join(augment) or 'off'}; {runtime.describe()}"
+    )
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from model.artifact import read_artifact
+    from model.cpus import usable_cores
     from training.data import load_dataset
     from training.export import module_from_artifact
     from training.loop import evaluate
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or usable_cores())
     path = _artifact_path(args)
     artifact = read_artifact(path)
     recorded = artifact.spec.provenance.get("config", {})
@@ -302,7 +326,10 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "npz: a .npz file with x and y (default: %(default)s)",
     )
     group.add_argument(
-        "--data-dir", type=Path, help="directory with the IDX files, or the .npz file"
+        "--data-dir",
+        type=Path,
+        help="directory with the IDX files, or the .npz file (fashion without it: "
+        "/usr/share/datasets/fashion-mnist, from `apt-get install dataset-fashion-mnist`)",
     )
 
 
@@ -343,11 +370,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 # (TrainConfig field, type, help) of each training option; the flag is --field-with-dashes.
+# Recipe fields (training.recipes.RECIPE_FIELDS) default to the --recipe's values.
 TRAINING_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("epochs", "positive", "passes over the training split"),
     ("batch_size", "positive", "training batch size"),
     ("lr", float, "Adam learning rate"),
     ("lr_schedule", LR_SCHEDULES, "per-step learning-rate schedule"),
+    ("warmup_epochs", int, "epochs of linear learning-rate warm-up before the schedule"),
     ("lr_step_epochs", "positive", "step schedule: epochs between decays"),
     ("lr_gamma", float, "step schedule: decay factor"),
     ("weight_decay", float, "Adam weight decay"),
@@ -356,26 +385,50 @@ TRAINING_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("bop_gamma", float, "Bop adaptivity rate"),
     ("bop_threshold", float, "Bop flip threshold tau"),
     ("label_smoothing", float, "cross-entropy label smoothing"),
-    ("augment_shift", int, "random image shift in pixels per training sample, 0 = off"),
+    ("augment_shift", int, "random crop of the image zero-padded by N pixels (a shift by up to "
+     "N) per training sample, 0 = off"),
+    ("augment_flip", "flag", "mirror each training image left-right with probability 1/2"),
     ("seed", int, "training seed: initialisation, shuffling, augmentation"),
     ("split_seed", int, "data split seed"),
     ("val_fraction", float, "validation share of the data"),
     ("test_fraction", float, "test share, where the data set has no test split of its own"),
-    ("num_threads", "positive", "torch threads"),
+    ("num_threads", "positive", "torch threads; default: every usable core (CPU affinity and "
+     "cgroup quota)"),
 )  # fmt: skip
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training")
+    group = parser.add_argument_group(
+        "training", "unset options take the values of --recipe for the arch and data set"
+    )
+    group.add_argument(
+        "--recipe",
+        choices=RECIPE_NAMES,
+        default=DEFAULT_RECIPE,
+        help="full: the headline accuracy; fast: fewer epochs (docs/training.md, Recipes) "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--device",
+        default=DEFAULTS.device,
+        help="auto (a CUDA GPU when torch sees one), cpu, cuda or cuda:N (default: %(default)s)",
+    )
     for field, kind, help_text in TRAINING_OPTIONS:
         flag = "--threads" if field == "num_threads" else "--" + field.replace("_", "-")
-        options: dict[str, Any] = {"dest": field, "default": getattr(DEFAULTS, field)}
+        default = None if field in RECIPE_FIELDS else getattr(DEFAULTS, field)
+        options: dict[str, Any] = {"dest": field, "default": default}
         if isinstance(kind, tuple):
             options["choices"] = kind
+        elif kind == "flag":
+            options["action"] = argparse.BooleanOptionalAction
         else:
             options["type"] = _positive_int if kind == "positive" else kind
             options["metavar"] = "X" if kind is float else "N"
-        group.add_argument(flag, help=f"{help_text} (default: %(default)s)", **options)
+        shown = "from the recipe" if field in RECIPE_FIELDS else "%(default)s"
+        if field == "num_threads":
+            group.add_argument(flag, help=help_text, **options)
+        else:
+            group.add_argument(flag, help=f"{help_text} (default: {shown})", **options)
 
 
 def _add_artifact_options(parser: argparse.ArgumentParser) -> None:
@@ -414,7 +467,8 @@ def _model_config(args: argparse.Namespace) -> Any:
     if "channels" in given and "pool" not in given:  # pool in the last two blocks
         n = len(given["channels"])
         given["pool"] = (False,) * max(0, n - 2) + (True,) * min(2, n)
-    return model_config_from_options(args.arch, args.dataset, **given)
+    recipe = getattr(args, "recipe", DEFAULT_RECIPE)  # summary has no --recipe
+    return model_config_from_options(args.arch, args.dataset, recipe=recipe, **given)
 
 
 def _flag(field: str) -> str:

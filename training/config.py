@@ -1,19 +1,24 @@
 """The typed configuration of one training run, validated when it is built.
 
-``TrainConfig(arch="mlp", dataset="digits")`` is a complete run: every other field has a default
-that meets the project's accuracy targets on digits. ``model=None`` means the data set's default
-architecture config (:func:`training.architectures.default_config`); :meth:`TrainConfig.model_config`
-resolves it.
+``TrainConfig(arch="mlp", dataset="fashion")`` is a complete run: the fields a recipe governs
+(epochs, batch size, optimizer, schedule, augmentation; :data:`training.recipes.RECIPE_FIELDS`)
+default to None and are filled in from ``recipe`` (``full`` by default) for that architecture and
+data set, so the defaults meet the accuracy targets of docs/training.md; any of them given
+explicitly overrides the recipe. ``model=None`` means the data set's default architecture config
+(:func:`training.architectures.default_config`) with the recipe's model overrides;
+:meth:`TrainConfig.model_config` resolves it.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from training.data import DATASETS
+from training.recipes import DEFAULT_RECIPE, RECIPE_NAMES, Recipe, recipe_for
 
 if TYPE_CHECKING:
     from training.architectures import ArchitectureConfig
@@ -22,54 +27,73 @@ if TYPE_CHECKING:
 ARCHITECTURE_NAMES = ("mlp", "cnn")
 OPTIMIZERS = ("adam", "bop")
 LR_SCHEDULES = ("cosine", "step", "constant")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
     """A training option is out of range or inconsistent; the message names it."""
 
 
+class DeviceError(ConfigError):
+    """The requested device is malformed or not on this machine (no CUDA, no such index)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run.
+
+    ``recipe`` (``full`` or ``fast``) supplies every recipe field left at None
+    (:mod:`training.recipes`); after construction they all hold values.
 
     Optimizer: ``adam`` updates every parameter (the binary layers' latent weights included) with
     Adam at ``lr``; ``bop`` flips binary weights with Bop (``bop_gamma``, ``bop_threshold``;
     Helwegen et al. 2019) and uses Adam at ``lr`` for the rest. The schedule scales Adam's ``lr``
     per step: ``cosine`` anneals to 0 over the run, ``step`` multiplies by ``lr_gamma`` every
-    ``lr_step_epochs`` epochs, ``constant`` keeps it.
+    ``lr_step_epochs`` epochs, ``constant`` keeps it; the first ``warmup_epochs`` epochs ramp it
+    up linearly from 0 first (:func:`training.optim.lr_factor`).
 
     ``augment_shift`` (pixels) shifts each training image by a random offset in
-    [−shift, shift]² per epoch, filling with 0 (the background); 0 turns it off and it is ignored
-    for flat (non-image) inputs. ``label_smoothing`` is cross-entropy's (0 = none).
+    [−shift, shift]² per epoch, filling with 0 (the background) — a random crop of the image
+    zero-padded by ``augment_shift``; 0 turns it off. ``augment_flip`` mirrors each training
+    image left-right with probability ½ (for data sets whose classes are mirror-symmetric, like
+    Fashion-MNIST's clothes; not digits). Both are ignored for flat (non-image) inputs.
+    ``label_smoothing`` is cross-entropy's (0 = none).
 
-    ``num_threads`` sets ``torch.set_num_threads`` for the run (None: leave torch's default).
-    The default is 1: these models are small enough that a second thread mostly adds
-    synchronisation, and on a shared machine it contends with everything else.
+    ``device``: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu``, ``cuda`` or
+    ``cuda:N``; resolved when training starts (:func:`training.runtime.resolve_device`); under
+    torchrun the process group decides. ``num_threads`` sets ``torch.set_num_threads`` for the
+    run; None (the default) means every usable core (:func:`model.cpus.usable_cores`: the
+    affinity mask and the cgroup CPU quota), shared out among the processes of a distributed run.
     """
 
     arch: str = "mlp"
     dataset: str = "digits"
     data_dir: Path | None = None
     model: ArchitectureConfig | None = None
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 1e-2
-    lr_schedule: str = "cosine"
-    lr_step_epochs: int = 10
-    lr_gamma: float = 0.5
-    optimizer: str = "adam"
-    bop_gamma: float = 1e-4
-    bop_threshold: float = 1e-8
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.1
-    augment_shift: int = 1
+    recipe: str = DEFAULT_RECIPE
+    # Recipe fields: None takes the recipe's value (training.recipes.Recipe).
+    epochs: int = None  # type: ignore[assignment]
+    batch_size: int = None  # type: ignore[assignment]
+    lr: float = None  # type: ignore[assignment]
+    lr_schedule: str = None  # type: ignore[assignment]
+    warmup_epochs: int = None  # type: ignore[assignment]
+    lr_step_epochs: int = None  # type: ignore[assignment]
+    lr_gamma: float = None  # type: ignore[assignment]
+    optimizer: str = None  # type: ignore[assignment]
+    bop_gamma: float = None  # type: ignore[assignment]
+    bop_threshold: float = None  # type: ignore[assignment]
+    weight_decay: float = None  # type: ignore[assignment]
+    label_smoothing: float = None  # type: ignore[assignment]
+    augment_shift: int = None  # type: ignore[assignment]
+    augment_flip: bool = None  # type: ignore[assignment]
     seed: int = 0
     split_seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     out_dir: Path | None = None
     progress: bool = True
-    num_threads: int | None = 1
+    device: str = "auto"
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.data_dir is not None:
@@ -78,10 +102,21 @@ class TrainConfig:
             object.__setattr__(self, "out_dir", Path(self.out_dir))
         _one_of("arch", self.arch, ARCHITECTURE_NAMES)
         _one_of("dataset", self.dataset, DATASETS)
+        _one_of("recipe", self.recipe, RECIPE_NAMES)
+        for name, value in self.recipe_defaults().training_options().items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise DeviceError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         for name in ("epochs", "batch_size", "lr_step_epochs"):
             _positive_int(name, getattr(self, name))
+        if not _is_int(self.warmup_epochs) or not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(
+                f"warmup_epochs must be an integer in [0, epochs = {self.epochs}), "
+                f"got {self.warmup_epochs!r}"
+            )
         for name in ("lr", "bop_gamma", "bop_threshold"):
             _positive_float(name, getattr(self, name))
         _in_range("lr_gamma", self.lr_gamma, 0.0, 1.0, low_open=True)
@@ -98,6 +133,8 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
         if not _is_int(self.augment_shift) or self.augment_shift < 0:
             raise ConfigError(f"augment_shift must be an integer ≥ 0, got {self.augment_shift!r}")
+        if not isinstance(self.augment_flip, bool):
+            raise ConfigError(f"augment_flip must be True or False, got {self.augment_flip!r}")
         if not _is_int(self.seed) or not _is_int(self.split_seed):
             raise ConfigError(f"seeds must be integers, got {self.seed!r}, {self.split_seed!r}")
         if self.num_threads is not None:
@@ -112,11 +149,16 @@ class TrainConfig:
                     f"got {type(self.model).__name__}"
                 )
 
-    def model_config(self) -> ArchitectureConfig:
-        """``model``, or the data set's default config of ``arch`` when it is None."""
-        from training.architectures import default_config
+    def recipe_defaults(self) -> Recipe:
+        """The recipe this config takes its unset fields from."""
+        return recipe_for(self.arch, self.dataset, self.recipe)
 
-        return self.model if self.model is not None else default_config(self.arch, self.dataset)
+    def model_config(self) -> ArchitectureConfig:
+        """``model``, or the data set's default config of ``arch`` with the recipe's model
+        overrides when it is None."""
+        if self.model is not None:
+            return self.model
+        return model_config_from_options(self.arch, self.dataset, recipe=self.recipe)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: paths as strings, the resolved model config under ``model``."""
@@ -129,14 +171,18 @@ class TrainConfig:
         return doc
 
 
-def model_config_from_options(arch: str, dataset: str, **overrides: Any) -> ArchitectureConfig:
-    """The default config of ``arch`` for ``dataset`` with ``overrides`` (None = keep default);
-    an unknown field or invalid value is a :class:`ConfigError` naming it."""
+def model_config_from_options(
+    arch: str, dataset: str, recipe: str = DEFAULT_RECIPE, **overrides: Any
+) -> ArchitectureConfig:
+    """The default config of ``arch`` for ``dataset``, with the recipe's model overrides, then
+    ``overrides`` (None = keep); an unknown field or invalid value is a :class:`ConfigError`
+    naming it."""
     from training.architectures import default_config
 
     base = default_config(arch, dataset)
     known = {f.name for f in fields(base)}
-    given = {k: v for k, v in overrides.items() if v is not None}
+    given = dict(recipe_for(arch, dataset, recipe).model)
+    given |= {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - known)
     if unknown:
         raise ConfigError(f"arch {arch!r} has no option(s) {unknown}; it has {sorted(known)}")

@@ -4,7 +4,9 @@
   integer pixel values 0..16, split stratified and seeded into train / validation / test.
 * ``mnist`` and ``fashion``: the standard IDX files (raw or ``.gz``) in a local directory, e.g.
   ``train-images-idx3-ubyte.gz``; pixels 0..255. The validation split is carved out of the
-  training files (stratified, seeded); the ``t10k`` files are the test split.
+  training files (stratified, seeded); the ``t10k`` files are the test split. Without a
+  directory, ``fashion`` is read from where Debian's ``dataset-fashion-mnist`` package installs
+  it (:data:`PACKAGED_DATASETS`).
 * ``npz``: a ``.npz`` file holding ``x`` (N, ...) and integer class indices ``y`` (N,), optionally
   ``labels`` (class names, a string array) and ``x_test`` / ``y_test`` (the test split; when absent
   the test split is carved out of ``x`` like the validation split). Loaded with
@@ -61,8 +63,26 @@ _IDX_DTYPES = {
 }
 
 
+@dataclass(frozen=True)
+class PackagedDataset:
+    """Where a system package installs a data set's files, and the package's name."""
+
+    directory: Path
+    package: str
+
+
+# Data sets a distribution package provides, read from its directory when --data-dir is not given.
+PACKAGED_DATASETS: dict[str, PackagedDataset] = {
+    "fashion": PackagedDataset(Path("/usr/share/datasets/fashion-mnist"), "dataset-fashion-mnist"),
+}
+
+
 class DataError(ValueError):
     """A data set cannot be loaded: unknown name, missing or malformed file."""
+
+
+class DatasetNotInstalledError(DataError):
+    """No --data-dir was given and the package that provides the data set is not installed."""
 
 
 @dataclass(frozen=True)
@@ -402,10 +422,26 @@ def _split_three(
 
 
 def _need_dir(name: str, data_dir: str | Path | None) -> Path:
+    if data_dir is None and name in PACKAGED_DATASETS:
+        return packaged_data_dir(name)
     if data_dir is None:
         what = "a .npz file" if name == "npz" else f"a directory holding the {name} IDX files"
         raise DataError(f"data set {name!r} needs --data-dir: {what} (nothing is downloaded)")
     return Path(data_dir)
+
+
+def packaged_data_dir(name: str) -> Path:
+    """The directory the system package of data set ``name`` installs; a
+    :class:`DatasetNotInstalledError` saying how to install it (or what to give instead) when the
+    directory is absent."""
+    packaged = PACKAGED_DATASETS[name]
+    if not packaged.directory.is_dir():
+        raise DatasetNotInstalledError(
+            f"data set {name!r} was not found in {packaged.directory}: install it with "
+            f"`apt-get install {packaged.package}` (Debian/Ubuntu), or give --data-dir DIR with "
+            f"the {name} IDX files (nothing is downloaded)"
+        )
+    return packaged.directory
 
 
 def _check_fraction(name: str, value: float) -> None:

@@ -71,9 +71,9 @@ class DistributedContext:
         """``model`` on this process's device, wrapped for gradient averaging when distributed
         (its BatchNorm layers synced on GPUs); ``model`` itself when alone. The wrapped module
         shares ``model``'s parameters."""
-        model.to(self.device)
-        if self.backend is None:
+        if self.backend is None:  # alone: the caller placed the model on its device
             return model
+        model.to(self.device)
         if self.backend == "nccl":
             synced = nn.SyncBatchNorm.convert_sync_batchnorm(_shallow_copy(model))
             return DistributedDataParallel(synced, device_ids=[self.local_rank])

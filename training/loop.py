@@ -1,6 +1,7 @@
 """The training loop: one call, :func:`train`, from a :class:`TrainConfig` to a trained model.
 
-Per step: (optionally) shift the batch's images by a random pixel offset, forward, cross-entropy,
+Per step: (optionally) augment the batch's images (random crops of the zero-padded images, flips;
+:mod:`training.augment`), forward, cross-entropy,
 backward, optimizer step(s), schedule step, then clip the binary layers' latent weights to
 [−1, 1] (:func:`training.layers.clip_latent_weights`). After each epoch the model is evaluated
 on the validation split; the epoch with the best validation accuracy (ties: lower validation
@@ -31,12 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.architectures import ArchitectureConfig, BinaryNet, build_model
+from training.augment import Augmentation
 from training.config import ConfigError, TrainConfig
 from training.data import DataBundle, load_dataset
 from training.distributed import SINGLE_PROCESS, DistributedContext
 from training.layers import clip_latent_weights
 from training.optim import build_optimizers, build_scheduler
 from training.plots import render_curves
+from training.runtime import Runtime, resolve_runtime
 from training.summary import ModelSummary, summarize_model
 
 METRICS_FILENAME = "metrics.json"
@@ -96,19 +99,23 @@ def train(
 ) -> TrainResult | None:
     """Train, keep the best validation epoch, evaluate on test, write the output files.
 
-    Runs on ``config.num_threads`` torch threads and restores the caller's count afterwards.
-    In a distributed run every process calls this; rank 0 gets the result, the others None.
+    Runs on the config's device and torch thread count (:func:`training.runtime.resolve_runtime`)
+    and restores the caller's thread count afterwards. The returned model is on the CPU whatever
+    the device, so its export is the same. In a distributed run every process calls this; rank 0
+    gets the result, the others None.
     """
+    runtime = resolve_runtime(config, distributed)
     threads = torch.get_num_threads()
-    if config.num_threads is not None:
-        torch.set_num_threads(config.num_threads)
+    torch.set_num_threads(runtime.threads)
     try:
-        return _train(config, distributed)
+        return _train(config, distributed, runtime)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(config: TrainConfig, distributed: DistributedContext) -> TrainResult | None:
+def _train(
+    config: TrainConfig, distributed: DistributedContext, runtime: Runtime
+) -> TrainResult | None:
     data = load_dataset(
         config.dataset,
         config.data_dir,
@@ -127,14 +134,18 @@ def _train(config: TrainConfig, distributed: DistributedContext) -> TrainResult 
         raise ConfigError(
             f"cannot build {model_config.arch} for {data.describe()}: {exc}"
         ) from None
+    device, main = runtime.device, distributed.is_main
+    model.to(device)
     trained = distributed.wrap(model)  # model itself, or DDP around it (shared parameters)
-    device, main = distributed.device, distributed.is_main
     batch_size = distributed.local_batch_size(config.batch_size)
-    x_train, y_train = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
+    # The training split moves to the device once (Fashion-MNIST: 160 MB); batches are gathered
+    # and augmented there, so the model never waits for a loader.
+    x_train = torch.from_numpy(data.train.x).to(device)  # (N, *input_shape) float32
+    y_train = torch.from_numpy(data.train.y).to(device)  # (N,) int64
     steps_per_epoch = math.ceil(distributed.shard_size(len(y_train)) / batch_size)
     optimizers = build_optimizers(model, config)
     scheduler = build_scheduler(optimizers[0], steps_per_epoch, config)
-    shift = config.augment_shift if len(data.input_shape) == 3 else 0
+    augment = _augmentation(config, data)
 
     history: list[EpochStats] = []
     best: tuple[float, float] = (-1.0, math.inf)  # (val accuracy, −) and val loss
@@ -149,14 +160,12 @@ def _train(config: TrainConfig, distributed: DistributedContext) -> TrainResult 
         order = distributed.epoch_order(len(y_train), config.seed, epoch)
         if order is None:
             order = torch.randperm(len(y_train), generator=generator)
+        order = order.to(device)
         loss_sum, correct, seen = 0.0, 0, 0
         progress.set_description(f"epoch {epoch}/{config.epochs}")
         for begin in range(0, len(order), batch_size):
             index = order[begin : begin + batch_size]
-            x, y = x_train[index], y_train[index]
-            if shift:
-                x = random_shift(x, shift, generator)
-            x, y = x.to(device), y.to(device)
+            x, y = augment(x_train[index], generator), y_train[index]
             logits = trained(x)
             loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             for optimizer in optimizers:
@@ -222,6 +231,8 @@ def _train(config: TrainConfig, distributed: DistributedContext) -> TrainResult 
         "float_params": summary.float_params,
         "compression_ratio": summary.compression_ratio,
         "num_threads": torch.get_num_threads(),
+        "device": str(device),
+        "images_per_second": len(y_train) * config.epochs / train_seconds,
         **distributed.metrics(),
     }
     result = TrainResult(
@@ -265,21 +276,6 @@ def evaluate(
     return Evaluation(loss=loss_sum / len(y), accuracy=correct / len(y), count=len(y))
 
 
-def random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Shift each image of ``x`` (batch, C, H, W) by its own random offset in
-    [−max_shift, max_shift]² pixels, filling the uncovered border with 0."""
-    n, c, h, w = x.shape
-    s = max_shift
-    padded = F.pad(x, (s, s, s, s))  # (n, c, h + 2s, w + 2s)
-    dy = torch.randint(0, 2 * s + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * s + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (n, 1, h, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (n, 1, 1, w)
-    batch = torch.arange(n)[:, None, None, None]
-    channel = torch.arange(c)[None, :, None, None]
-    return padded[batch, channel, rows, cols]  # (n, c, h, w)
-
-
 def write_outputs(result: TrainResult, out_dir: Path) -> dict[str, Path]:
     """Write ``metrics.json`` and ``curves.png`` into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,6 +286,13 @@ def write_outputs(result: TrainResult, out_dir: Path) -> dict[str, Path]:
     for path, content in files.values():
         path.write_bytes(content)
     return {name: path for name, (path, _) in files.items()}
+
+
+def _augmentation(config: TrainConfig, data: DataBundle) -> Augmentation:
+    """The config's augmentation for image inputs (C, H, W); none for flat features."""
+    if len(data.input_shape) != 3:
+        return Augmentation()
+    return Augmentation(crop_padding=config.augment_shift, flip=config.augment_flip)
 
 
 def _progress_bar(config: TrainConfig, steps_per_epoch: int, enabled: bool = True) -> Any:

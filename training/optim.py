@@ -90,11 +90,17 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> list[Optimizer]:
 def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
     """Multiplier of ``config.lr`` at optimizer step ``step`` (0-based) of the run.
 
-    cosine: ½(1 + cos(π·t)) with t = step / total steps; step: lr_gamma^⌊epoch / lr_step_epochs⌋;
+    Warm-up over W = warmup_epochs · steps_per_epoch steps: (step + 1) / W. After it, with
+    s = step − W of S = epochs · steps_per_epoch − W: cosine: ½(1 + cos(π·s/S));
+    step: lr_gamma^⌊epoch / lr_step_epochs⌋ (epochs counted from the end of the warm-up);
     constant: 1.
     """
+    warmup = config.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    step -= warmup
     if config.lr_schedule == "cosine":
-        progress = step / (steps_per_epoch * config.epochs)
+        progress = step / (steps_per_epoch * config.epochs - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     if config.lr_schedule == "step":
         return config.lr_gamma ** ((step // steps_per_epoch) // config.lr_step_epochs)

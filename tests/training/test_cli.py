@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from model.cpus import usable_cores
 from training.cli import build_parser, main
+from training.config import TrainConfig
+from training.runtime import resolve_device
 
 pytestmark = pytest.mark.slow  # trains models (left out of `make test-fast`)
 
@@ -109,6 +112,9 @@ def published(tmp_path_factory):
 def test_train_prints_summary_then_the_published_path_last(published):
     repo, out_dir, stdout = published
     lines = stdout.strip().splitlines()
+    assert lines[0].startswith("training mlp on digits, recipe full: 2 epochs, batch 64, adam")
+    threads = f"{usable_cores()} thread" + "s" * (usable_cores() > 1)
+    assert lines[0].endswith(f"device {resolve_device('auto')}, {threads}")
     assert Path(lines[-1]) == repo / "digits-mlp" / "1"
     assert (Path(lines[-1]) / "model.safetensors").is_file()
     assert "Compression ratio vs float32" in stdout and "test accuracy" in stdout
@@ -153,4 +159,16 @@ def test_cli_choices_match_the_registries():
 
 def test_parser_defaults_match_the_make_target():
     args = build_parser().parse_args(["train"])
-    assert (args.arch, args.dataset, args.optimizer) == ("mlp", "digits", "adam")
+    assert (args.arch, args.dataset, args.recipe) == ("mlp", "digits", "full")
+    assert args.optimizer is None  # left to the recipe, which says adam
+    assert TrainConfig(arch=args.arch, dataset=args.dataset).optimizer == "adam"
+
+
+def test_fashion_without_package_or_data_dir_says_how_to_install(capsys, tmp_path, monkeypatch):
+    from training.data import PACKAGED_DATASETS, PackagedDataset
+
+    absent = PackagedDataset(tmp_path / "absent", "dataset-fashion-mnist")
+    monkeypatch.setitem(PACKAGED_DATASETS, "fashion", absent)
+    status, _, err = run_main(["train", "--dataset", "fashion", "--no-publish"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "apt-get install dataset-fashion-mnist" in err and "--data-dir DIR" in err

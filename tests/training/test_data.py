@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data import DataError, load_dataset, read_idx
+from training.data import (
+    FASHION_LABELS,
+    PACKAGED_DATASETS,
+    DataError,
+    DatasetNotInstalledError,
+    PackagedDataset,
+    load_dataset,
+    read_idx,
+)
 
 
 # --- digits --------------------------------------------------------------------------------------
@@ -67,10 +75,54 @@ def test_unknown_dataset_names_the_choices():
         load_dataset("cifar")
 
 
-@pytest.mark.parametrize("name", ["mnist", "fashion", "npz"])
+@pytest.mark.parametrize("name", ["mnist", "npz"])
 def test_file_datasets_need_a_data_dir(name):
     with pytest.raises(DataError, match="needs --data-dir.*nothing is downloaded"):
         load_dataset(name)
+
+
+@pytest.fixture
+def packaged_fashion(tmp_path, monkeypatch):
+    """Point the fashion package's directory at ``tmp_path / "fashion-mnist"`` (not created)."""
+    directory = tmp_path / "fashion-mnist"
+    monkeypatch.setitem(
+        PACKAGED_DATASETS, "fashion", PackagedDataset(directory, "dataset-fashion-mnist")
+    )
+    return directory
+
+
+def test_fashion_without_data_dir_reads_the_package_directory(packaged_fashion):
+    arrays = write_idx_set(packaged_fashion, compress=True)
+    data = load_dataset("fashion", val_fraction=0.25)
+    assert (len(data.train), len(data.val), len(data.test)) == (30, 10, 20)
+    assert np.array_equal(data.test.x[:, 0], arrays["t10k"][0].astype(np.float32))
+    assert data.labels == FASHION_LABELS
+
+
+def test_fashion_without_package_says_how_to_install_it(packaged_fashion):
+    with pytest.raises(DatasetNotInstalledError) as caught:
+        load_dataset("fashion")
+    message = str(caught.value)
+    assert str(packaged_fashion) in message
+    assert "apt-get install dataset-fashion-mnist" in message and "--data-dir DIR" in message
+
+
+def test_an_explicit_data_dir_wins_over_the_package(packaged_fashion, tmp_path):
+    write_idx_set(packaged_fashion, n_test=20)
+    write_idx_set(tmp_path / "mine", n_test=30)
+    assert len(load_dataset("fashion", tmp_path / "mine").test) == 30
+
+
+@pytest.mark.skipif(
+    not PACKAGED_DATASETS["fashion"].directory.is_dir(),
+    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)",
+)
+def test_the_installed_fashion_package_holds_the_standard_test_split():
+    root = PACKAGED_DATASETS["fashion"].directory
+    images = read_idx(root / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(root / "t10k-labels-idx1-ubyte.gz")
+    assert images.shape == (10_000, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(np.bincount(labels), [1000] * 10)  # 1,000 test images per class
 
 
 # --- IDX -----------------------------------------------------------------------------------------

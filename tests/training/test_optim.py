@@ -107,3 +107,19 @@ def test_scheduler_drives_the_optimizer_learning_rate():
         adam.step()
         scheduler.step()
     assert adam.param_groups[0]["lr"] == pytest.approx(0.005)  # halfway through 10 steps
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        (0, 0.1),  # (step + 1) / W with W = 10 warm-up steps
+        (4, 0.5),
+        (9, 1.0),
+        (10, 1.0),  # cosine starts at the end of the warm-up ...
+        (25, 0.5),  # ... and reaches ½ halfway through the remaining 30 steps
+        (40, 0.0),
+    ],
+)
+def test_lr_factor_warms_up_linearly_then_anneals_over_the_rest(step, expected):
+    config = TrainConfig(epochs=4, warmup_epochs=1, lr_schedule="cosine")
+    assert lr_factor(step, 10, config) == pytest.approx(expected, abs=1e-12)
