@@ -19,11 +19,10 @@ Threads, by the call's work (:func:`row_work` × batch):
   machine) but a parallel kernel waits for every worker to be scheduled, so with the other core
   busy its latency tail grows to milliseconds (same call: p99 0.2 ms, worst 8 ms on two
   threads; p99 0.11 ms on one);
-* below :data:`TEAM_WORK_LIMIT`, for a model of dense layers only, the binary dense kernels on
-  a :class:`~model.engine.team.Team` of helper threads that stay awake between calls (a
-  4096² binary layer at batch 1: ~15% faster than starting an OpenMP region for it), and the
-  other layers serial, so that no OpenMP worker competes with the helpers for a core;
-* above, the parallel (OpenMP) kernels.
+* above, the parallel (OpenMP) kernels on the executor's ``threads``
+  (:class:`~model.engine.options.EngineOptions`; by default the usable cores), or the serial
+  ones in a child forked after OpenMP started
+  (:func:`~model.engine.runtime.parallel_kernels_usable`).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ import numba
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from model.engine import kernels
+from model.engine import kernels, runtime
 from model.engine.floatmath import F32, F64, affine_f32, fma_f32
 from model.engine.kernels import PARALLEL, ROW_CHUNK, SERIAL, KernelSet
 from model.engine.program import (
@@ -59,19 +58,11 @@ from model.engine.program import (
     handlers,
 )
 from model.engine.runtime import kernel_guard
-from model.engine.team import shared_team
 from model.packing import unpack_signs, words_for
 
 # Work (see row_work) of one predict call below which its kernels run single-threaded: the digits
 # mlp (64 → 1024 → 256 → 10, 12,288 per row) up to batch 5, a 4096-wide binary mlp never.
 SERIAL_WORK_LIMIT = 1 << 16
-# Work below which a dense-only model's calls run on the helper team (see the module docstring):
-# the 784 → 3×4096 mlp (~1.07e6 per row) at batch 1 to 3. Larger batches gain nothing from it
-# (batch 4: even) and lose on the layers that run serially in a team call.
-TEAM_WORK_LIMIT = 1 << 22
-# Operations a call on the team may contain: the binary ones run on the team, the others are
-# small and run serially.
-TEAM_OPS = (RealFlatten, PlanesDense, BinaryDense, SignedDense)
 # Bit-planes assumed for the integer input layer (pixels 0..255) when estimating work.
 PLANES_ESTIMATE = 8
 
@@ -84,18 +75,12 @@ class NumbaExecutor:
 
     name = "numba"
 
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: Program, threads: int | None = None) -> None:
         self.program = program
+        # threads of a parallel call (runtime.apply resolves EngineOptions.threads)
+        self.threads = threads or runtime.engine_threads()
         self._handlers = handlers(self)
         self._serial_rows = serial_rows(program)
-        self._team_rows, self._team = self._serial_rows, None
-        if all(isinstance(op, TEAM_OPS) for op in program.ops):
-            team = shared_team(numba.get_num_threads())
-            if team is not None:
-                self._team_rows, self._team = (
-                    rows_below(program, TEAM_WORK_LIMIT),
-                    team.kernel_set(),
-                )
         # Per binary layer, the direction flag its kernel flips on each call (kernels.next_sweep).
         self._sweeps = {id(op): np.zeros(1, np.uint8) for op in program.ops}
         self._mlp = mlp_plan(program, self._sweeps)
@@ -113,6 +98,8 @@ class NumbaExecutor:
                 if logits is not None:
                     return logits
             kset = self.kernel_set(x.shape[0])
+        if kset is PARALLEL:
+            runtime.use_threads(self.threads)
         value = x
         with kernel_guard():
             for op in self.program.ops:
@@ -121,10 +108,8 @@ class NumbaExecutor:
 
     def kernel_set(self, batch: int) -> KernelSet:
         """The kernels a call of ``batch`` rows runs (see the module docstring)."""
-        if batch < self._serial_rows:
+        if batch < self._serial_rows or not runtime.parallel_kernels_usable():
             return SERIAL
-        if batch < self._team_rows:
-            return self._team
         return PARALLEL
 
     # --- binary layers ----------------------------------------------------------------------------
@@ -361,7 +346,7 @@ def _plain_decide(ep: Decide | ToReal) -> bool:
 
 def ranges(kset: KernelSet) -> int:
     """Contiguous ranges a kernel splits its work into: one per numba thread for the parallel
-    kernels, else one (the team's kernels ignore it: they split the work their own way)."""
+    kernels, else one."""
     return numba.get_num_threads() if kset is PARALLEL else 1
 
 
