@@ -62,6 +62,7 @@ def compile_for(cache: Path, build: str) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow  # four fresh interpreters, two compiles
 @pytest.mark.skipif(
     platform.machine() not in ("x86_64", "AMD64") or llvm.get_host_cpu_name() == "haswell",
     reason="needs an x86 host that is not itself a haswell",
