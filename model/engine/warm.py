@@ -26,6 +26,17 @@ from model.packing import pack_signs
 from model.spec import BatchNorm, Conv2d, Dense, Flatten, InputSpec, Layer, MaxPool2d, ModelSpec
 
 LABELS = ("a", "b", "c")
+# numba's variables to compile for a CPU other than the host, e.g. an image built on one machine
+# for another (docs/architecture.md, "Kernel cache per CPU"). haswell's own features are stated:
+# unset, numba would add the host's (AVX-512 included).
+HASWELL_FEATURES = (
+    "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,"
+    "+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave"
+)
+CPU_BUILDS = {
+    "haswell": {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL_FEATURES},
+    "generic": {"NUMBA_CPU_NAME": "generic"},
+}
 
 
 def synthetic_specs() -> list[ModelSpec]:

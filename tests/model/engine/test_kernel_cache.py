@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from llvmlite import binding as llvm
 
-from tests.model.engine.test_portable import BUILDS
+from model.engine.warm import CPU_BUILDS as BUILDS
 
 ROOT = Path(__file__).resolve().parents[3]
 
