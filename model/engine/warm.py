@@ -3,11 +3,11 @@
 numba compiles a kernel the first time it runs with a given type signature and, with
 ``cache=True``, stores the machine code in the kernel cache (``BNN_KERNEL_CACHE_DIR``, read
 through :meth:`~model.engine.options.EngineOptions.from_env`). The serving image runs this at
-build time so that a container's first request does not pay for compilation. The signatures do not depend on layer sizes, so two small synthetic graphs — an
-mlp (integer and real inputs, ±1 and {0,1} activations, α scales) and a cnn (full-precision
+build time so that a container's first request does not pay for compilation. The signatures do
+not depend on layer sizes, so two small synthetic graphs — an mlp (integer and real inputs, ±1 and {0,1} activations, α scales) and a cnn (full-precision
 first convolution, binary convolutions padded with +1 and −1, max-pooling) — reach every
 kernel, each run at batches small enough for the serial kernels and at the smallest batch past
-them (:func:`model.engine.cpu.serial_rows`: the parallel ones). Artifacts or version
+them (:func:`model.engine.dispatch.serial_rows`: the parallel ones). Artifacts or version
 directories named on the command line are warmed too.
 """
 
@@ -96,7 +96,7 @@ def warm(
     """Load and warm the synthetic graphs and every artifact in ``paths`` with the engine
     ``options`` (where the kernel cache is); (name, seconds) each."""
     from model.engine import load_model
-    from model.engine.cpu import serial_rows
+    from model.engine.dispatch import serial_rows
 
     scratch.mkdir(parents=True, exist_ok=True)
     targets = []
