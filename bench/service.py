@@ -533,83 +533,6 @@ def mlp4096_rows(repo: Path, artifacts: dict[str, Path], duration_s: float) -> d
     }
 
 
-TEAM_SETTINGS = {"on": {"spin_us": 50}, "off": {"spin_us": 0}}  # 50: the service's default
-TEAM_MODELS = {
-    "digits mlp": ("digits-mlp", (64,), 16, {}),
-    "mlp-4096, batching off": ("mlp-4096", (784,), 255, {"max_batch_size": 1}),
-    "mlp-4096, batching on": ("mlp-4096", (784,), 255, {"max_batch_size": 64}),
-}
-# A neighbour competing for the cores: 2-thread BLAS matrix products, back to back.
-NEIGHBOUR = (
-    "import numpy as np\na = np.random.default_rng(0).random((768, 768))\nwhile True:\n    a @ a\n"
-)
-
-
-def run_team_benchmark(duration_s: float) -> dict[str, Any]:
-    """Served requests/s with the engine's helper team on and off (BNN_SPIN_US 50 / 0), at
-    concurrency 1, 8 and 32, alternating windows; once on the machine as it is and once next
-    to a neighbour process doing 2-thread matrix products."""
-    results: dict[str, Any] = {"machine": machine(), "duration_s": duration_s, "rows": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "repo"
-        build_models(repo)
-        for neighbour in (False, True):
-            for label, (name, shape, high, settings) in TEAM_MODELS.items():
-                body, target = infer_body(shape, high), f"/v2/models/{name}/infer"
-                servers = {
-                    team: service_server(repo, models=name, **settings, **team_settings)
-                    for team, team_settings in TEAM_SETTINGS.items()
-                }
-                busy = _start_neighbour() if neighbour else None
-                try:
-                    contenders = {team: (s, target, body) for team, s in servers.items()}
-                    for concurrency in CONCURRENCY:
-                        measured = run_interleaved(contenders, concurrency, duration_s, ROUNDS)
-                        results["rows"].append({"model": label, "neighbour": neighbour,
-                                                "concurrency": concurrency, **measured})  # fmt: skip
-                        print(f"{label} c={concurrency} neighbour={neighbour}: team on "
-                              f"{measured['on']['rps']:.0f}, off {measured['off']['rps']:.0f} "
-                              "req/s", file=sys.stderr)  # fmt: skip
-                finally:
-                    if busy is not None:
-                        busy.kill()
-                        busy.wait()
-                    for server in servers.values():
-                        server.__exit__()
-    results["load_average_end"] = os.getloadavg()
-    return results
-
-
-def _start_neighbour() -> subprocess.Popen:
-    env = os.environ | {"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
-    return subprocess.Popen([sys.executable, "-c", NEIGHBOUR], env=env)
-
-
-def render_team_markdown(results: dict[str, Any]) -> str:
-    m = results["machine"]
-    lines = [
-        "## Service: the helper team on and off",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores; load average at start "
-        f"{', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}, at the end "
-        f"{', '.join(f'{x:.2f}' for x in results['load_average_end'])}. "
-        + _windows_note(results, "team on", "team off"),
-        "",
-        "| model | neighbour | concurrency | team on req/s | p99 ms | CPU µs/req "
-        "| team off req/s | p99 ms | CPU µs/req | on ÷ off |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in results["rows"]:
-        on, off = row["on"], row["off"]
-        lines.append(
-            f"| {row['model']} | {'2-thread matmul' if row['neighbour'] else '—'} "
-            f"| {row['concurrency']} | {on['rps']:.0f} | {_ms(on['p99_ms'])} "
-            f"| {_us(on['cpu_us_per_request'])} | {off['rps']:.0f} | {_ms(off['p99_ms'])} "
-            f"| {_us(off['cpu_us_per_request'])} | {on['rps'] / max(off['rps'], 1e-9):.2f} |"
-        )
-    return "\n".join([*lines, ""])
-
-
 WORKER_COUNTS = (1, 2)
 WARMUP_S = 5.0  # unmeasured load on each fresh server before its windows
 
@@ -847,9 +770,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", action="store_true", help="only the 1- and 2-worker comparison"
     )
-    parser.add_argument(
-        "--team", action="store_true", help="only the helper team on/off comparison"
-    )
     args = parser.parse_args(argv)
     if args.command == "loadgen":
         loadgen_main(args)
@@ -857,13 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         serve_main(args)
         return 0
-    if args.team:
-        results, title = run_team_benchmark(args.duration), "Service: the helper team on and off"
-        markdown, results_path = (
-            render_team_markdown(results),
-            RESULTS.with_name("service-team.json"),
-        )
-    elif args.workers:
+    if args.workers:
         results, title = run_workers_benchmark(args.duration), "Service: worker processes"
         markdown, results_path = render_workers_markdown(results), WORKERS_RESULTS
     else:
