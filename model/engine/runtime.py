@@ -83,6 +83,7 @@ numba_config.THREADING_LAYER = REQUESTED_THREADING_LAYER
 KERNEL_LOCK = threading.Lock()
 _THREAD_SAFE_LAYERS = frozenset({"omp", "tbb", "threadsafe", "safe"})
 _parallel_usable = True
+_CACHE_DIR_LOCK = threading.Lock()
 
 
 def apply(options: EngineOptions) -> int:
@@ -107,11 +108,12 @@ def use_threads(threads: int) -> None:
 def use_kernel_cache(directory: str | os.PathLike[str]) -> None:
     """Cache the engine's kernels in ``directory`` from now on (process-wide)."""
     directory = str(directory)
-    if directory == numba_config.CACHE_DIR:
-        return
-    numba_config.CACHE_DIR = directory
-    for kernel in engine_kernels():
-        kernel.enable_caching()  # a new FunctionCache: its locator reads CACHE_DIR now
+    with _CACHE_DIR_LOCK:  # models may load in several threads at once
+        if directory == numba_config.CACHE_DIR:
+            return
+        numba_config.CACHE_DIR = directory
+        for kernel in engine_kernels():
+            kernel.enable_caching()  # a new FunctionCache: its locator reads CACHE_DIR now
 
 
 def engine_kernels() -> Iterator[Dispatcher]:
