@@ -12,6 +12,7 @@ import sys
 
 BENCHMARKS = {
     "engine": "bench.engine",  # packed inference engine vs eager torch
+    "cpu_builds": "bench.cpu_builds",  # the engine compiled for haswell / generic vs the host
     "service": "bench.service",  # HTTP serving
     "onnx": "bench.onnx_runtime",  # ONNX Runtime on the exported float graph vs the engine
     "gpu": "bench.gpu",  # the torch backend on a GPU: correctness and speed (a lent GPU's check)

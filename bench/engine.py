@@ -241,16 +241,13 @@ def first_conv_disagreement(path: Path, samples: int) -> dict[str, Any]:
 # --- kernels --------------------------------------------------------------------------------------
 def bench_gemm(budget_s: float) -> list[dict[str, Any]]:
     """The 4096² binary layer kernels against torch.matmul on the same ±1 matrices, at batch 1
-    and 64, each through the path the engine takes at that batch: at batch 1 the helper team
-    (as for a dense model's batch-1 call), with the OpenMP kernel measured beside it; at 64 the
-    OpenMP kernels."""
+    and 64, as the engine runs them: the OpenMP kernels."""
     import numba
     import torch
 
     from model.engine import kernels
     from model.engine.kernels import ROW_CHUNK
     from model.engine.layout import aligned_empty, pad_rows
-    from model.engine.team import shared_team
     from model.packing import pack_signs
 
     rng = np.random.default_rng(0)
@@ -262,40 +259,32 @@ def bench_gemm(budget_s: float) -> list[dict[str, Any]]:
     cut = rng.integers(n // 2 - 64, n // 2 + 64, n).astype(np.int64)
     invert = rng.integers(0, 2, n).astype(np.uint8)
     threads = numba.get_num_threads()
-    team = shared_team(threads)
     rows = []
     for batch in (1, 64):
         a_signs = np.where(rng.random((batch, n)) < 0.5, -1.0, 1.0).astype(np.float32)
         a = pad_rows(pack_signs(a_signs))
         a_t = torch.from_numpy(a_signs)
         counts = np.empty((batch, n), np.int32)
-        on_team = batch == 1 and team is not None
-        engine = team.kernel_set() if on_team else kernels.PARALLEL
+        engine = kernels.PARALLEL
         # each kernel flips its own direction flag on every call, as the engine's layers do
-        sweeps = {name: np.zeros(1, np.uint8) for name in ("fused", "openmp", "gemm")}
-        outs = {name: aligned_empty((batch, n // 64)) for name in ("fused", "openmp")}
+        sweeps = {name: np.zeros(1, np.uint8) for name in ("fused", "gemm")}
+        out = aligned_empty((batch, n // 64))
         contenders = {
-            "fused": lambda a=a, out=outs["fused"], k=engine, s=sweeps["fused"]: (
-                k.dense_threshold_pack(a, w, cut, invert, out, ROW_CHUNK, threads, s)
+            "fused": lambda a=a, out=out, k=engine, s=sweeps["fused"]: k.dense_threshold_pack(
+                a, w, cut, invert, out, ROW_CHUNK, threads, s
             ),
             "popcount_gemm": lambda a=a, counts=counts, k=engine, s=sweeps["gemm"]: (
                 k.xor_popcount_gemm(a, w, counts, threads, s)
             ),
             "torch_matmul_f32": lambda a_t=a_t: torch.matmul(a_t, w_t),
         }
-        if on_team:
-            contenders["fused_openmp"] = lambda a=a, out=outs["openmp"], s=sweeps["openmp"]: (
-                kernels.dense_threshold_pack(a, w, cut, invert, out, ROW_CHUNK, threads, s)
-            )
         measured = timed_together(contenders, budget_s=budget_s)
         exact = np.array_equal(n - 2 * counts, (a_t @ w_t).numpy().astype(np.int64))
-        if on_team:
-            exact = exact and np.array_equal(outs["fused"], outs["openmp"])
         macs = batch * n * n
         rows.append(
             {
                 "batch": batch,
-                "path": "helper team" if on_team else "OpenMP",
+                "path": "OpenMP",
                 **measured,
                 "fused_macs_per_s": macs / measured["fused"]["median_s"],
                 "gemm_macs_per_s": macs / measured["popcount_gemm"]["median_s"],
@@ -500,16 +489,6 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"{ratio[0]:.1f}× ({ratio[1]:.1f}×) | ≥ {target_ratio:g}×; ≥ 1.0e12 MAC/s | "
             f"{verdict(ratio, target_ratio)}; {verdict(rate, t['gemm_macs'])} |"
         )
-    if "fused_openmp" in g1:
-        macs = GEMM_SIZE * GEMM_SIZE
-        omp = g1["fused_openmp"]
-        rate = (macs / omp["median_s"], macs / omp["best_s"])
-        gain = both(g1["fused"], omp)
-        lines.append(
-            f"| same, batch 1, OpenMP kernel (numba `prange`) | {timing(omp)} = {rate[0]:.3e} "
-            f"({rate[1]:.3e}) MAC/s | helper team: {timing(g1['fused'])} | team {gain[0]:.2f}× "
-            f"({gain[1]:.2f}×) | | |"
-        )
     for g in (g1, g64):
         macs = g["batch"] * GEMM_SIZE * GEMM_SIZE
         rate = (macs / g["popcount_gemm"]["median_s"], macs / g["popcount_gemm"]["best_s"])
@@ -696,7 +675,6 @@ def gemm_bound_lines(bound: dict[str, Any], g1: dict[str, Any]) -> list[str]:
     stream_s = half / bound["bytes_per_second"]["1 MiB"]
     region_s = bound["parallel_region_s"]
     macs = GEMM_SIZE * GEMM_SIZE
-    openmp = g1.get("fused_openmp")
     return [
         "**What bounds the batch-1 GEMM.** One call streams the 2 MiB of packed weights once. "
         "The fused kernel on one thread, best of many calls: "
@@ -706,18 +684,8 @@ def gemm_bound_lines(bound: dict[str, Any], g1: dict[str, Any]) -> list[str]:
         f"{stream_s * 1e6:.1f} µs ({macs / stream_s:.2e} MAC/s). The OpenMP kernel adds "
         f"{region_s * 1e6:.1f} µs to start and join an empty parallel region (numba's launch "
         "and libgomp's two barriers, each a futex call): "
-        f"{(stream_s + region_s) * 1e6:.1f} µs. The engine runs batch-1 calls of dense models on "
-        "a team of helper threads that spin for 200 µs after each task (`model/engine/team.py`) "
-        "instead: a call hands the second half over through the helper's cache lines (on a "
-        "128×512 layer, whose work is negligible, measured apart: 0.9 µs a call on the team, "
-        "0.8 µs on one thread, 2.1 µs as an OpenMP kernel). This run's best team call took "
+        f"{(stream_s + region_s) * 1e6:.1f} µs. This run's best OpenMP call took "
         f"{g1['fused']['best_s'] * 1e6:.1f} µs and its median {g1['fused']['median_s'] * 1e6:.1f} µs"
-        + (
-            f" (OpenMP kernel: best {openmp['best_s'] * 1e6:.1f} µs, median "
-            f"{openmp['median_s'] * 1e6:.1f} µs)"
-            if openmp
-            else ""
-        )
         + ". The streaming rates are measured at another moment than the calls, and this VM's "
         "speed drifts by tens of percent over minutes, so a best call can beat them; the median "
         "call carries the two cores' contention for L3 and the VM's scheduling. Each thread "

@@ -245,3 +245,35 @@ def bench_ties(float_mlp: Path, digits_mlp: Path, cnn: Path, samples: int) -> di
             digits_mlp, (digits / np.float32(16.0)).astype(np.float32)
         ),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.float_inputs``: only the mlp's float against uint8 input, printed as
+    JSON (the full report, with the stem and ties, is part of ``python -m bench engine``)."""
+    import json
+    import os
+    import sys
+    import tempfile
+
+    from bench.engine import build_artifact, machine, timed_together
+    from model.spec import InputSpec
+    from training.architectures import MLPConfig
+
+    start_load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        mnist = InputSpec(shape=(1, 28, 28), value_range=(0.0, 255.0), integer_valued=True)
+        mlp = build_artifact(MLPConfig(hidden=(4096, 4096, 4096)), mnist, Path(tmp) / "mlp.st")
+        rows = bench_float_mlp(mlp, timed_together, budget_s=float(argv[0]) if argv else 10.0)
+    for row in rows:
+        row["float / uint8"] = {
+            k: row["float"][k] / row["uint8"][k] for k in ("median_s", "best_s")
+        }
+    report = {"machine": machine(), "load_average": [start_load, os.getloadavg()], "rows": rows}
+    json.dump(report, sys.stdout, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

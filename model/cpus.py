@@ -16,8 +16,11 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
-    """The CPU quota in cores (quota / period), or None where no quota is set."""
+def cgroup_cpu_limit(root: Path | None = None) -> float | None:
+    """The CPU quota in cores (quota / period), or None where no quota is set. ``root``: the
+    cgroup filesystem, default :data:`CGROUP_ROOT` (read at each call, so tests can point it
+    at a fake one)."""
+    root = CGROUP_ROOT if root is None else root
     v2 = root / "cpu.max"  # "max 100000" or "200000 100000"
     if v2.is_file():
         quota, _, period = v2.read_text().strip().partition(" ")
@@ -29,7 +32,7 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
     return None
 
 
-def usable_cores(root: Path = CGROUP_ROOT) -> int:
+def usable_cores(root: Path | None = None) -> int:
     """min(cores in this process's affinity mask, ⌊cgroup CPU quota⌋), at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     limit = cgroup_cpu_limit(root)

@@ -148,10 +148,6 @@ def main(argv: list[str] | None = None, *, loader: Loader | None = None) -> int:
     # region for a scheduler tick; sleeping workers keep small requests fast. Set before the
     # engine loads OpenMP; an explicit OMP_WAIT_POLICY in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # Likewise the engine's helper team (model.engine.team) spins only 50 µs after a task: long
-    # enough to stay awake through the layers of one call, short enough to leave the event loop
-    # its core between requests. BNN_SPIN_US in the environment wins.
-    os.environ.setdefault("BNN_SPIN_US", "50")  # not imported: the engine loads lazily
     metrics_dir = share_metrics(settings, workers)
     made_metrics_dir = metrics_dir is not None and settings.metrics_dir is None
     if made_metrics_dir:

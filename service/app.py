@@ -65,7 +65,10 @@ def _default_loader(settings: Settings) -> Loader:
     # BNN_DEVICE=auto times the model at the batch sizes it will serve; a GPU model's memory
     # is counted at the largest call the batcher makes
     return partial(
-        load_model, batch_sizes=settings.served_batch_sizes, max_batch=settings.max_batch_size
+        load_model,
+        batch_sizes=settings.served_batch_sizes,
+        max_batch=settings.max_batch_size,
+        options=settings.engine_options(),
     )
 
 

@@ -38,9 +38,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from model.engine import Predictor
 from model.engine.memory import MemoryLimit
 from model.errors import BnnError, ModelNotFoundError
 from model.repository import ModelVersion, list_models, list_versions, resolve, verify_version
+from model.spec import InputSpec
 from service.batcher import DynamicBatcher
 from service.errors import (
     LoadAbandonedError,
@@ -52,7 +54,7 @@ from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 log = logging.getLogger("service.registry")
-Loader = Callable[..., Any]  # load_model(path, device=..., memory_limit=...) -> compiled model
+Loader = Callable[..., Predictor]  # load_model(path, device=..., memory_limit=...)
 
 
 class ModelState(StrEnum):
@@ -75,12 +77,12 @@ class ServedModel:
     name: str
     version: int
     path: Path
-    engine: Any
+    engine: Predictor
     batcher: DynamicBatcher
     loaded_at: float = field(default_factory=time.time)
 
     @property
-    def input_spec(self) -> Any:
+    def input_spec(self) -> InputSpec:
         return self.engine.input_spec
 
     @property
@@ -497,7 +499,7 @@ class ModelRegistry:
             raise LoadAbandonedError(f"load of model {entry.name!r} abandoned: unloaded")
         return future.result()
 
-    def _open(self, model_version: ModelVersion) -> Any:
+    def _open(self, model_version: ModelVersion) -> Predictor:
         """Blocking: check the manifest's sizes and sha256s, load and compile, warm up."""
         verify_version(model_version.path, root=self._repo)
         settings = self._settings
@@ -513,7 +515,7 @@ class ModelRegistry:
             engine.warmup(batch_sizes=self._settings.served_batch_sizes)
         return engine
 
-    def _batcher(self, name: str, version: int, engine: Any) -> DynamicBatcher:
+    def _batcher(self, name: str, version: int, engine: Predictor) -> DynamicBatcher:
         settings = self._settings
         return DynamicBatcher(
             engine.predict,
@@ -561,8 +563,8 @@ class ModelRegistry:
         return entry
 
 
-def inline_below_s(settings: Settings, engine: Any) -> float:
+def inline_below_s(settings: Settings, engine: Predictor) -> float:
     """BNN_INLINE_COMPUTE_MS for CPU models; 0 (never inline) for a model on a GPU: its calls
     wait on the device and must not block the event loop."""
-    on_gpu = str(getattr(engine, "device", "cpu")).startswith("cuda")
+    on_gpu = engine.device.startswith("cuda")
     return 0.0 if on_gpu else settings.inline_compute_ms / 1000.0

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, NoDecode, SettingsConfigDict
 
+from model.engine.options import EngineOptions
 from model.errors import InvalidModelNameError
 from model.repository import validate_model_name
 
@@ -77,6 +78,18 @@ class Settings(BaseSettings):
         1,
         description="Server processes on the one port, each loading the models itself; "
         "auto = the usable cores (affinity and cgroup CPU quota)",
+    )
+
+    engine_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads one engine call may use in each server process; default: the "
+        "usable cores shared out among the workers",
+    )
+    kernel_cache_dir: Path | None = Field(
+        None,
+        description="Writable directory where compiled CPU kernels are cached (the image: "
+        "/var/cache/bnnserve/kernels); default: numba's",
     )
 
     # --- dynamic batching ------------------------------------------------------------------
@@ -206,6 +219,10 @@ class Settings(BaseSettings):
     @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
+
+    def engine_options(self) -> EngineOptions:
+        """The CPU engine's options: threads per call and kernel cache directory."""
+        return EngineOptions(threads=self.engine_threads, kernel_cache_dir=self.kernel_cache_dir)
 
     @property
     def served_batch_sizes(self) -> tuple[int, ...]:

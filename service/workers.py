@@ -15,8 +15,9 @@ import ctypes
 import signal
 import sys
 
-# numba sizes the engine's parallel kernels and its helper team from this, and passes its count
-# to each OpenMP region itself; an explicit value in the environment wins. OMP_NUM_THREADS is
+# numba sizes its thread pool from this when it is imported (the engine's threads per call are
+# at most that, see model.engine.options), and passes its count to each OpenMP region itself; an
+# explicit value in the environment wins. OMP_NUM_THREADS is
 # left to the user (it would also resize numpy's BLAS in the full-precision layers).
 ENGINE_THREAD_VARIABLES = ("NUMBA_NUM_THREADS",)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -26,6 +26,7 @@ import math
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +37,7 @@ from model.engine.compiler import compile_program
 from model.engine.device_choice import DeviceChoice, choose_device, time_calls
 from model.engine.memory import MemoryLimit, check_memory
 from model.engine.ops import Program
+from model.engine.options import EngineOptions
 from model.errors import (
     DeviceUnavailableError,
     InputOutOfRangeError,
@@ -47,8 +49,10 @@ from model.spec import InputSpec, ModelSpec
 __all__ = [
     "BACKENDS",
     "CompiledModel",
+    "EngineOptions",
     "Executor",
     "MemoryLimit",
+    "Predictor",
     "check_finite_logits",
     "load_model",
     "probe_gpu",
@@ -71,6 +75,24 @@ class Executor(Protocol):
     def memory_bytes(self) -> int: ...
 
     def run(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class Predictor(Protocol):
+    """What a server holds for each loaded model version: :class:`CompiledModel` is one (the
+    service's tests hand in a numpy model)."""
+
+    spec: ModelSpec
+    device: str
+
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+
+    @property
+    def input_spec(self) -> InputSpec: ...
+
+    def predict(self, x: np.ndarray) -> np.ndarray: ...
+
+    def warmup(self, batch_sizes: Iterable[int] = (1, 64)) -> float: ...
 
 
 class CompiledModel:
@@ -223,6 +245,7 @@ def load_model(
     batch_sizes: Iterable[int] = (1, 64),
     max_batch: int | None = None,
     memory_limit: MemoryLimit | None = MemoryLimit(),  # noqa: B008 (frozen, shared safely)
+    options: EngineOptions | None = None,
 ) -> CompiledModel:
     """Read an artifact (a file, or a version directory holding ``model.safetensors``), compile
     it for ``device`` and return the :class:`CompiledModel`.
@@ -232,7 +255,9 @@ def load_model(
     (default: the largest of ``batch_sizes``). ``memory_limit``: refuse (ModelTooLargeError),
     before compiling, a model whose memory bound at ``memory_limit.max_batch`` rows exceeds
     ``memory_limit.max_bytes`` (:mod:`model.engine.memory`); the torch backend also refuses a
-    model whose measured device memory exceeds it. None = no limit."""
+    model whose measured device memory exceeds it. None = no limit. ``options``: how the CPU
+    engine runs (threads, kernel cache; :class:`~model.engine.options.EngineOptions`, default
+    ``EngineOptions()``: no environment variable is read)."""
     start = time.perf_counter()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -250,20 +275,21 @@ def load_model(
         on_cpu_engine = gpu in ("cpu", None) and backend in ("auto", "numba")
         check_memory(artifact.spec, memory_limit, "numba" if on_cpu_engine else "torch")
     program = compile_program(artifact.spec, artifact.tensors)
-    options = {
+    torch_options = {
         "input_range": artifact.spec.input.value_range,
         "max_batch": max_batch or max(batch_sizes),
         "max_memory_bytes": memory_limit.max_bytes if memory_limit else None,
     }
+    executors = ExecutorFactory(program, backend, options or EngineOptions(), torch_options)
     choice = None
     if device != "auto":
-        executor = _executor(program, gpu, backend, options)
+        executor = executors.on(gpu)
     elif gpu == "cpu" or gpu is None:
-        executor = _executor(program, "cpu", backend, options)
+        executor = executors.on("cpu")
         choice = choose_device({}, None, None, why_no_gpu=why_no_gpu)
     else:
         executor, choice = _measure_and_choose(
-            program, gpu, backend, options, warmup_inputs(artifact.spec.input, batch_sizes)
+            executors, gpu, warmup_inputs(artifact.spec.input, batch_sizes)
         )
     if choice is not None:
         log.info("device chosen: %s (%s)", choice.device, choice.reason, extra=choice.as_metadata())
@@ -273,28 +299,39 @@ def load_model(
     return model
 
 
-def _executor(program: Program, device: str, backend: str, options: dict) -> Executor:
-    if device == "cpu" and backend in ("auto", "numba"):
-        from model.engine.cpu import NumbaExecutor
+@dataclass(frozen=True)
+class ExecutorFactory:
+    """Builds a loaded program's executor for a device: the numba engine (configured by the
+    engine options) or the torch backend (configured by ``torch_options``)."""
 
-        return NumbaExecutor(program)
-    from model.engine.torch_backend import TorchExecutor
+    program: Program
+    backend: str
+    options: EngineOptions
+    torch_options: dict
 
-    return TorchExecutor(program, device, **options)
+    def on(self, device: str) -> Executor:
+        if device == "cpu" and self.backend in ("auto", "numba"):
+            from model.engine import runtime
+            from model.engine.cpu import NumbaExecutor
+
+            return NumbaExecutor(self.program, threads=runtime.apply(self.options))
+        from model.engine.torch_backend import TorchExecutor
+
+        return TorchExecutor(self.program, device, **self.torch_options)
 
 
 def _measure_and_choose(
-    program: Program, gpu: str, backend: str, options: dict, inputs: list[np.ndarray]
+    executors: ExecutorFactory, gpu: str, inputs: list[np.ndarray]
 ) -> tuple[Executor, DeviceChoice]:
     """Time the CPU candidate and the GPU at each input's batch size; keep the chosen one."""
     from model.engine import torch_backend
 
-    cpu = _executor(program, "cpu", backend, options)
+    cpu = executors.on("cpu")
     cpu_seconds = time_calls(cpu.run, inputs)
     name = None
     try:
         name = torch_backend.device_name(gpu)
-        gpu_executor = torch_backend.TorchExecutor(program, gpu, **options)
+        gpu_executor = executors.on(gpu)
         gpu_seconds = time_calls(gpu_executor.run, inputs)
     except RuntimeError as exc:  # busy exclusive-mode GPU, out of memory, driver errors
         torch_backend.release_cuda_memory()

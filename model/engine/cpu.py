@@ -10,7 +10,7 @@ keeps its logits within rounding of eager's). Every call allocates its own buffe
 calls share nothing mutable; packed buffers start on a cache line (see
 :func:`~model.engine.kernels.aligned_words`).
 
-Which kernels a call runs (serial, a helper team's, or parallel), and whether a small call
+Which kernels a call runs (serial or parallel), and whether a small call
 takes a fused path instead, is the dispatch policy's choice (:mod:`model.engine.dispatch`,
 :mod:`model.engine.fused`); this module only executes the program's operations.
 """
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from model.engine import kernels
+from model.engine import kernels, runtime
 from model.engine.dispatch import Dispatch, ranges
 from model.engine.floatmath import F32, F64, affine_f32, fma_f32
 from model.engine.fused import mlp_plan
@@ -58,12 +58,14 @@ class NumbaExecutor:
 
     One ``_<op>(op, value, kset)`` method per kind of operation, found through the explicit
     ``{op class: method}`` map built in ``__init__``; ``kset`` is the kernel set the call runs
-    (serial, team or parallel), the same for all its operations."""
+    (serial or parallel), the same for all its operations."""
 
     name = "numba"
 
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: Program, threads: int | None = None) -> None:
         self.program = program
+        # threads of a parallel call (runtime.apply resolves EngineOptions.threads)
+        self.threads = threads or runtime.engine_threads()
         self._handlers: dict[type, Handler] = {
             BinaryDense: self._binary_dense,
             BinaryConv: self._binary_conv,
@@ -97,6 +99,8 @@ class NumbaExecutor:
                 if logits is not None:
                     return logits
             kset = self._dispatch.kernel_set(batch)
+        if kset is PARALLEL:
+            runtime.use_threads(self.threads)
         value = x
         with kernel_guard():
             for op in self.program.ops:

@@ -28,7 +28,7 @@ from types import FunctionType
 import numpy as np
 from numba import njit, prange
 
-from model.engine import runtime  # noqa: F401  (cache directory and threading layer first)
+from model.engine import runtime  # noqa: F401  (the threading layer before any kernel)
 from model.engine.intrinsics import (
     SIGNS_BY_BYTE,
     conv_sums8,

@@ -1,22 +1,39 @@
-"""Process-wide numba settings of the CPU engine: kernel cache directory and threading layer.
+"""Process-wide numba state of the CPU engine: kernel cache, threading layer, threads, fork.
 
-Import this before any kernel module (``model.engine.kernels`` does).
+Nothing here reads the environment: :func:`apply` takes an
+:class:`~model.engine.options.EngineOptions` when a model is loaded, so importing ``numba``
+before or after ``model`` gives the same engine.
 
 Kernel cache
     Kernels are compiled with ``cache=True``: the machine code is written next to the sources
     (``model/engine/__pycache__``) or, when that is not writable (a read-only install in a
-    container), under numba's user-wide cache. Set ``BNN_KERNEL_CACHE_DIR`` (or numba's own
-    ``NUMBA_CACHE_DIR``, which it takes precedence over) to a writable directory to choose
-    where, e.g. a volume shared by the service's containers so that only the first start pays
-    for compilation.
+    container), under numba's user-wide cache; numba's own ``NUMBA_CACHE_DIR`` moves it.
+    ``EngineOptions.kernel_cache_dir`` names a writable directory instead, e.g. a volume
+    shared by the service's containers, so that only the first start pays for compilation.
+    numba fixes a kernel's cache location when the kernel is defined (at import), so
+    :func:`use_kernel_cache` re-points every engine kernel already defined; kernels already
+    compiled in this process keep their machine code. numba keys each cached kernel by its
+    signature *and* the CPU it was compiled for (name and features), so a cache built for
+    another CPU is never loaded, only added to (``tests/model/engine/test_kernel_cache.py``).
 
 Threading layer
     Several threads may call ``predict`` at once. numba's default ``workqueue`` layer is not
     thread-safe (concurrent parallel regions abort the process), so the engine asks for a
     thread-safe layer: ``omp`` (GNU OpenMP, ``libgomp1`` from the OS), else ``tbb`` (the
     ``tbb`` wheel). When neither library loads it falls back to ``workqueue`` and serializes
-    kernel calls with one process-wide lock (:data:`KERNEL_LOCK`). ``NUMBA_THREADING_LAYER``
-    set in the environment is respected.
+    kernel calls with one process-wide lock (:data:`KERNEL_LOCK`). A layer numba was told to use
+    (its ``NUMBA_THREADING_LAYER``) is respected.
+
+Threads
+    A parallel kernel call uses ``EngineOptions.threads`` threads, by default
+    :func:`model.cpus.usable_cores` (affinity and cgroup CPU quota), at most numba's pool
+    (``numba.config.NUMBA_NUM_THREADS``, fixed when numba is imported). numba's thread count is
+    per calling thread, so :func:`use_threads` sets it on the thread that calls.
+
+Fork
+    GNU OpenMP cannot run a parallel region in a child forked after the parent ran one (numba
+    then terminates the child). Such a child runs every call on the serial kernels
+    (:func:`parallel_kernels_usable` is False there): correct, single-threaded, never hung.
 """
 
 from __future__ import annotations
@@ -24,19 +41,21 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import threading
+from collections.abc import Iterator
+from dataclasses import fields, is_dataclass
+from pathlib import Path
 
-CACHE_DIR_ENV = "BNN_KERNEL_CACHE_DIR"
+import numba
+from numba.core import config as numba_config
+from numba.core.caching import FunctionCache
+from numba.core.dispatcher import Dispatcher
 
-if os.environ.get(CACHE_DIR_ENV) and not os.environ.get("NUMBA_CACHE_DIR"):
-    os.environ["NUMBA_CACHE_DIR"] = os.environ[CACHE_DIR_ENV]
+from model.cpus import usable_cores
+from model.engine.options import EngineOptions
 
-import numba  # noqa: E402  (the cache directory must be in the environment first)
-from numba.core import config as numba_config  # noqa: E402
-
-if os.environ.get(CACHE_DIR_ENV) and os.environ["NUMBA_CACHE_DIR"] != numba_config.CACHE_DIR:
-    # numba was imported before us and read its environment already.
-    numba_config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+ENGINE_PACKAGE = "model.engine"
 
 
 def _loadable(layer: str) -> bool:
@@ -49,8 +68,8 @@ def _loadable(layer: str) -> bool:
 
 
 def _choose_threading_layer() -> str:
-    if os.environ.get("NUMBA_THREADING_LAYER"):
-        return os.environ["NUMBA_THREADING_LAYER"]
+    if numba_config.THREADING_LAYER != "default":  # numba read NUMBA_THREADING_LAYER
+        return numba_config.THREADING_LAYER
     for layer in ("omp", "tbb"):
         if _loadable(layer):
             return layer
@@ -63,6 +82,66 @@ numba_config.THREADING_LAYER = REQUESTED_THREADING_LAYER
 # Held around every kernel call when the layer is not thread-safe.
 KERNEL_LOCK = threading.Lock()
 _THREAD_SAFE_LAYERS = frozenset({"omp", "tbb", "threadsafe", "safe"})
+_parallel_usable = True
+_CACHE_DIR_LOCK = threading.Lock()
+
+
+def apply(options: EngineOptions) -> int:
+    """Make ``options`` the process's engine settings, before the model's kernels compile;
+    returns the threads a parallel call of this model uses."""
+    if options.kernel_cache_dir is not None:
+        use_kernel_cache(options.kernel_cache_dir)
+    return engine_threads(options.threads)
+
+
+def engine_threads(requested: int | None = None) -> int:
+    """``requested`` (default :func:`~model.cpus.usable_cores`), at most numba's pool size."""
+    return max(1, min(requested or usable_cores(), numba_config.NUMBA_NUM_THREADS))
+
+
+def use_threads(threads: int) -> None:
+    """Let the parallel kernels this thread calls next use ``threads`` threads."""
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+
+
+def use_kernel_cache(directory: str | os.PathLike[str]) -> None:
+    """Cache the engine's kernels in ``directory`` from now on (process-wide)."""
+    directory = str(directory)
+    with _CACHE_DIR_LOCK:  # models may load in several threads at once
+        if directory == numba_config.CACHE_DIR:
+            return
+        numba_config.CACHE_DIR = directory
+        for kernel in engine_kernels():
+            kernel.enable_caching()  # a new FunctionCache: its locator reads CACHE_DIR now
+
+
+def engine_kernels() -> Iterator[Dispatcher]:
+    """Every cached numba kernel of the engine's modules imported so far: module globals and
+    the members of module-level kernel sets (the serial twins live only there)."""
+    seen: set[int] = set()
+    for name, module in list(sys.modules.items()):
+        if not (name == ENGINE_PACKAGE or name.startswith(ENGINE_PACKAGE + ".")):
+            continue
+        for value in list(vars(module).values()):
+            members = (
+                [getattr(value, f.name) for f in fields(value)]
+                if is_dataclass(value) and not isinstance(value, type)
+                else [value]
+            )
+            for kernel in members:
+                if (
+                    isinstance(kernel, Dispatcher)
+                    and isinstance(kernel._cache, FunctionCache)
+                    and id(kernel) not in seen
+                ):
+                    seen.add(id(kernel))
+                    yield kernel
+
+
+def cache_dir() -> Path | None:
+    """Where compiled kernels are cached (None: next to the sources / numba's default)."""
+    return Path(numba_config.CACHE_DIR) if numba_config.CACHE_DIR else None
 
 
 def kernel_guard() -> contextlib.AbstractContextManager:
@@ -84,6 +163,19 @@ def threading_layer() -> str:
         return REQUESTED_THREADING_LAYER
 
 
-def cache_dir() -> str | None:
-    """Where compiled kernels are cached (None: next to the sources / numba's default)."""
-    return numba_config.CACHE_DIR or None
+def parallel_kernels_usable() -> bool:
+    """False in a child forked after its parent started GNU OpenMP's threads."""
+    return _parallel_usable
+
+
+def _after_fork_in_child() -> None:
+    global KERNEL_LOCK, _parallel_usable
+    KERNEL_LOCK = threading.Lock()  # another thread of the parent may have held it
+    from numba.np.ufunc import parallel
+
+    if parallel._is_initialized and parallel._threading_layer == "omp":
+        _parallel_usable = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,14 +1,13 @@
 """Compile and cache every CPU kernel ahead of time: ``python -m model.engine.warm [PATH ...]``.
 
 numba compiles a kernel the first time it runs with a given type signature and, with
-``cache=True``, stores the machine code in the kernel cache (``BNN_KERNEL_CACHE_DIR``). The
-serving image runs this at build time so that a container's first request does not pay for
-compilation. The signatures do not depend on layer sizes, so two small synthetic graphs — an
-mlp (integer and real inputs, ±1 and {0,1} activations, α scales) and a cnn (full-precision
+``cache=True``, stores the machine code in the kernel cache (``BNN_KERNEL_CACHE_DIR``, read
+through :meth:`~model.engine.options.EngineOptions.from_env`). The serving image runs this at
+build time so that a container's first request does not pay for compilation. The signatures do
+not depend on layer sizes, so two small synthetic graphs — an mlp (integer and real inputs, ±1 and {0,1} activations, α scales) and a cnn (full-precision
 first convolution, binary convolutions padded with +1 and −1, max-pooling) — reach every
-kernel, each run at batches small enough for the serial kernels, at the smallest batch past them
-(:func:`model.engine.dispatch.serial_rows`: the helper team's kernels for the mlps, the parallel ones
-for the cnn) and at the smallest one past the team's (the parallel ones). Artifacts or version
+kernel, each run at batches small enough for the serial kernels and at the smallest batch past
+them (:func:`model.engine.dispatch.serial_rows`: the parallel ones). Artifacts or version
 directories named on the command line are warmed too.
 """
 
@@ -22,10 +21,22 @@ from pathlib import Path
 import numpy as np
 
 from model.artifact import ARTIFACT_FILENAME, write_artifact
+from model.engine.options import EngineOptions
 from model.packing import pack_signs
 from model.spec import BatchNorm, Conv2d, Dense, Flatten, InputSpec, Layer, MaxPool2d, ModelSpec
 
 LABELS = ("a", "b", "c")
+# numba's variables to compile for a CPU other than the host, e.g. an image built on one machine
+# for another (docs/architecture.md, "Kernel cache per CPU"). haswell's own features are stated:
+# unset, numba would add the host's (AVX-512 included).
+HASWELL_FEATURES = (
+    "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,"
+    "+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave"
+)
+CPU_BUILDS = {
+    "haswell": {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL_FEATURES},
+    "generic": {"NUMBA_CPU_NAME": "generic"},
+}
 
 
 def synthetic_specs() -> list[ModelSpec]:
@@ -79,10 +90,13 @@ def random_tensors(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     return tensors
 
 
-def warm(paths: list[Path], scratch: Path) -> list[tuple[str, float]]:
-    """Load and warm the synthetic graphs and every artifact in ``paths``; (name, seconds) each."""
+def warm(
+    paths: list[Path], scratch: Path, options: EngineOptions | None = None
+) -> list[tuple[str, float]]:
+    """Load and warm the synthetic graphs and every artifact in ``paths`` with the engine
+    ``options`` (where the kernel cache is); (name, seconds) each."""
     from model.engine import load_model
-    from model.engine.dispatch import TEAM_WORK_LIMIT, rows_below, serial_rows
+    from model.engine.dispatch import serial_rows
 
     scratch.mkdir(parents=True, exist_ok=True)
     targets = []
@@ -94,12 +108,9 @@ def warm(paths: list[Path], scratch: Path) -> list[tuple[str, float]]:
     timings = []
     for path in targets:
         # a few rows per call here; the server checks its own memory limit when it loads
-        model = load_model(path, device="cpu", memory_limit=None)
-        # small batches run the serial kernels, serial_rows and more the helper team's (dense
-        # models) or the parallel ones, and a dense model's calls past TEAM_WORK_LIMIT the
-        # parallel ones
-        program = model.program
-        batch_sizes = (1, 3, serial_rows(program), rows_below(program, TEAM_WORK_LIMIT))
+        model = load_model(path, device="cpu", memory_limit=None, options=options)
+        # small batches run the serial kernels, serial_rows and more the parallel ones
+        batch_sizes = (1, 3, serial_rows(model.program))
         timings.append((str(path), model.warmup(batch_sizes=batch_sizes)))
     return timings
 
@@ -119,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    for name, seconds in warm(args.paths, args.scratch):
+    # the image's build sets BNN_KERNEL_CACHE_DIR, as the server's environment does
+    for name, seconds in warm(args.paths, args.scratch, EngineOptions.from_env()):
         print(f"warmed {name} in {seconds:.2f}s")
     print(f"kernel cache ready in {time.perf_counter() - start:.1f}s")
     return 0

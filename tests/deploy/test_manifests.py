@@ -33,8 +33,6 @@ KUBERNETES_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are meant f
 KUSTOMIZATION = "kustomization.yaml"
 OPTIONAL_K8S = {"hpa-queue.yaml"}  # applied by hand instead of hpa.yaml (see its header)
 V2_PROBES = {"readinessProbe": "/v2/health/ready", "livenessProbe": "/v2/health/live"}
-# Read by the engine rather than the service's settings (documented in the README's table).
-ENGINE_VARIABLES = {"BNN_KERNEL_CACHE_DIR", "BNN_SPIN_US"}
 
 
 def load_documents(path: Path) -> list[dict[str, Any]]:
@@ -219,7 +217,7 @@ def test_model_repository_is_the_shared_read_write_many_claim() -> None:
 
 
 def test_every_bnn_variable_is_a_setting_the_server_knows() -> None:
-    known = {f"BNN_{field.upper()}" for field in Settings.model_fields} | ENGINE_VARIABLES
+    known = {f"BNN_{field.upper()}" for field in Settings.model_fields}
     containers = [
         *pod_spec(find("Deployment"))["containers"],
         *find("ServingRuntime")["spec"]["containers"],
@@ -230,7 +228,7 @@ def test_every_bnn_variable_is_a_setting_the_server_knows() -> None:
         assert names <= known, names - known
         settings = Settings(_env_file=None, **{
             name.removeprefix("BNN_").lower(): value
-            for name, value in env_of(container).items() if name.upper() in known - ENGINE_VARIABLES
+            for name, value in env_of(container).items() if name.upper() in known
         })  # fmt: skip
         assert settings is not None
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from model.engine.options import EngineOptions
 from service.__main__ import main
 from service.settings import (
     Settings,
@@ -64,6 +65,17 @@ def test_dotenv_file_is_read(tmp_path):
     assert (settings.port, settings.max_batch_size) == (8123, 7)
 
 
+def test_settings_build_the_engine_options(monkeypatch, tmp_path):
+    """The engine reads no environment: the service hands it these two settings."""
+    monkeypatch.delenv("BNN_ENGINE_THREADS", raising=False)
+    monkeypatch.delenv("BNN_KERNEL_CACHE_DIR", raising=False)
+    assert Settings(_env_file=None).engine_options() == EngineOptions()
+    monkeypatch.setenv("BNN_ENGINE_THREADS", "3")
+    monkeypatch.setenv("BNN_KERNEL_CACHE_DIR", str(tmp_path))
+    options = Settings(_env_file=None).engine_options()
+    assert options == EngineOptions(threads=3, kernel_cache_dir=tmp_path)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "fragment"),
     [
@@ -74,6 +86,7 @@ def test_dotenv_file_is_read(tmp_path):
         ("BNN_MODELS", "ok,../etc", "BNN_MODELS='ok,../etc': invalid model name '../etc'"),
         ("BNN_LOG_LEVEL", "loud", "BNN_LOG_LEVEL='loud': Input should be 'debug'"),
         ("BNN_REQUEST_TIMEOUT_S", "-1", "BNN_REQUEST_TIMEOUT_S='-1': Input should be greater"),
+        ("BNN_ENGINE_THREADS", "0", "BNN_ENGINE_THREADS='0': Input should be greater than"),
     ],
 )
 def test_bad_values_are_named_in_one_line(monkeypatch, key, value, fragment):

@@ -1,5 +1,5 @@
 """The engine's public API: attributes, input validation, devices, thread safety, no torch on
-the numba path, the kernel cache directory."""
+the numba path."""
 
 from __future__ import annotations
 
@@ -146,26 +146,6 @@ def test_numba_path_never_imports_torch(mlp_path):
     assert result.stdout.split() == ["False", "numba"]
 
 
-def test_kernel_cache_dir_from_environment(tmp_path):
-    """BNN_KERNEL_CACHE_DIR points numba's cache at a writable directory of our choice."""
-    code = (
-        "import numpy as np\n"
-        "from model.engine import kernels, runtime\n"
-        "out = np.empty((1, 1, 1, 1), np.uint64)\n"
-        "kernels.pool_bits(np.zeros((1, 2, 2, 1), np.uint64), 2, 2, 2, 2, np.zeros(1, np.uint64), out)\n"
-        "print(runtime.cache_dir())\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
-    env["BNN_KERNEL_CACHE_DIR"] = str(tmp_path / "kernels")
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(tmp_path / "kernels")
-    cached = [p.name for p in (tmp_path / "kernels").rglob("*") if p.suffix in (".nbi", ".nbc")]
-    assert any(name.startswith("kernels.pool_bits") for name in cached), cached
-
-
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory):
     path = tmp_path_factory.mktemp("api") / "cnn.safetensors"
@@ -238,14 +218,13 @@ def test_the_cpu_executor_maps_every_op_to_its_own_method(mlp):
 
 def test_small_calls_run_serial_kernels(mlp, monkeypatch):
     """A call whose work is below SERIAL_WORK_LIMIT runs on the calling thread: an mlp in one
-    kernel call (integer inputs) or the serial twins of the kernels; below TEAM_WORK_LIMIT a
-    dense-only model's call runs on the helper team; a larger call runs the parallel kernels.
-    None of them touches numba's thread count."""
+    kernel call (integer inputs) or the serial twins of the kernels; a larger call runs the
+    parallel kernels, on the executor's threads."""
     import dataclasses
 
     import numba
 
-    from model.engine import dispatch, fused
+    from model.engine import cpu, dispatch, fused
 
     seen: list[str] = []
 
@@ -263,23 +242,19 @@ def test_small_calls_run_serial_kernels(mlp, monkeypatch):
 
     executor = mlp._executor
     policy = executor._dispatch
-    assert policy.team is not None  # 2 or more numba threads on Linux
     monkeypatch.setattr(dispatch, "SERIAL", recording_set(dispatch.SERIAL, "serial"))
     monkeypatch.setattr(dispatch, "PARALLEL", recording_set(dispatch.PARALLEL, "parallel"))
-    team = recording_set(policy.team, "team")
-    monkeypatch.setattr(executor, "_dispatch", dataclasses.replace(policy, team=team))
+    monkeypatch.setattr(cpu, "PARALLEL", dispatch.PARALLEL)  # the executor checks which it got
     monkeypatch.setattr(fused, "mlp_rows", recording(fused.mlp_rows, "one call"))
     per_row = sum(dispatch.row_work(op) for op in mlp.program.ops)
-    rows, team_rows = dispatch.serial_rows(mlp.program), policy.team_rows
+    rows = dispatch.serial_rows(mlp.program)
     assert rows == policy.serial_rows
     assert (rows - 1) * per_row < dispatch.SERIAL_WORK_LIMIT <= rows * per_row
-    assert (team_rows - 1) * per_row < dispatch.TEAM_WORK_LIMIT <= team_rows * per_row
-    before = numba.get_num_threads()
-    for batch in (rows - 1, rows, team_rows - 1, team_rows):
+    for batch in (rows - 1, rows, 4 * rows):
         mlp.predict(np.zeros((batch, 1, 8, 8), np.float32))
     mlp.predict(np.full((rows - 1, 1, 8, 8), 0.5, np.float32))  # not integers: layer by layer
-    assert seen == ["one call", "team", "team", "parallel", "one call", "serial"]
-    assert numba.get_num_threads() == before
+    assert seen == ["one call", "parallel", "parallel", "one call", "serial"]
+    assert numba.get_num_threads() == executor.threads
 
 
 def test_warmup_refuses_a_model_whose_logits_overflow(tmp_path):

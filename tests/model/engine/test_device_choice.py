@@ -108,7 +108,8 @@ def test_measuring_keeps_the_faster_candidate(tmp_path):
     program = engine.load_model(path).program
     inputs = engine.warmup_inputs(engine.read_artifact(path).spec.input, (1, 16))
     options = {"input_range": None, "max_batch": 16, "max_memory_bytes": None}
-    executor, choice = engine._measure_and_choose(program, "cpu", "auto", options, inputs)
+    executors = engine.ExecutorFactory(program, "auto", engine.EngineOptions(), options)
+    executor, choice = engine._measure_and_choose(executors, "cpu", inputs)
     assert set(choice.cpu_seconds) == set(choice.gpu_seconds) == {1, 16}
     faster = all(choice.gpu_seconds[b] < choice.cpu_seconds[b] for b in (1, 16))
     assert executor.name == ("torch" if faster else "numba")

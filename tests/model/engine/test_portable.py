@@ -18,14 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.engine.warm import CPU_BUILDS
+
 ROOT = Path(__file__).resolve().parents[3]
-# haswell's own features, stated: unset, numba would add the host's (AVX-512 included).
-HASWELL = (
-    "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,"
-    "+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave"
-)
-BUILDS = {"haswell": {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL},
-          "generic": {"NUMBA_CPU_NAME": "generic"}}  # fmt: skip
+BUILDS = CPU_BUILDS
 
 KERNEL_OUTPUTS = """
 import sys
