@@ -249,7 +249,7 @@ def bench_gemm(budget_s: float) -> list[dict[str, Any]]:
 
     from model.engine import kernels
     from model.engine.kernels import ROW_CHUNK
-    from model.engine.program import aligned_empty, pad_rows
+    from model.engine.layout import aligned_empty, pad_rows
     from model.engine.team import shared_team
     from model.packing import pack_signs
 
@@ -318,7 +318,7 @@ def bench_gemm_bound(repeats: int = 200) -> dict[str, Any]:
 
     from model.engine import kernels
     from model.engine.kernels import ROW_CHUNK
-    from model.engine.program import aligned_empty, pad_rows
+    from model.engine.layout import aligned_empty, pad_rows
     from model.packing import pack_signs
 
     rng = np.random.default_rng(1)
@@ -645,7 +645,7 @@ def float_input_lines(r: dict[str, Any]) -> list[str]:
         "",
         "The cnn's full-precision stem (3×32×32 → 128 channels, 3×3, folded thresholds) in "
         "float32 with eight 8-lane accumulators held in registers and one fused multiply-add per "
-        "term (`kernels.conv_sums64`), "
+        "term (`intrinsics.conv_sums64`), "
         "against the float64 kernel it replaces (as of 884fda1, kept in `bench/float_inputs.py`), "
         "alone and inside the whole cnn (target: stem ≥ 2× faster):",
         "",

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from model.engine.kernels import WORD, aligned_words
+from model.engine.kernels import aligned_words
+from model.engine.layout import WORD
 from model.packing import unpack_signs, words_for
 
 BATCHES = (1, 64)
@@ -134,7 +135,7 @@ def first_decisions(model, eager, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
     from model.engine.cpu import unpack_bits
     from model.engine.kernels import PARALLEL
-    from model.engine.program import Decide
+    from model.engine.ops import Decide
 
     executor = model._executor
     value = model.check_input(x)

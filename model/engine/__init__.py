@@ -14,7 +14,7 @@ the figures are in ``CompiledModel.device_choice``), else the CPU engine. ``back
 backend on the CPU, which is how CI tests it). Only :mod:`model.engine.torch_backend` imports
 torch, and only when that backend is chosen (or "auto" finds a GPU driver).
 
-Loading compiles the graph once (:mod:`model.engine.program`): BatchNorm + binarizer pairs fold
+Loading compiles the graph once (:mod:`model.engine.compiler`): BatchNorm + binarizer pairs fold
 into integer thresholds, weights stay packed at 1 bit each. ``predict`` is thread-safe.
 """
 
@@ -32,9 +32,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from model.artifact import ARTIFACT_FILENAME, read_artifact
+from model.engine.compiler import compile_program
 from model.engine.device_choice import DeviceChoice, choose_device, time_calls
 from model.engine.memory import MemoryLimit, check_memory
-from model.engine.program import Program, compile_program
+from model.engine.ops import Program
 from model.errors import (
     DeviceUnavailableError,
     InputOutOfRangeError,

@@ -1,4 +1,4 @@
-"""The numba CPU backend: runs a :class:`~model.engine.program.Program` on numpy arrays.
+"""The numba CPU backend: runs a :class:`~model.engine.ops.Program` on numpy arrays.
 
 Binary layers go through the packed kernels of :mod:`model.engine.kernels`. Real-valued
 layers run in float32, as eager torch does: the full-precision stem convolution (followed by its
@@ -10,35 +10,24 @@ keeps its logits within rounding of eager's). Every call allocates its own buffe
 calls share nothing mutable; packed buffers start on a cache line (see
 :func:`~model.engine.kernels.aligned_words`).
 
-Threads, by the call's work (:func:`row_work` × batch):
-
-* below :data:`SERIAL_WORK_LIMIT`, the serial twins of the kernels
-  (:data:`~model.engine.kernels.SERIAL`) on the calling thread alone, which also saves starting
-  a parallel region in each kernel (~1 µs) and switching numba's thread count. Small calls gain
-  little from the second core (digits mlp, batch 3: 61 µs on one thread, 50 µs on two, idle
-  machine) but a parallel kernel waits for every worker to be scheduled, so with the other core
-  busy its latency tail grows to milliseconds (same call: p99 0.2 ms, worst 8 ms on two
-  threads; p99 0.11 ms on one);
-* below :data:`TEAM_WORK_LIMIT`, for a model of dense layers only, the binary dense kernels on
-  a :class:`~model.engine.team.Team` of helper threads that stay awake between calls (a
-  4096² binary layer at batch 1: ~15% faster than starting an OpenMP region for it), and the
-  other layers serial, so that no OpenMP worker competes with the helpers for a core;
-* above, the parallel (OpenMP) kernels.
+Which kernels a call runs (serial, a helper team's, or parallel), and whether a small call
+takes a fused path instead, is the dispatch policy's choice (:mod:`model.engine.dispatch`,
+:mod:`model.engine.fused`); this module only executes the program's operations.
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
+from collections.abc import Callable
 
-import numba
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from model.engine import kernels
+from model.engine.dispatch import Dispatch, ranges
 from model.engine.floatmath import F32, F64, affine_f32, fma_f32
-from model.engine.kernels import PARALLEL, ROW_CHUNK, SERIAL, KernelSet
-from model.engine.program import (
+from model.engine.fused import mlp_plan
+from model.engine.kernels import PARALLEL, ROW_CHUNK, KernelSet
+from model.engine.ops import (
     MAX_PLANE_VALUE,
     BinaryConv,
     BinaryDense,
@@ -56,46 +45,39 @@ from model.engine.program import (
     SignedDense,
     ToReal,
     Unpack,
-    handlers,
 )
 from model.engine.runtime import kernel_guard
-from model.engine.team import shared_team
 from model.packing import unpack_signs, words_for
 
-# Work (see row_work) of one predict call below which its kernels run single-threaded: the digits
-# mlp (64 → 1024 → 256 → 10, 12,288 per row) up to batch 5, a 4096-wide binary mlp never.
-SERIAL_WORK_LIMIT = 1 << 16
-# Work below which a dense-only model's calls run on the helper team (see the module docstring):
-# the 784 → 3×4096 mlp (~1.07e6 per row) at batch 1 to 3. Larger batches gain nothing from it
-# (batch 4: even) and lose on the layers that run serially in a team call.
-TEAM_WORK_LIMIT = 1 << 22
-# Operations a call on the team may contain: the binary ones run on the team, the others are
-# small and run serially.
-TEAM_OPS = (RealFlatten, PlanesDense, BinaryDense, SignedDense)
-# Bit-planes assumed for the integer input layer (pixels 0..255) when estimating work.
-PLANES_ESTIMATE = 8
+# An executor method: (op, value, kernel set) → value.
+Handler = Callable[..., np.ndarray]
 
 
 class NumbaExecutor:
     """Executes a program with numba kernels; ``run`` is safe to call from several threads.
 
-    One ``_<op>(op, value, kset)`` method per kind of operation; ``kset`` is the kernel set the
-    call runs (serial or parallel), the same for all its operations."""
+    One ``_<op>(op, value, kset)`` method per kind of operation, found through the explicit
+    ``{op class: method}`` map built in ``__init__``; ``kset`` is the kernel set the call runs
+    (serial, team or parallel), the same for all its operations."""
 
     name = "numba"
 
     def __init__(self, program: Program) -> None:
         self.program = program
-        self._handlers = handlers(self)
-        self._serial_rows = serial_rows(program)
-        self._team_rows, self._team = self._serial_rows, None
-        if all(isinstance(op, TEAM_OPS) for op in program.ops):
-            team = shared_team(numba.get_num_threads())
-            if team is not None:
-                self._team_rows, self._team = (
-                    rows_below(program, TEAM_WORK_LIMIT),
-                    team.kernel_set(),
-                )
+        self._handlers: dict[type, Handler] = {
+            BinaryDense: self._binary_dense,
+            BinaryConv: self._binary_conv,
+            PlanesDense: self._planes_dense,
+            FloatDense: self._float_dense,
+            SignedDense: self._signed_dense,
+            FloatConv: self._float_conv,
+            Quantize: self._quantize,
+            Unpack: self._unpack,
+            RealBatchNorm: self._real_batch_norm,
+            RealMaxPool: self._real_max_pool,
+            RealFlatten: self._real_flatten,
+        }
+        self._dispatch = Dispatch.for_program(program)
         # Per binary layer, the direction flag its kernel flips on each call (kernels.next_sweep).
         self._sweeps = {id(op): np.zeros(1, np.uint8) for op in program.ops}
         self._mlp = mlp_plan(program, self._sweeps)
@@ -106,26 +88,20 @@ class NumbaExecutor:
 
     def run(self, x: np.ndarray, kset: KernelSet | None = None) -> np.ndarray:
         """x: float32 (batch, *input_shape) → logits float32 (batch, classes). ``kset``: the
-        kernels to run, by default the serial ones below :func:`serial_rows` rows."""
+        kernels to run, by default the dispatch policy's choice for the batch
+        (:class:`~model.engine.dispatch.Dispatch`)."""
         if kset is None:
-            if x.shape[0] < self._serial_rows and self._mlp is not None:
+            batch = x.shape[0]
+            if self._mlp is not None and self._dispatch.fused(batch):
                 logits = self._mlp.run(x)
                 if logits is not None:
                     return logits
-            kset = self.kernel_set(x.shape[0])
+            kset = self._dispatch.kernel_set(batch)
         value = x
         with kernel_guard():
             for op in self.program.ops:
                 value = self._handlers[type(op)](op, value, kset)
         return np.ascontiguousarray(value, dtype=F32)
-
-    def kernel_set(self, batch: int) -> KernelSet:
-        """The kernels a call of ``batch`` rows runs (see the module docstring)."""
-        if batch < self._serial_rows:
-            return SERIAL
-        if batch < self._team_rows:
-            return self._team
-        return PARALLEL
 
     # --- binary layers ----------------------------------------------------------------------------
     def _binary_dense(
@@ -266,115 +242,6 @@ class NumbaExecutor:
             kset.pool_bits(bits, kh, kw, sh, sw, pool.and_words, out)
             bits = out
         return bits
-
-
-# --- threads --------------------------------------------------------------------------------------
-def row_work(op: Op) -> int:
-    """Cost of ``op`` per input row, in inner-loop steps: packed words × output channels (× bit
-    planes, × output positions) for binary layers, multiply-adds for float ones."""
-    if isinstance(op, BinaryDense):
-        return op.weight.size
-    if isinstance(op, BinaryConv):
-        return op.out_hw[0] * op.out_hw[1] * op.weight.size
-    if isinstance(op, PlanesDense):
-        return PLANES_ESTIMATE * op.weight.size
-    if isinstance(op, FloatDense):
-        return op.weight.shape[0] * op.features
-    if isinstance(op, SignedDense):
-        return op.weight_t.size // 2  # about half the input bits are set
-    if isinstance(op, FloatConv):
-        (kh, kw), channels = op.kernel, op.in_shape[0]
-        outputs = op.out_hw[0] * op.out_hw[1] * op.epilogue.out.shape[0]
-        return outputs * kh * kw * channels
-    return 0
-
-
-@dataclass(frozen=True)
-class MlpPlan:
-    """A binary mlp's arrays, laid out for :func:`~model.engine.kernels.mlp_rows`, which runs
-    the whole model in one call for batches below :func:`serial_rows` (single-threaded anyway,
-    and at batch 1 dominated by per-layer call costs: digits mlp 21 → 8 µs a call)."""
-
-    features: int
-    classes: int
-    first: tuple  # (weight, pcw, cut, invert) of the bit-plane input layer
-    hidden: tuple  # (weights, cuts, inverts, direction flags) of the binary layers, each a tuple
-    last: tuple  # (weight_t, base, coef, scale, bias) of the full-precision output layer
-
-    def run(self, x: np.ndarray) -> np.ndarray | None:
-        """Logits of x (batch, …) float32, or None when x is not integers in range (the
-        layer-by-layer path then takes its float route)."""
-        rows = np.ascontiguousarray(x.reshape(x.shape[0], self.features), dtype=F32)
-        logits = np.empty((x.shape[0], self.classes), F32)
-        # serial kernels only: no parallel region, so no kernel_guard whatever the layer
-        done = kernels.mlp_rows(rows, MAX_PLANE_VALUE, self.first, *self.hidden, self.last, logits)
-        return logits if done else None
-
-
-def mlp_plan(program: Program, sweeps: dict[int, np.ndarray]) -> MlpPlan | None:
-    """The :class:`MlpPlan` of ``program`` if it is [flatten,] bit-plane dense, binary dense (one
-    or more), full-precision dense — every binary layer deciding without pooling, the output's
-    affine step in float32 — else None."""
-    flattens = [i for i, op in enumerate(program.ops) if isinstance(op, RealFlatten)]
-    ops = program.ops[len(flattens) :]
-    if flattens not in ([], [0]) or len(ops) < 2:  # a flatten may only come first
-        return None
-    first, *hidden, last = ops
-    if not hidden:  # the kernel indexes the hidden layers' tuples, which must not be empty
-        return None
-    if not (isinstance(first, PlanesDense) and _plain_decide(first.epilogue)):
-        return None
-    if not all(isinstance(op, BinaryDense) and _plain_decide(op.epilogue) for op in hidden):
-        return None
-    if not (isinstance(last, SignedDense) and isinstance(last.epilogue, ToReal)):
-        return None
-    affine = last.epilogue.affine
-    scale, bias = (None, None) if affine is None else (affine.scale, affine.bias)
-    if any(v is not None and v.dtype != F32 for v in (scale, bias)):
-        return None
-    # Tuples, not typed lists: numba checks a tuple's items in C, a typed list in Python
-    # (7.5 → 4.8 µs a call for the digits mlp).
-    hidden_arrays = tuple(
-        tuple(values)
-        for values in zip(
-            *((op.weight, op.epilogue.cut, op.epilogue.invert, sweeps[id(op)]) for op in hidden),
-            strict=True,
-        )
-    )
-    # the kernel indexes each tuple by a loop variable: its items must have one numba type
-    for arrays, dtype in zip(hidden_arrays, (np.uint64, np.int64, np.uint8, np.uint8), strict=True):
-        if not all(a.dtype == dtype and a.flags.c_contiguous for a in arrays):
-            return None
-    ep = first.epilogue
-    return MlpPlan(
-        features=first.features,
-        classes=last.weight_t.shape[1],
-        first=(first.weight, first.pcw, ep.cut, ep.invert),
-        hidden=hidden_arrays,
-        last=(last.weight_t, last.base, float(last.coef), scale, bias),
-    )
-
-
-def _plain_decide(ep: Decide | ToReal) -> bool:
-    return isinstance(ep, Decide) and not ep.pools
-
-
-def ranges(kset: KernelSet) -> int:
-    """Contiguous ranges a kernel splits its work into: one per numba thread for the parallel
-    kernels, else one (the team's kernels ignore it: they split the work their own way)."""
-    return numba.get_num_threads() if kset is PARALLEL else 1
-
-
-def serial_rows(program: Program) -> int:
-    """The smallest batch whose work reaches SERIAL_WORK_LIMIT: smaller batches run the serial
-    kernels, this one and larger the parallel ones."""
-    return rows_below(program, SERIAL_WORK_LIMIT)
-
-
-def rows_below(program: Program, limit: int) -> int:
-    """The smallest batch whose work (:func:`row_work` × batch) reaches ``limit``."""
-    per_row = sum(row_work(op) for op in program.ops)
-    return -(-limit // per_row) if per_row else sys.maxsize
 
 
 # --- shared helpers (also used by tests as references) --------------------------------------------

@@ -12,7 +12,8 @@ For rows ``a`` and ``w`` of ``L`` words the kernels compute ``P = popcount(a XOR
 * {0, 1} inputs:              a·w = P − popcount(w)
 * integer inputs as bit-planes x = Σ_b 2^b x_b:  a·w = Σ_b 2^b (P_b − popcount(w))
 
-``popcount`` is LLVM's ``ctpop``; on AVX-512 VPOPCNTDQ machines the word loops vectorize to
+``popcount`` is LLVM's ``ctpop`` (the hand-written intrinsics are in
+:mod:`model.engine.intrinsics`); on AVX-512 VPOPCNTDQ machines the word loops vectorize to
 ``vpopcntq`` on zmm registers (``tests/model/engine/test_kernels.py`` checks the assembly).
 All kernels release the GIL; the parallel ones split work with ``prange``. Each parallel kernel
 has a serial twin (:data:`SERIAL`) for calls too small to pay for starting a parallel region.
@@ -20,19 +21,28 @@ has a serial twin (:data:`SERIAL`) for calls too small to pay for starting a par
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from types import FunctionType
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from model.engine import runtime  # noqa: F401  (cache directory and threading layer first)
+from model.engine.intrinsics import (
+    SIGNS_BY_BYTE,
+    conv_sums8,
+    conv_sums64,
+    fma32,
+    popcount,
+    signed_sum1,
+    signed_sums8,
+    trailing_zeros,
+    xor_popcount8,
+    xor_popcount8_bits,
+)
+from model.engine.layout import CACHE_LINE_WORDS, WORD
 
-WORD = 64
-CACHE_LINE_WORDS = 8  # 64 bytes (see model.engine.program.CACHE_LINE)
 # Rows of a batch that stream past one block of 64 weight rows (dense_threshold_pack).
 ROW_CHUNK = 64
 _JIT = {"nogil": True, "cache": True, "fastmath": True}
@@ -40,260 +50,6 @@ _PAR = {**_JIT, "parallel": True}
 # Float kernels keep IEEE semantics: no reassociation, no contraction of float64 → float32 casts.
 _JIT_EXACT = {"nogil": True, "cache": True}
 _PAR_EXACT = {**_JIT_EXACT, "parallel": True}
-
-
-@intrinsic
-def popcount(typingctx, x):
-    """Number of set bits of an integer (LLVM ``ctpop``)."""
-    if not isinstance(x, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.ctpop(args[0])
-
-    return x(x), codegen
-
-
-@intrinsic
-def trailing_zeros(typingctx, x):
-    """Index of the lowest set bit (LLVM ``cttz``; x must not be 0)."""
-    if not isinstance(x, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
-
-    return x(x), codegen
-
-
-_I32, _I64 = ir.IntType(32), ir.IntType(64)
-_V8 = ir.VectorType(_I64, 8)
-
-
-def _shuffle_add(builder, x, y, lanes_a, lanes_b):
-    """x ⧺ y picked at ``lanes_a`` plus x ⧺ y picked at ``lanes_b`` (lane-wise)."""
-    pick = [
-        builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(_I32, 8), lanes))
-        for lanes in (lanes_a, lanes_b)
-    ]
-    return builder.add(*pick)
-
-
-def _transpose_sum8(builder, v):
-    """Eight <8 x i64> vectors → one whose lane j is the sum of v[j]'s lanes (3 shuffle-add
-    levels instead of eight horizontal reductions)."""
-    pairs = [
-        _shuffle_add(
-            builder,
-            v[2 * i],
-            v[2 * i + 1],
-            [0, 8, 2, 10, 4, 12, 6, 14],
-            [1, 9, 3, 11, 5, 13, 7, 15],
-        )
-        for i in range(4)
-    ]
-    quads = [
-        _shuffle_add(
-            builder,
-            pairs[2 * i],
-            pairs[2 * i + 1],
-            [0, 1, 8, 9, 4, 5, 12, 13],
-            [2, 3, 10, 11, 6, 7, 14, 15],
-        )
-        for i in range(2)
-    ]
-    return _shuffle_add(
-        builder, quads[0], quads[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
-    )
-
-
-def _is_words_2d(t) -> bool:
-    return (
-        isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype == types.uint64
-    )
-
-
-def _counts8(context, builder, a_type, w_type, a, w, row, col):
-    """<8 x i64>: popcount(a[row] XOR w[col + j]) in lane j (see :func:`xor_popcount8`)."""
-    a_arr = context.make_array(a_type)(context, builder, a)
-    w_arr = context.make_array(w_type)(context, builder, w)
-    length = builder.extract_value(a_arr.shape, 1)
-    ctpop = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_V8, [_V8]), "llvm.ctpop.v8i64"
-    )
-    a_row = builder.gep(a_arr.data, [builder.mul(row, length)])
-    w_rows = [
-        builder.gep(w_arr.data, [builder.mul(builder.add(col, ir.Constant(_I64, j)), length)])
-        for j in range(8)
-    ]
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8, [0] * 8)) for _ in range(8)]
-    eight = ir.Constant(_I64, 8)
-    with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), length, eight) as (k, _):
-        av = builder.load(builder.bitcast(builder.gep(a_row, [k]), _V8.as_pointer()), align=8)
-        for j in range(8):
-            ptr = builder.bitcast(builder.gep(w_rows[j], [k]), _V8.as_pointer())
-            counts = builder.call(ctpop, [builder.xor(av, builder.load(ptr, align=8))])
-            builder.store(builder.add(builder.load(accs[j]), counts), accs[j])
-    return _transpose_sum8(builder, [builder.load(acc) for acc in accs])
-
-
-@intrinsic
-def xor_popcount8(typingctx, a, w, m, o):
-    """popcount(a[m] XOR w[o + j]) for j < 8, as a tuple of 8 int64.
-
-    Hand-written vector IR: per 8-word step one <8 x i64> load of a[m], then for each weight row
-    a load, XOR, ``llvm.ctpop.v8i64`` (VPOPCNTQ zmm) and add into its own accumulator; the eight
-    accumulators are summed across lanes together by :func:`_transpose_sum8`. a and w must be
-    C-contiguous 2-D uint64 arrays of the same row length, a multiple of 8 words.
-    """
-    if not (_is_words_2d(a) and _is_words_2d(w)):
-        return None
-    if not (isinstance(m, types.Integer) and isinstance(o, types.Integer)):
-        return None
-    sig = types.UniTuple(types.int64, 8)(a, w, types.int64, types.int64)
-
-    def codegen(context, builder, sig, args):
-        total = _counts8(context, builder, sig.args[0], sig.args[1], *args)
-        items = [builder.extract_element(total, ir.Constant(_I32, j)) for j in range(8)]
-        return context.make_tuple(builder, sig.return_type, items)
-
-    return sig, codegen
-
-
-@intrinsic
-def xor_popcount8_bits(typingctx, a, w, m, o, cut, invert):
-    """The 8 packed decisions ``(popcount(a[m] XOR w[o + j]) ≥ cut[o + j]) XOR invert[o + j]``
-    as bits 0..7 of a uint64: one vector compare, XOR and mask move instead of eight scalar
-    ones. cut: C-contiguous int64 (O,), invert: C-contiguous uint8 (O,)."""
-    vectors_ok = (
-        isinstance(cut, types.Array) and cut.dtype == types.int64 and cut.layout == "C"
-        and isinstance(invert, types.Array) and invert.dtype == types.uint8
-        and invert.layout == "C"
-    )  # fmt: skip
-    if not (_is_words_2d(a) and _is_words_2d(w) and vectors_ok):
-        return None
-    sig = types.uint64(a, w, types.int64, types.int64, cut, invert)
-
-    def codegen(context, builder, sig, args):
-        a_val, w_val, row, col, cut_val, invert_val = args
-        total = _counts8(context, builder, sig.args[0], sig.args[1], a_val, w_val, row, col)
-        cut_ptr = context.make_array(sig.args[4])(context, builder, cut_val).data
-        inv_ptr = context.make_array(sig.args[5])(context, builder, invert_val).data
-        i8x8 = ir.VectorType(ir.IntType(8), 8)
-        cuts = builder.load(builder.bitcast(builder.gep(cut_ptr, [col]), _V8.as_pointer()), align=8)
-        inverts = builder.load(
-            builder.bitcast(builder.gep(inv_ptr, [col]), i8x8.as_pointer()), align=1
-        )
-        fires = builder.icmp_signed(">=", total, cuts)
-        flip = builder.icmp_unsigned("!=", inverts, ir.Constant(i8x8, [0] * 8))
-        bits = builder.bitcast(builder.xor(fires, flip), ir.IntType(8))
-        return builder.zext(bits, _I64)
-
-    return sig, codegen
-
-
-# Row b: the 8 values ±1.0 of the bits of byte b (bit set ⇔ −1), for :func:`signed_sums8`.
-SIGNS_BY_BYTE = np.where(
-    (np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1, np.float32(-1.0), np.float32(1.0)
-).astype(np.float32)
-_F8 = ir.VectorType(ir.FloatType(), 8)
-
-
-def _is_array_2d(t, dtype) -> bool:
-    return isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype == dtype
-
-
-def _lane_sum(builder, v):
-    """The 8 lanes of a <8 x float> summed in a fixed tree: ((0+4)+(2+6)) + ((1+5)+(3+7))."""
-    for half in (4, 2, 1):
-        low = builder.shuffle_vector(
-            v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half)))
-        )
-        high = builder.shuffle_vector(
-            v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half, 2 * half)))
-        )
-        v = builder.fadd(low, high)
-    return builder.extract_element(v, ir.Constant(_I32, 0))
-
-
-def _signed_sums(context, builder, sig, args, rows):
-    """[Σ_i x[m, i]·s_i(w[o + j]) for j < rows] as float32 values, s_i = −1 where bit i is set.
-
-    Per word k of the weight rows and byte b of the word: one <8 x float> load of
-    x[m, 64k + 8b : 64k + 8b + 8], and per weight row the ±1 pattern of its byte from
-    SIGNS_BY_BYTE, a multiply (exact: x·±1) and an add into that row's own 8-lane accumulator.
-    Each lane adds its inputs in index order and the lanes are summed in a fixed tree, with no
-    fast-math flag, so the result is the same on every CPU and vector width."""
-    x_type, w_type, s_type = sig.args[:3]
-    x_val, w_val, s_val, row, col = args
-    x_arr = context.make_array(x_type)(context, builder, x_val)
-    w_arr = context.make_array(w_type)(context, builder, w_val)
-    s_arr = context.make_array(s_type)(context, builder, s_val)
-    stride = builder.extract_value(w_arr.shape, 1)
-    features = builder.extract_value(x_arr.shape, 1)
-    words = builder.udiv(features, ir.Constant(_I64, WORD))  # the weights' padding words skipped
-    x_row = builder.gep(x_arr.data, [builder.mul(row, features)])
-    w_rows = [
-        builder.gep(w_arr.data, [builder.mul(builder.add(col, ir.Constant(_I64, j)), stride)])
-        for j in range(rows)
-    ]
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(_F8, [0.0] * 8)) for _ in range(rows)]
-    byte_mask = ir.Constant(_I64, 255)
-    with cgutils.for_range(builder, words) as loop:
-        k = loop.index
-        w_words = [builder.load(builder.gep(w_row, [k])) for w_row in w_rows]
-        for b in range(8):
-            at = builder.add(builder.mul(k, ir.Constant(_I64, WORD)), ir.Constant(_I64, 8 * b))
-            xv = builder.load(builder.bitcast(builder.gep(x_row, [at]), _F8.as_pointer()), align=4)
-            for j in range(rows):
-                byte = builder.and_(builder.lshr(w_words[j], ir.Constant(_I64, 8 * b)), byte_mask)
-                s_ptr = builder.gep(s_arr.data, [builder.mul(byte, ir.Constant(_I64, 8))])
-                sv = builder.load(builder.bitcast(s_ptr, _F8.as_pointer()), align=4)
-                acc = builder.fadd(builder.load(accs[j]), builder.fmul(xv, sv))
-                builder.store(acc, accs[j])
-    return [_lane_sum(builder, builder.load(acc)) for acc in accs]
-
-
-def _signed_sums_typing(x, w, signs, m, o, rows):
-    if not (
-        _is_array_2d(x, types.float32)
-        and _is_words_2d(w)
-        and _is_array_2d(signs, types.float32)
-        and isinstance(m, types.Integer)
-        and isinstance(o, types.Integer)
-    ):
-        return None
-    result = types.UniTuple(types.float32, rows) if rows > 1 else types.float32
-    return result(x, w, signs, types.int64, types.int64)
-
-
-@intrinsic
-def signed_sums8(typingctx, x, w, signs, m, o):
-    """x[m] · s(w[o + j]) for j < 8 as a tuple of float32 (see :func:`_signed_sums`): x (M,
-    64·W) float32, zero past the features, W ≤ L; w (O, L) uint64 packed ±1 rows (words past
-    W are not read); signs = SIGNS_BY_BYTE."""
-    sig = _signed_sums_typing(x, w, signs, m, o, 8)
-    if sig is None:
-        return None
-
-    def codegen(context, builder, sig, args):
-        sums = _signed_sums(context, builder, sig, args, 8)
-        return context.make_tuple(builder, sig.return_type, sums)
-
-    return sig, codegen
-
-
-@intrinsic
-def signed_sum1(typingctx, x, w, signs, m, o):
-    """x[m] · s(w[o]) as float32, bit for bit what :func:`signed_sums8` gives for that row."""
-    sig = _signed_sums_typing(x, w, signs, m, o, 1)
-    if sig is None:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return _signed_sums(context, builder, sig, args, 1)[0]
-
-    return sig, codegen
 
 
 @njit(**_JIT, inline="always")
@@ -308,7 +64,8 @@ def _xor_popcount(a, w, m, o):
 @njit(**_JIT, inline="always")
 def _xor_popcount4(a, w, m, o):
     """popcount(a[m] XOR w[o + i]) for i < 4: each word of a[m] is loaded once for four
-    weight rows (register blocking; ~1.3× the single-row loop at batch ≥ 4 on Zen 4)."""
+    weight rows (register blocking; faster than the single-row loop at batch ≥ 4, see
+    docs/benchmarks.md, "Engine design figures")."""
     s0 = np.int64(0)
     s1 = np.int64(0)
     s2 = np.int64(0)
@@ -485,7 +242,7 @@ def pack_bit_planes(x, planes):
 @njit(**_JIT)
 def aligned_words(shape):
     """An uninitialized uint64 array of ``shape`` (a tuple) whose data starts on a cache line, like
-    :func:`model.engine.program.aligned_empty` at a third of its cost per call: numba allocates on
+    :func:`model.engine.layout.aligned_empty` at a fraction of its cost per call: numba allocates on
     32 bytes, so one cache line more is allocated and the start moved up to the next line."""
     size = 1
     for n in shape:
@@ -622,8 +379,8 @@ def planes_word_threshold_pack(planes, w, pcw, cut, invert, out):
     one word), vectorized across outputs instead of along the row: for each plane word p_b,
     acc[o] += (popcount(p_b XOR w[o]) − pcw[o]) << b runs over the contiguous column of weight
     words (VPOPCNTQ on eight outputs at a time), and so do the decisions before they are
-    packed. planes (B, M, 1), w (O, 1) C-contiguous. The digits mlp's first layer (64 → 1024)
-    takes 2.6 µs a row, against 13.6 µs along the rows."""
+    packed. planes (B, M, 1), w (O, 1) C-contiguous. Several times faster than along the rows
+    on the digits mlp's first layer (64 → 1024): docs/benchmarks.md, "Engine design figures"."""
     n_planes, m_rows = planes.shape[0], planes.shape[1]
     o_rows, words = w.shape[0], out.shape[1]
     column = w.reshape(o_rows)  # contiguous: the loops below vectorize
@@ -670,7 +427,7 @@ def affine_rows(raw, scale, bias, out):
     """out[m, o] = fl(fl(raw[m, o]·scale[o]) + bias[o]) in float32, each operation rounded as
     eager torch rounds it (no fastmath: no fused multiply-add); a step whose array is None is
     skipped (numba compiles the branch away). raw (M, O) float32, scale and bias (O,) float32
-    or None. The numpy expression costs ~6 µs a call in error-state handling alone."""
+    or None. Cheaper than the numpy expression's error-state handling alone (docs/benchmarks.md, "Engine design figures")."""
     for m in range(raw.shape[0]):
         for o in range(raw.shape[1]):
             y = raw[m, o]
@@ -714,112 +471,6 @@ def signed_dense(bits, w_t, base, coef, out):
                 word &= word - np.uint64(1)
         for o in range(o_rows):
             out[m, o] = base[o] + coef * out[m, o]
-
-
-def _conv_sums_codegen(context, builder, sig, args, vectors):
-    """8·``vectors`` float32 sums acc ← fma(x, w[·, o + j], acc) from acc = bias[o + j] over one
-    window, in (dy, dx, c) order; each of the ``vectors`` <8 x float> accumulators stays in a
-    register."""
-    x_type, w_type, b_type = sig.args[:3]
-    x_val, w_val, b_val, i, y0, x0, kh, kw, o, _ = args
-    x_arr = context.make_array(x_type)(context, builder, x_val)
-    w_arr = context.make_array(w_type)(context, builder, w_val)
-    b_arr = context.make_array(b_type)(context, builder, b_val)
-    hp, wp, c = (builder.extract_value(x_arr.shape, d) for d in (1, 2, 3))
-    o_rows = builder.extract_value(w_arr.shape, 1)
-
-    def vector_at(base, index):
-        return builder.load(builder.bitcast(builder.gep(base, [index]), _F8.as_pointer()), align=4)
-
-    # one rounding per term, as oneDNN's convolution (a library call where the CPU has no FMA)
-    fma = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_F8, [_F8, _F8, _F8]), "llvm.fma.v8f32"
-    )
-    offsets = [builder.add(o, ir.Constant(_I64, 8 * v)) for v in range(vectors)]
-    accs = [cgutils.alloca_once(builder, _F8) for _ in range(vectors)]
-    for acc, at in zip(accs, offsets, strict=True):
-        builder.store(vector_at(b_arr.data, at), acc)
-    zero8 = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
-    with cgutils.for_range(builder, kh) as dy_loop:
-        y = builder.add(y0, dy_loop.index)
-        with cgutils.for_range(builder, kw) as dx_loop:
-            dx = dx_loop.index
-            pixel = builder.add(builder.mul(builder.add(builder.mul(i, hp), y), wp), x0)
-            x_base = builder.mul(builder.add(pixel, dx), c)
-            row = builder.mul(builder.add(builder.mul(dy_loop.index, kw), dx), c)
-            with cgutils.for_range(builder, c) as ch_loop:
-                ch = ch_loop.index
-                v = builder.load(builder.gep(x_arr.data, [builder.add(x_base, ch)]))
-                vb = builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(_F8, None), v, ir.Constant(_I32, 0)),
-                    ir.Constant(_F8, None),
-                    zero8,
-                )
-                w_row = builder.mul(builder.add(row, ch), o_rows)
-                for acc, at in zip(accs, offsets, strict=True):
-                    wv = vector_at(w_arr.data, builder.add(w_row, at))
-                    builder.store(builder.call(fma, [vb, wv, builder.load(acc)]), acc)
-    d_arr = context.make_array(sig.args[9])(context, builder, args[9])
-    for v, acc in enumerate(accs):
-        target = builder.gep(d_arr.data, [ir.Constant(_I64, 8 * v)])
-        builder.store(builder.load(acc), builder.bitcast(target, _F8.as_pointer()), align=4)
-
-
-@intrinsic
-def fma32(typingctx, a, b, c):
-    """fma(a, b, c) in float32: a·b + c rounded once (LLVM ``llvm.fma.f32``)."""
-    if not all(isinstance(t, types.Float) and t.bitwidth == 32 for t in (a, b, c)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        f32 = ir.FloatType()
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32"
-        )
-        return builder.call(fn, args)
-
-    return types.float32(types.float32, types.float32, types.float32), codegen
-
-
-def _conv_sums_intrinsic(vectors):
-    def typer(typingctx, x, w, bias, i, y0, x0, kh, kw, o, sums):
-        arrays_ok = (
-            isinstance(x, types.Array) and x.ndim == 4 and x.layout == "C"
-            and x.dtype == types.float32 and _is_array_2d(w, types.float32)
-            and all(
-                isinstance(v, types.Array) and v.ndim == 1 and v.layout == "C"
-                and v.dtype == types.float32
-                for v in (bias, sums)
-            )
-        )  # fmt: skip
-        if not arrays_ok:
-            return None
-        sig = types.none(x, w, bias, *(types.int64,) * 6, sums)
-
-        def codegen(context, builder, sig, args):
-            _conv_sums_codegen(context, builder, sig, args, vectors)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return typer
-
-
-def _conv_sums_doc(lanes):
-    return (
-        f"sums[j] = bias[o + j] + Σ x·w[·, o + j] (fused multiply-adds) for j < {lanes} over the "
-        "window at (y0, x0) "
-        "of image i: x (N, Hp, Wp, C), w (kh·kw·C, O), bias (O,), sums (≥ lanes,) float32, "
-        "C-contiguous. Per input value one broadcast, and per 8 channels a multiply and an add "
-        "into an accumulator that stays in a register (a loop over an accumulator array loads "
-        "and stores it for every product)."
-    )
-
-
-conv_sums64 = intrinsic(_conv_sums_intrinsic(8))
-conv_sums64.__doc__ = _conv_sums_doc(64)
-conv_sums8 = intrinsic(_conv_sums_intrinsic(1))
-conv_sums8.__doc__ = _conv_sums_doc(8)
 
 
 @njit(**_JIT_EXACT, inline="always")
@@ -932,9 +583,10 @@ def pool_bits(x, kh, kw, sh, sw, and_mask, out):
 # --- serial twins ---------------------------------------------------------------------------------
 def serial_twin(kernel):
     """``kernel`` compiled without ``parallel``: its ``prange`` loops run as plain loops on the
-    calling thread, skipping the parallel region's start (~1 µs a call, more with cold caches)
-    and numba's per-call thread-count switch. The Python function is copied under a new name
-    because numba's on-disk cache keys a function by name and types, not by compile flags."""
+    calling thread, skipping the parallel region's start and numba's per-call thread-count
+    switch (cost: docs/benchmarks.md, "Engine design figures"). The Python function is copied
+    under a new name because numba's on-disk cache keys a function by name and types, not by
+    compile flags."""
     fn = kernel.py_func
     twin = FunctionType(fn.__code__, fn.__globals__, f"{fn.__name__}_serial", fn.__defaults__)
     twin.__qualname__ = f"{fn.__qualname__}_serial"
@@ -943,21 +595,25 @@ def serial_twin(kernel):
     return njit(cache=True, **options)(twin)
 
 
+# A compiled kernel: writes its result into its last array argument(s), returns nothing.
+Kernel = Callable[..., None]
+
+
 @dataclass(frozen=True)
 class KernelSet:
     """The parallel kernels the CPU executor calls, or their serial twins (same arguments)."""
 
-    xor_popcount_gemm: object
-    dense_threshold_pack: object
-    planes_dense_acc: object
-    planes_dense_threshold_pack: object
-    planes_word_threshold_pack: object
-    threshold_pack_rows: object
-    signed_dense: object
-    real_packed_dense: object
-    real_conv_threshold_pack: object
-    im2col_bits: object
-    pool_bits: object
+    xor_popcount_gemm: Kernel
+    dense_threshold_pack: Kernel
+    planes_dense_acc: Kernel
+    planes_dense_threshold_pack: Kernel
+    planes_word_threshold_pack: Kernel
+    threshold_pack_rows: Kernel
+    signed_dense: Kernel
+    real_packed_dense: Kernel
+    real_conv_threshold_pack: Kernel
+    im2col_bits: Kernel
+    pool_bits: Kernel
 
     def serial(self) -> KernelSet:
         return KernelSet(*(serial_twin(getattr(self, f.name)) for f in fields(self)))
@@ -977,46 +633,3 @@ PARALLEL = KernelSet(
     pool_bits,
 )
 SERIAL = PARALLEL.serial()
-
-
-# --- whole binary mlp in one call ------------------------------------------------------------------
-_planes_word_serial = SERIAL.planes_word_threshold_pack
-_planes_dense_serial = SERIAL.planes_dense_threshold_pack
-_dense_serial = SERIAL.dense_threshold_pack
-_signed_dense_serial = SERIAL.signed_dense
-
-
-@njit(**_JIT)
-def mlp_rows(x, max_value, first, hidden_w, hidden_cut, hidden_invert, sweeps, last, logits):
-    """A binary mlp on a few rows in one call, on the calling thread: the serial kernels of its
-    layers run back to back, so the per-call costs (dispatch, argument checks, buffers) are paid
-    once instead of once per layer — most of a small model's time at batch 1.
-
-    x (M, F) float32 integer-valued input; first = (w, pcw, cut, invert) of the bit-plane input
-    layer (:func:`planes_dense_threshold_pack`); hidden_* the binary layers' weights, cuts and
-    inverts (:func:`dense_threshold_pack`) and their direction flags, as non-empty tuples; last = (weight_t, base,
-    coef, scale, bias) of the full-precision output layer (:func:`signed_dense`, then
-    :func:`affine_rows`; scale and bias may be None); logits (M, O) float32 receives the result.
-    Returns False, with logits untouched, unless every input is an integer in [0, max_value]
-    (the caller then runs the layers one by one, through the float path).
-    """
-    w, pcw, cut, invert = first
-    planes = integer_bit_planes(x, max_value, w.shape[1])
-    if planes.shape[0] == 0:
-        return False
-    m_rows = x.shape[0]
-    a = aligned_words((m_rows, (w.shape[0] + WORD - 1) // WORD))
-    if w.shape[1] == 1:
-        _planes_word_serial(planes, w, pcw, cut, invert, a)
-    else:
-        _planes_dense_serial(planes, w, pcw, cut, invert, a)
-    for i in range(len(hidden_w)):
-        hw = hidden_w[i]
-        out = aligned_words((m_rows, (hw.shape[0] + WORD - 1) // WORD))
-        _dense_serial(a, hw, hidden_cut[i], hidden_invert[i], out, ROW_CHUNK, 1, sweeps[i])
-        a = out
-    weight_t, base, coef, scale, bias = last
-    raw = np.empty((m_rows, weight_t.shape[1]), np.float64)
-    _signed_dense_serial(a, weight_t, base, coef, raw)
-    affine_rows(raw.astype(np.float32), scale, bias, logits)
-    return True

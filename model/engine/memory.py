@@ -37,7 +37,7 @@ patches). A layer that quantizes a real input (not the packed decisions of the l
 adds 8 bytes per input value for the copy it compares. ``o`` is the bytes per output value with
 its accumulators: 24 for real outputs (int32 popcounts, int64/float64 sums, float32 copies; 32
 on torch); for a dense/conv layer whose output folds into the next layer's binarizer
-(:func:`model.engine.program.foldable_tail`) 12 with a real input (float64 and float32 sums
+(:func:`model.engine.compiler.foldable_tail`) 12 with a real input (float64 and float32 sums
 before the compare; 1 for a convolution with real weights on the CPU engine, whose kernel
 compares and packs as it goes), 1 with a binary input on the CPU engine (packed decisions), and
 40 on the torch backend (sums, the compare, and the int64 steps of packing). Layers between
@@ -54,7 +54,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from model.engine.program import foldable_tail
+from model.engine.compiler import foldable_tail
 from model.errors import ModelTooLargeError
 from model.spec import FLOAT32, UINT64, Conv2d, Dense, Flatten, Layer, ModelSpec, Shape
 

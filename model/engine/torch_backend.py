@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.engine.program import (
+from model.engine.ops import (
     MAX_PLANE_VALUE,
     BinaryConv,
     BinaryDense,
@@ -217,7 +217,11 @@ class TorchExecutor:
         return tensor
 
     def _prepare(self, op: object) -> Step:
-        prepare = {
+        return self._preparers()[type(op)](op)
+
+    def _preparers(self) -> dict[type, Callable[..., Step]]:
+        """{op class: the method that prepares its step}, one per kind of operation."""
+        return {
             BinaryDense: self._binary_dense,
             BinaryConv: self._binary_conv,
             PlanesDense: self._planes_dense,
@@ -229,8 +233,7 @@ class TorchExecutor:
             RealBatchNorm: self._real_batch_norm,
             RealMaxPool: self._real_max_pool,
             RealFlatten: self._real_flatten,
-        }[type(op)]
-        return prepare(op)
+        }
 
     def _binary_dense(self, op: BinaryDense) -> Step:
         signs = dense_signs(op.weight, op.input)  # (O, K) ±1

@@ -7,7 +7,7 @@ compilation. The signatures do not depend on layer sizes, so two small synthetic
 mlp (integer and real inputs, ±1 and {0,1} activations, α scales) and a cnn (full-precision
 first convolution, binary convolutions padded with +1 and −1, max-pooling) — reach every
 kernel, each run at batches small enough for the serial kernels, at the smallest batch past them
-(:func:`model.engine.cpu.serial_rows`: the helper team's kernels for the mlps, the parallel ones
+(:func:`model.engine.dispatch.serial_rows`: the helper team's kernels for the mlps, the parallel ones
 for the cnn) and at the smallest one past the team's (the parallel ones). Artifacts or version
 directories named on the command line are warmed too.
 """
@@ -82,7 +82,7 @@ def random_tensors(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
 def warm(paths: list[Path], scratch: Path) -> list[tuple[str, float]]:
     """Load and warm the synthetic graphs and every artifact in ``paths``; (name, seconds) each."""
     from model.engine import load_model
-    from model.engine.cpu import TEAM_WORK_LIMIT, rows_below, serial_rows
+    from model.engine.dispatch import TEAM_WORK_LIMIT, rows_below, serial_rows
 
     scratch.mkdir(parents=True, exist_ok=True)
     targets = []

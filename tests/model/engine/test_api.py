@@ -227,6 +227,15 @@ def test_workqueue_fallback_serializes_kernels(mlp_path):
     assert result.stdout.split() == ["workqueue", "0", "160"]
 
 
+def test_the_cpu_executor_maps_every_op_to_its_own_method(mlp):
+    """The explicit {op class: method} map covers each kind of operation exactly once."""
+    from model.engine.ops import OPS
+
+    handlers = mlp._executor._handlers
+    assert set(handlers) == set(OPS)
+    assert len({method.__name__ for method in handlers.values()}) == len(OPS)
+
+
 def test_small_calls_run_serial_kernels(mlp, monkeypatch):
     """A call whose work is below SERIAL_WORK_LIMIT runs on the calling thread: an mlp in one
     kernel call (integer inputs) or the serial twins of the kernels; below TEAM_WORK_LIMIT a
@@ -236,7 +245,7 @@ def test_small_calls_run_serial_kernels(mlp, monkeypatch):
 
     import numba
 
-    from model.engine import cpu
+    from model.engine import dispatch, fused
 
     seen: list[str] = []
 
@@ -253,15 +262,18 @@ def test_small_calls_run_serial_kernels(mlp, monkeypatch):
         )
 
     executor = mlp._executor
-    assert executor._team is not None  # 2 or more numba threads on Linux
-    monkeypatch.setattr(cpu, "SERIAL", recording_set(cpu.SERIAL, "serial"))
-    monkeypatch.setattr(cpu, "PARALLEL", recording_set(cpu.PARALLEL, "parallel"))
-    monkeypatch.setattr(executor, "_team", recording_set(executor._team, "team"))
-    monkeypatch.setattr(cpu.kernels, "mlp_rows", recording(cpu.kernels.mlp_rows, "one call"))
-    per_row = sum(cpu.row_work(op) for op in mlp.program.ops)
-    rows, team_rows = cpu.serial_rows(mlp.program), executor._team_rows
-    assert (rows - 1) * per_row < cpu.SERIAL_WORK_LIMIT <= rows * per_row
-    assert (team_rows - 1) * per_row < cpu.TEAM_WORK_LIMIT <= team_rows * per_row
+    policy = executor._dispatch
+    assert policy.team is not None  # 2 or more numba threads on Linux
+    monkeypatch.setattr(dispatch, "SERIAL", recording_set(dispatch.SERIAL, "serial"))
+    monkeypatch.setattr(dispatch, "PARALLEL", recording_set(dispatch.PARALLEL, "parallel"))
+    team = recording_set(policy.team, "team")
+    monkeypatch.setattr(executor, "_dispatch", dataclasses.replace(policy, team=team))
+    monkeypatch.setattr(fused, "mlp_rows", recording(fused.mlp_rows, "one call"))
+    per_row = sum(dispatch.row_work(op) for op in mlp.program.ops)
+    rows, team_rows = dispatch.serial_rows(mlp.program), policy.team_rows
+    assert rows == policy.serial_rows
+    assert (rows - 1) * per_row < dispatch.SERIAL_WORK_LIMIT <= rows * per_row
+    assert (team_rows - 1) * per_row < dispatch.TEAM_WORK_LIMIT <= team_rows * per_row
     before = numba.get_num_threads()
     for batch in (rows - 1, rows, team_rows - 1, team_rows):
         mlp.predict(np.zeros((batch, 1, 8, 8), np.float32))

@@ -155,14 +155,14 @@ def test_non_integer_inputs_take_the_float_path(compiled, config, spec):
     ids=[*(config_id(config) for config in MLPS), "mlp-mnist-padded-rows"],
 )
 def test_small_mlp_batches_in_one_call_equal_layer_by_layer(compiled, config, spec):
-    """Below serial_rows an mlp runs in one kernel call (kernels.mlp_rows): the same logits as
+    """Below serial_rows an mlp runs in one kernel call (fused.mlp_rows): the same logits as
     the layers one by one, bit for bit, for integer inputs; others fall back to the layers."""
     from model.engine.kernels import SERIAL
 
     model, _ = compiled(config, spec)
     executor = model._executor
     assert executor._mlp is not None
-    for batch in range(1, min(executor._serial_rows, 9)):
+    for batch in range(1, min(executor._dispatch.serial_rows, 9)):
         pixels = random_pixels(spec, batch, seed=batch)
         fractional = pixels + np.float32(0.5)
         for x in (pixels, fractional):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from model import InputSpec, ModelSpec, load_model, read_artifact
-from model.engine.program import BinaryConv, FloatDense, PlanesDense, Quantize, RealBatchNorm
+from model.engine.ops import BinaryConv, FloatDense, PlanesDense, Quantize, RealBatchNorm
 from model.spec import BatchNorm, Conv2d, Dense, Flatten, MaxPool2d
 from tests.model.engine.reference import cnn_spec, eager_logits, mlp_spec, write_model
 from tests.model.factory import tiny_spec

@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.engine import kernels
+from model.engine import intrinsics, kernels
 from model.engine.cpu import integer_bit_planes, unpack_bits
 from model.engine.floatmath import affine_f32, fma_f32
-from model.engine.program import Bits, aligned_empty, pad_rows, row_words
+from model.engine.layout import aligned_empty, pad_rows, row_words
+from model.engine.ops import Bits
 from model.packing import pack_signs, unpack_signs, words_for
 from model.quantizers import SIGN, STEP
 
@@ -276,7 +277,7 @@ def test_popcount_loops_vectorize_to_vpopcntq():
 
     @njit(nogil=True)
     def gemm8(a, w, out):  # the hand-written vector path
-        s = kernels.xor_popcount8(a, w, 0, 0)
+        s = intrinsics.xor_popcount8(a, w, 0, 0)
         for i in range(8):
             out[0, i] = s[i]
 

@@ -31,7 +31,7 @@ KERNEL_OUTPUTS = """
 import sys
 import numpy as np
 from model.engine import kernels
-from model.engine.program import pad_rows
+from model.engine.layout import pad_rows
 from model.packing import pack_signs
 
 rng = np.random.default_rng(0)

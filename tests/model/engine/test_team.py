@@ -16,7 +16,7 @@ from numba import njit
 
 from model.engine import team as team_module
 from model.engine.cpu import integer_bit_planes
-from model.engine.program import pad_rows
+from model.engine.layout import pad_rows
 from model.engine.team import BUSY, DONE, GEN, IDLE, PARKED, STATE, STOPPED, Team
 from model.packing import words_for
 from tests.model.engine.test_kernels import random_words, ref_pack, ref_popcount

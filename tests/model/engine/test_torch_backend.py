@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from model import ModelSpec, load_model, read_artifact  # noqa: E402
-from model.engine.program import BinaryConv, Bits, Decide  # noqa: E402
+from model.engine.ops import BinaryConv, Bits, Decide  # noqa: E402
 from model.engine.torch_backend import (  # noqa: E402
     Precision,
     TorchExecutor,
@@ -155,6 +155,16 @@ def test_memory_bytes_are_weights_plus_a_calls_peak(compiled):
     assert large.memory_bytes == large.weight_bytes + large.call_bytes
     with pytest.raises(ModelMemoryError, match=r"over the limit of 1000 bytes"):
         TorchExecutor(numba_model.program, "cpu", max_batch=256, max_memory_bytes=1000)
+
+
+def test_the_torch_executor_maps_every_op_to_its_own_method(compiled):
+    """The explicit {op class: preparing method} map covers each kind of operation once."""
+    from model.engine.ops import OPS
+
+    numba_model, _ = compiled(MLPS[0], DIGITS, backend="numba")
+    preparers = TorchExecutor(numba_model.program, "cpu", max_batch=1)._preparers()
+    assert set(preparers) == set(OPS)
+    assert len({method.__name__ for method in preparers.values()}) == len(OPS)
 
 
 def test_load_model_counts_memory_at_the_largest_served_call(tmp_path):

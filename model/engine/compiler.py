@@ -1,26 +1,16 @@
-"""Compile an artifact's layer graph into a program of backend-independent operations.
+"""Compile an artifact's layer graph into a :class:`~model.engine.ops.Program`.
 
-The program is what both backends run (:mod:`model.engine.cpu` with numba, and
-:mod:`model.engine.torch_backend`). Values between operations are either
-
-* **real**: float32 arrays in the spec's layout, (batch, C, H, W) or (batch, F), or
-* **bits**: packed decisions of the next layer's input quantizer, one bit per value (``sign``:
-  1 ⇔ −1; ``step``: 1 ⇔ 1), channels packed into uint64 words: (batch, ⌈F/64⌉) for flat values,
-  (batch, H, W, ⌈C/64⌉) for images ("nhwc"), and a flattened image keeps that word layout
-  (batch, H·W·⌈C/64⌉) ("hwc") — the consuming dense layer's weights are permuted to match at
-  compile time.
-
-A dense or conv layer followed (through BatchNorm, max-pool and flatten layers) by a layer with
-an input quantizer ends in a :class:`Decide` epilogue: thresholds folded from the whole chain
-(:mod:`model.engine.folding`) and max-pools applied to the packed decisions. Otherwise it ends
-in :class:`ToReal` and the following layers run on real values.
+Runs of a dense or conv layer and the BatchNorm, max-pool and flatten layers after it become one
+operation (:mod:`model.engine.ops`); when the next layer quantizes its input, the run ends in
+thresholds folded from the whole chain (:mod:`model.engine.folding`) and the layer's output is
+packed bits, else it ends in real values. Weights are laid out here, once, for the kernels
+(:mod:`model.engine.layout`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,268 +23,34 @@ from model.engine.folding import (
     fold_batchnorm_into_thresholds,
     pool_and_mask,
 )
+from model.engine.layout import Shape, aligned_copy, pad_rows
+from model.engine.ops import (
+    MAX_PLANE_VALUE,
+    BinaryConv,
+    BinaryDense,
+    BitPool,
+    Bits,
+    Decide,
+    Epilogue,
+    FloatConv,
+    FloatDense,
+    Op,
+    PlanesDense,
+    Program,
+    Quantize,
+    Real,
+    RealBatchNorm,
+    RealFlatten,
+    RealMaxPool,
+    SignedDense,
+    ToReal,
+    Unpack,
+)
 from model.packing import pack_signs, unpack_signs, words_for
 from model.quantizers import SIGN, Binarizer, binarizer_for
 from model.spec import BatchNorm, Conv2d, Dense, Flatten, Layer, MaxPool2d, ModelSpec
 
-Shape = tuple[int, ...]
-# Largest input value for which integer bit-planes are used (16 planes).
-MAX_PLANE_VALUE = 2**16 - 1
 
-
-def row_words(words: int) -> int:
-    """Words per row in the kernels' layout: rows of ≥ 8 words are padded with zero words to a
-    multiple of 8 (whole 512-bit vectors) when that adds at most half; zeros never count."""
-    padded = -(-words // 8) * 8
-    return padded if words >= 8 and 2 * (padded - words) <= words else words
-
-
-# Bytes of a cache line: kernel arrays start on one, so that with rows of a multiple of 8 words
-# no 512-bit load straddles two lines (measured +8–10% on the 4096×4096 layer, batch 1 and 64).
-CACHE_LINE = 64
-
-
-def aligned_empty(shape: Shape, dtype: np.dtype | type = np.uint64) -> np.ndarray:
-    """An uninitialized C-contiguous array whose data starts on a CACHE_LINE boundary (numpy
-    itself only guarantees 16 bytes)."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    buffer = np.empty(nbytes + CACHE_LINE, np.uint8)
-    start = -buffer.__array_interface__["data"][0] % CACHE_LINE  # (cheaper than .ctypes)
-    return buffer[start : start + nbytes].view(dtype).reshape(shape)
-
-
-def aligned_copy(array: np.ndarray, dtype: np.dtype | type = np.uint64) -> np.ndarray:
-    """A writable, cache-line-aligned C-contiguous copy of ``array`` as ``dtype``."""
-    out = aligned_empty(array.shape, dtype)
-    out[...] = array
-    return out
-
-
-def pad_rows(words: np.ndarray) -> np.ndarray:
-    """(O, L) uint64 → (O, row_words(L)) with zero words appended, cache-line aligned."""
-    width = row_words(words.shape[1])
-    out = aligned_empty((words.shape[0], width))
-    out[:, : words.shape[1]] = words
-    out[:, words.shape[1] :] = 0
-    return out
-
-
-# --- values ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Bits:
-    """Packed decisions. ``layout``: "flat" (F,), "nhwc" (C, H, W), "hwc" (flattened (C, H, W))."""
-
-    binarizer: Binarizer
-    shape: Shape  # logical per-instance shape; (C, H, W) for nhwc and hwc
-    layout: str
-
-    @property
-    def channels(self) -> int:
-        return self.shape[0]
-
-    @property
-    def features(self) -> int:
-        return int(np.prod(self.shape))
-
-
-@dataclass(frozen=True)
-class Real:
-    shape: Shape
-
-
-# --- epilogues ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BitPool:
-    """Max-pool on packed decisions: AND of the window where ``and_words`` has a bit, else OR."""
-
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    and_words: np.ndarray  # (⌈C/64⌉,) uint64
-
-
-@dataclass(frozen=True)
-class Decide:
-    """bit = (raw ≥ cut) XOR invert per channel, then the pools, in order.
-
-    ``cut`` is int64 on the popcount P for binary-input layers, float64 (float32 values) on the
-    raw float32 value (or integer accumulator) for real-input layers.
-    """
-
-    cut: np.ndarray
-    invert: np.ndarray  # (C,) uint8
-    pools: tuple[BitPool, ...]
-    out: Bits
-
-
-@dataclass(frozen=True)
-class ToReal:
-    """raw → fl(fl(raw·scale) + bias) (the layer's affine part, when it was not folded into raw)."""
-
-    affine: AffineStep | None
-    out: Real
-
-
-Epilogue = Decide | ToReal
-
-
-# --- operations -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BinaryDense:
-    """Bits × packed ±1 weights. raw = a·w = K − 2P (sign input) or P − pcw (step input)."""
-
-    name: str
-    weight: np.ndarray  # (O, L) uint64, L = words of the input layout
-    pcw: np.ndarray  # (O,) int64: popcount of each weight row (its −1s)
-    features: int  # K
-    input: Bits
-    epilogue: Epilogue
-
-
-@dataclass(frozen=True)
-class BinaryConv:
-    """Bits (nhwc) ⋆ packed ±1 weights; patches padded with ``pad_words``."""
-
-    name: str
-    weight: np.ndarray  # (O, row_words(kh·kw·Wc)) uint64 in (dy, dx, word) order, zero-padded
-    pcw: np.ndarray  # (O,) int64
-    features: int  # K = C·kh·kw
-    input: Bits
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    pad_words: np.ndarray  # (Wc,) uint64
-    out_hw: tuple[int, int]
-    epilogue: Epilogue
-
-
-@dataclass(frozen=True)
-class PlanesDense:
-    """Real (integer-valued) model input × packed ±1 weights, exactly, through bit-planes:
-    x·w = Σ_b 2^b (popcount(x_b XOR w) − pcw). Inputs that are not integers in
-    [0, MAX_PLANE_VALUE] take a float32 path that sums ±x over the packed bits
-    (:func:`model.engine.kernels.real_packed_dense`)."""
-
-    name: str
-    weight: np.ndarray  # (O, row_words(⌈F/64⌉)) uint64, zero-padded
-    pcw: np.ndarray
-    features: int
-    epilogue: Epilogue
-
-
-@dataclass(frozen=True)
-class FloatDense:
-    """Real input × weights in float32: ``weight`` is float32 (O, F) (BLAS), or packed ±1
-    (O, ⌈F/64⌉) uint64 (summed over the bits, :func:`model.engine.kernels.real_packed_dense`).
-    raw = fl(x·W) (+ bias when it is not part of the epilogue's affine)."""
-
-    name: str
-    weight: np.ndarray
-    features: int
-    bias_in_raw: np.ndarray | None
-    epilogue: Epilogue
-
-
-@dataclass(frozen=True)
-class SignedDense:
-    """Bits × float32 weights (the full-precision output layer), straight from the packed bits:
-    raw = fl(Σ_i v_i·W[o, i]) with v = ±1 (sign) or {0, 1} (step), accumulated in float64 as
-    ``base + coef · Σ_{bit i set} weight_t[i]`` (sign: base = Σ_i W[o, i], coef = −2)."""
-
-    name: str
-    weight_t: np.ndarray  # (64·L, O) float32: Wᵀ in the bits' word layout, zero rows at padding
-    base: np.ndarray  # (O,) float64
-    coef: float
-    input: Bits
-    epilogue: Epilogue
-
-
-@dataclass(frozen=True)
-class FloatConv:
-    """Real (N, C, H, W) input, padded with ``pad_value``, ⋆ weights, accumulated in float32.
-    ``weight`` is float32 (kh·kw·C, O) with rows in (dy, dx, c) order, or packed ±1
-    (O, kh, kw, ⌈C/64⌉) words as stored (unpacked per call)."""
-
-    name: str
-    weight: np.ndarray
-    in_shape: Shape
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    pad_value: float
-    out_hw: tuple[int, int]
-    bias_in_raw: np.ndarray | None
-    epilogue: Epilogue
-
-
-@dataclass(frozen=True)
-class Quantize:
-    """Real → bits with the consumer's binarizer (a threshold at 0)."""
-
-    decide: Decide
-
-
-@dataclass(frozen=True)
-class Unpack:
-    """Bits → real ±1 (sign) or {0, 1} (step) in the spec's layout."""
-
-    input: Bits
-    out: Real
-
-
-@dataclass(frozen=True)
-class RealBatchNorm:
-    alpha: np.ndarray
-    beta: np.ndarray
-
-
-@dataclass(frozen=True)
-class RealMaxPool:
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-
-
-@dataclass(frozen=True)
-class RealFlatten:
-    out: Real
-
-
-Op = (
-    BinaryDense
-    | BinaryConv
-    | PlanesDense
-    | FloatDense
-    | SignedDense
-    | FloatConv
-    | Quantize
-    | Unpack
-    | RealBatchNorm
-    | RealMaxPool
-    | RealFlatten
-)
-
-
-OPS: tuple[type, ...] = Op.__args__  # type: ignore[attr-defined]
-
-
-def handlers(executor: object) -> dict[type, object]:
-    """{operation class: the executor's ``_<snake_case name>`` method} for every kind of op,
-    so that each backend implements one method per operation and dispatches by type."""
-    return {op: getattr(executor, "_" + _snake(op.__name__)) for op in OPS}
-
-
-def _snake(name: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
-
-
-@dataclass(frozen=True)
-class Program:
-    ops: tuple[Op, ...]
-    input_shape: Shape
-    arrays_bytes: int = field(default=0)
-
-
-# --- compiler -------------------------------------------------------------------------------------
 def compile_program(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> Program:
     """Turn a validated spec and its tensors into a :class:`Program`."""
     layers = spec.layers

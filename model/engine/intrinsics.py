@@ -1,0 +1,378 @@
+"""llvmlite intrinsics of the CPU engine: instructions numba does not emit by itself.
+
+Hand-written LLVM IR for the inner loops of :mod:`model.engine.kernels`: ``ctpop``/``cttz`` on
+words, eight XOR-popcount rows at once on <8 x i64> vectors (``vpopcntq`` on AVX-512 VPOPCNTDQ),
+float32 sums of ±x over packed bits in a fixed order (the same on every CPU), and the
+fused multiply-adds of the stem convolution with accumulators kept in registers. Each intrinsic
+checks its argument types and declines (returns None) for any it was not written for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from model.engine.layout import WORD
+
+
+@intrinsic
+def popcount(typingctx, x):
+    """Number of set bits of an integer (LLVM ``ctpop``)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.ctpop(args[0])
+
+    return x(x), codegen
+
+
+@intrinsic
+def trailing_zeros(typingctx, x):
+    """Index of the lowest set bit (LLVM ``cttz``; x must not be 0)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return x(x), codegen
+
+
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+_V8 = ir.VectorType(_I64, 8)
+
+
+def _shuffle_add(builder, x, y, lanes_a, lanes_b):
+    """x ⧺ y picked at ``lanes_a`` plus x ⧺ y picked at ``lanes_b`` (lane-wise)."""
+    pick = [
+        builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(_I32, 8), lanes))
+        for lanes in (lanes_a, lanes_b)
+    ]
+    return builder.add(*pick)
+
+
+def _transpose_sum8(builder, v):
+    """Eight <8 x i64> vectors → one whose lane j is the sum of v[j]'s lanes (3 shuffle-add
+    levels instead of eight horizontal reductions)."""
+    pairs = [
+        _shuffle_add(
+            builder,
+            v[2 * i],
+            v[2 * i + 1],
+            [0, 8, 2, 10, 4, 12, 6, 14],
+            [1, 9, 3, 11, 5, 13, 7, 15],
+        )
+        for i in range(4)
+    ]
+    quads = [
+        _shuffle_add(
+            builder,
+            pairs[2 * i],
+            pairs[2 * i + 1],
+            [0, 1, 8, 9, 4, 5, 12, 13],
+            [2, 3, 10, 11, 6, 7, 14, 15],
+        )
+        for i in range(2)
+    ]
+    return _shuffle_add(
+        builder, quads[0], quads[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    )
+
+
+def _is_words_2d(t) -> bool:
+    return (
+        isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype == types.uint64
+    )
+
+
+def _counts8(context, builder, a_type, w_type, a, w, row, col):
+    """<8 x i64>: popcount(a[row] XOR w[col + j]) in lane j (see :func:`xor_popcount8`)."""
+    a_arr = context.make_array(a_type)(context, builder, a)
+    w_arr = context.make_array(w_type)(context, builder, w)
+    length = builder.extract_value(a_arr.shape, 1)
+    ctpop = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V8, [_V8]), "llvm.ctpop.v8i64"
+    )
+    a_row = builder.gep(a_arr.data, [builder.mul(row, length)])
+    w_rows = [
+        builder.gep(w_arr.data, [builder.mul(builder.add(col, ir.Constant(_I64, j)), length)])
+        for j in range(8)
+    ]
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8, [0] * 8)) for _ in range(8)]
+    eight = ir.Constant(_I64, 8)
+    with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), length, eight) as (k, _):
+        av = builder.load(builder.bitcast(builder.gep(a_row, [k]), _V8.as_pointer()), align=8)
+        for j in range(8):
+            ptr = builder.bitcast(builder.gep(w_rows[j], [k]), _V8.as_pointer())
+            counts = builder.call(ctpop, [builder.xor(av, builder.load(ptr, align=8))])
+            builder.store(builder.add(builder.load(accs[j]), counts), accs[j])
+    return _transpose_sum8(builder, [builder.load(acc) for acc in accs])
+
+
+@intrinsic
+def xor_popcount8(typingctx, a, w, m, o):
+    """popcount(a[m] XOR w[o + j]) for j < 8, as a tuple of 8 int64.
+
+    Hand-written vector IR: per 8-word step one <8 x i64> load of a[m], then for each weight row
+    a load, XOR, ``llvm.ctpop.v8i64`` (VPOPCNTQ zmm) and add into its own accumulator; the eight
+    accumulators are summed across lanes together by :func:`_transpose_sum8`. a and w must be
+    C-contiguous 2-D uint64 arrays of the same row length, a multiple of 8 words.
+    """
+    if not (_is_words_2d(a) and _is_words_2d(w)):
+        return None
+    if not (isinstance(m, types.Integer) and isinstance(o, types.Integer)):
+        return None
+    sig = types.UniTuple(types.int64, 8)(a, w, types.int64, types.int64)
+
+    def codegen(context, builder, sig, args):
+        total = _counts8(context, builder, sig.args[0], sig.args[1], *args)
+        items = [builder.extract_element(total, ir.Constant(_I32, j)) for j in range(8)]
+        return context.make_tuple(builder, sig.return_type, items)
+
+    return sig, codegen
+
+
+@intrinsic
+def xor_popcount8_bits(typingctx, a, w, m, o, cut, invert):
+    """The 8 packed decisions ``(popcount(a[m] XOR w[o + j]) ≥ cut[o + j]) XOR invert[o + j]``
+    as bits 0..7 of a uint64: one vector compare, XOR and mask move instead of eight scalar
+    ones. cut: C-contiguous int64 (O,), invert: C-contiguous uint8 (O,)."""
+    vectors_ok = (
+        isinstance(cut, types.Array) and cut.dtype == types.int64 and cut.layout == "C"
+        and isinstance(invert, types.Array) and invert.dtype == types.uint8
+        and invert.layout == "C"
+    )  # fmt: skip
+    if not (_is_words_2d(a) and _is_words_2d(w) and vectors_ok):
+        return None
+    sig = types.uint64(a, w, types.int64, types.int64, cut, invert)
+
+    def codegen(context, builder, sig, args):
+        a_val, w_val, row, col, cut_val, invert_val = args
+        total = _counts8(context, builder, sig.args[0], sig.args[1], a_val, w_val, row, col)
+        cut_ptr = context.make_array(sig.args[4])(context, builder, cut_val).data
+        inv_ptr = context.make_array(sig.args[5])(context, builder, invert_val).data
+        i8x8 = ir.VectorType(ir.IntType(8), 8)
+        cuts = builder.load(builder.bitcast(builder.gep(cut_ptr, [col]), _V8.as_pointer()), align=8)
+        inverts = builder.load(
+            builder.bitcast(builder.gep(inv_ptr, [col]), i8x8.as_pointer()), align=1
+        )
+        fires = builder.icmp_signed(">=", total, cuts)
+        flip = builder.icmp_unsigned("!=", inverts, ir.Constant(i8x8, [0] * 8))
+        bits = builder.bitcast(builder.xor(fires, flip), ir.IntType(8))
+        return builder.zext(bits, _I64)
+
+    return sig, codegen
+
+
+# Row b: the 8 values ±1.0 of the bits of byte b (bit set ⇔ −1), for :func:`signed_sums8`.
+SIGNS_BY_BYTE = np.where(
+    (np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1, np.float32(-1.0), np.float32(1.0)
+).astype(np.float32)
+_F8 = ir.VectorType(ir.FloatType(), 8)
+
+
+def _is_array_2d(t, dtype) -> bool:
+    return isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype == dtype
+
+
+def _lane_sum(builder, v):
+    """The 8 lanes of a <8 x float> summed in a fixed tree: ((0+4)+(2+6)) + ((1+5)+(3+7))."""
+    for half in (4, 2, 1):
+        low = builder.shuffle_vector(
+            v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half)))
+        )
+        high = builder.shuffle_vector(
+            v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half, 2 * half)))
+        )
+        v = builder.fadd(low, high)
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _signed_sums(context, builder, sig, args, rows):
+    """[Σ_i x[m, i]·s_i(w[o + j]) for j < rows] as float32 values, s_i = −1 where bit i is set.
+
+    Per word k of the weight rows and byte b of the word: one <8 x float> load of
+    x[m, 64k + 8b : 64k + 8b + 8], and per weight row the ±1 pattern of its byte from
+    SIGNS_BY_BYTE, a multiply (exact: x·±1) and an add into that row's own 8-lane accumulator.
+    Each lane adds its inputs in index order and the lanes are summed in a fixed tree, with no
+    fast-math flag, so the result is the same on every CPU and vector width."""
+    x_type, w_type, s_type = sig.args[:3]
+    x_val, w_val, s_val, row, col = args
+    x_arr = context.make_array(x_type)(context, builder, x_val)
+    w_arr = context.make_array(w_type)(context, builder, w_val)
+    s_arr = context.make_array(s_type)(context, builder, s_val)
+    stride = builder.extract_value(w_arr.shape, 1)
+    features = builder.extract_value(x_arr.shape, 1)
+    words = builder.udiv(features, ir.Constant(_I64, WORD))  # the weights' padding words skipped
+    x_row = builder.gep(x_arr.data, [builder.mul(row, features)])
+    w_rows = [
+        builder.gep(w_arr.data, [builder.mul(builder.add(col, ir.Constant(_I64, j)), stride)])
+        for j in range(rows)
+    ]
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(_F8, [0.0] * 8)) for _ in range(rows)]
+    byte_mask = ir.Constant(_I64, 255)
+    with cgutils.for_range(builder, words) as loop:
+        k = loop.index
+        w_words = [builder.load(builder.gep(w_row, [k])) for w_row in w_rows]
+        for b in range(8):
+            at = builder.add(builder.mul(k, ir.Constant(_I64, WORD)), ir.Constant(_I64, 8 * b))
+            xv = builder.load(builder.bitcast(builder.gep(x_row, [at]), _F8.as_pointer()), align=4)
+            for j in range(rows):
+                byte = builder.and_(builder.lshr(w_words[j], ir.Constant(_I64, 8 * b)), byte_mask)
+                s_ptr = builder.gep(s_arr.data, [builder.mul(byte, ir.Constant(_I64, 8))])
+                sv = builder.load(builder.bitcast(s_ptr, _F8.as_pointer()), align=4)
+                acc = builder.fadd(builder.load(accs[j]), builder.fmul(xv, sv))
+                builder.store(acc, accs[j])
+    return [_lane_sum(builder, builder.load(acc)) for acc in accs]
+
+
+def _signed_sums_typing(x, w, signs, m, o, rows):
+    if not (
+        _is_array_2d(x, types.float32)
+        and _is_words_2d(w)
+        and _is_array_2d(signs, types.float32)
+        and isinstance(m, types.Integer)
+        and isinstance(o, types.Integer)
+    ):
+        return None
+    result = types.UniTuple(types.float32, rows) if rows > 1 else types.float32
+    return result(x, w, signs, types.int64, types.int64)
+
+
+@intrinsic
+def signed_sums8(typingctx, x, w, signs, m, o):
+    """x[m] · s(w[o + j]) for j < 8 as a tuple of float32 (see :func:`_signed_sums`): x (M,
+    64·W) float32, zero past the features, W ≤ L; w (O, L) uint64 packed ±1 rows (words past
+    W are not read); signs = SIGNS_BY_BYTE."""
+    sig = _signed_sums_typing(x, w, signs, m, o, 8)
+    if sig is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        sums = _signed_sums(context, builder, sig, args, 8)
+        return context.make_tuple(builder, sig.return_type, sums)
+
+    return sig, codegen
+
+
+@intrinsic
+def signed_sum1(typingctx, x, w, signs, m, o):
+    """x[m] · s(w[o]) as float32, bit for bit what :func:`signed_sums8` gives for that row."""
+    sig = _signed_sums_typing(x, w, signs, m, o, 1)
+    if sig is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _signed_sums(context, builder, sig, args, 1)[0]
+
+    return sig, codegen
+
+
+def _conv_sums_codegen(context, builder, sig, args, vectors):
+    """8·``vectors`` float32 sums acc ← fma(x, w[·, o + j], acc) from acc = bias[o + j] over one
+    window, in (dy, dx, c) order; each of the ``vectors`` <8 x float> accumulators stays in a
+    register."""
+    x_type, w_type, b_type = sig.args[:3]
+    x_val, w_val, b_val, i, y0, x0, kh, kw, o, _ = args
+    x_arr = context.make_array(x_type)(context, builder, x_val)
+    w_arr = context.make_array(w_type)(context, builder, w_val)
+    b_arr = context.make_array(b_type)(context, builder, b_val)
+    hp, wp, c = (builder.extract_value(x_arr.shape, d) for d in (1, 2, 3))
+    o_rows = builder.extract_value(w_arr.shape, 1)
+
+    def vector_at(base, index):
+        return builder.load(builder.bitcast(builder.gep(base, [index]), _F8.as_pointer()), align=4)
+
+    # one rounding per term, as oneDNN's convolution (a library call where the CPU has no FMA)
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_F8, [_F8, _F8, _F8]), "llvm.fma.v8f32"
+    )
+    offsets = [builder.add(o, ir.Constant(_I64, 8 * v)) for v in range(vectors)]
+    accs = [cgutils.alloca_once(builder, _F8) for _ in range(vectors)]
+    for acc, at in zip(accs, offsets, strict=True):
+        builder.store(vector_at(b_arr.data, at), acc)
+    zero8 = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+    with cgutils.for_range(builder, kh) as dy_loop:
+        y = builder.add(y0, dy_loop.index)
+        with cgutils.for_range(builder, kw) as dx_loop:
+            dx = dx_loop.index
+            pixel = builder.add(builder.mul(builder.add(builder.mul(i, hp), y), wp), x0)
+            x_base = builder.mul(builder.add(pixel, dx), c)
+            row = builder.mul(builder.add(builder.mul(dy_loop.index, kw), dx), c)
+            with cgutils.for_range(builder, c) as ch_loop:
+                ch = ch_loop.index
+                v = builder.load(builder.gep(x_arr.data, [builder.add(x_base, ch)]))
+                vb = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(_F8, None), v, ir.Constant(_I32, 0)),
+                    ir.Constant(_F8, None),
+                    zero8,
+                )
+                w_row = builder.mul(builder.add(row, ch), o_rows)
+                for acc, at in zip(accs, offsets, strict=True):
+                    wv = vector_at(w_arr.data, builder.add(w_row, at))
+                    builder.store(builder.call(fma, [vb, wv, builder.load(acc)]), acc)
+    d_arr = context.make_array(sig.args[9])(context, builder, args[9])
+    for v, acc in enumerate(accs):
+        target = builder.gep(d_arr.data, [ir.Constant(_I64, 8 * v)])
+        builder.store(builder.load(acc), builder.bitcast(target, _F8.as_pointer()), align=4)
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """fma(a, b, c) in float32: a·b + c rounded once (LLVM ``llvm.fma.f32``)."""
+    if not all(isinstance(t, types.Float) and t.bitwidth == 32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32"
+        )
+        return builder.call(fn, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+def _conv_sums_intrinsic(vectors):
+    def typer(typingctx, x, w, bias, i, y0, x0, kh, kw, o, sums):
+        arrays_ok = (
+            isinstance(x, types.Array) and x.ndim == 4 and x.layout == "C"
+            and x.dtype == types.float32 and _is_array_2d(w, types.float32)
+            and all(
+                isinstance(v, types.Array) and v.ndim == 1 and v.layout == "C"
+                and v.dtype == types.float32
+                for v in (bias, sums)
+            )
+        )  # fmt: skip
+        if not arrays_ok:
+            return None
+        sig = types.none(x, w, bias, *(types.int64,) * 6, sums)
+
+        def codegen(context, builder, sig, args):
+            _conv_sums_codegen(context, builder, sig, args, vectors)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return typer
+
+
+def _conv_sums_doc(lanes):
+    return (
+        f"sums[j] = bias[o + j] + Σ x·w[·, o + j] (fused multiply-adds) for j < {lanes} over the "
+        "window at (y0, x0) "
+        "of image i: x (N, Hp, Wp, C), w (kh·kw·C, O), bias (O,), sums (≥ lanes,) float32, "
+        "C-contiguous. Per input value one broadcast, and per 8 channels a multiply and an add "
+        "into an accumulator that stays in a register (a loop over an accumulator array loads "
+        "and stores it for every product)."
+    )
+
+
+conv_sums64 = intrinsic(_conv_sums_intrinsic(8))
+conv_sums64.__doc__ = _conv_sums_doc(64)
+conv_sums8 = intrinsic(_conv_sums_intrinsic(1))
+conv_sums8.__doc__ = _conv_sums_doc(8)

@@ -1,0 +1,235 @@
+"""The engine's intermediate representation: the operations a program runs, backend-independent.
+
+:mod:`model.engine.compiler` builds a :class:`Program` from an artifact's layer graph; both
+backends run it (:mod:`model.engine.cpu` with numba, and :mod:`model.engine.torch_backend`).
+Values between operations are either
+
+* **real**: float32 arrays in the spec's layout, (batch, C, H, W) or (batch, F), or
+* **bits**: packed decisions of the next layer's input quantizer, one bit per value (``sign``:
+  1 ⇔ −1; ``step``: 1 ⇔ 1), channels packed into uint64 words: (batch, ⌈F/64⌉) for flat values,
+  (batch, H, W, ⌈C/64⌉) for images ("nhwc"), and a flattened image keeps that word layout
+  (batch, H·W·⌈C/64⌉) ("hwc") — the consuming dense layer's weights are permuted to match at
+  compile time.
+
+A dense or conv layer followed (through BatchNorm, max-pool and flatten layers) by a layer with
+an input quantizer ends in a :class:`Decide` epilogue: thresholds folded from the whole chain
+(:mod:`model.engine.folding`) and max-pools applied to the packed decisions. Otherwise it ends
+in :class:`ToReal` and the following layers run on real values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.engine.folding import AffineStep
+from model.engine.layout import Shape
+from model.quantizers import Binarizer
+
+# Largest input value for which integer bit-planes are used (16 planes).
+MAX_PLANE_VALUE = 2**16 - 1
+
+
+# --- values ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bits:
+    """Packed decisions. ``layout``: "flat" (F,), "nhwc" (C, H, W), "hwc" (flattened (C, H, W))."""
+
+    binarizer: Binarizer
+    shape: Shape  # logical per-instance shape; (C, H, W) for nhwc and hwc
+    layout: str
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def features(self) -> int:
+        return int(np.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class Real:
+    shape: Shape
+
+
+# --- epilogues ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BitPool:
+    """Max-pool on packed decisions: AND of the window where ``and_words`` has a bit, else OR."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    and_words: np.ndarray  # (⌈C/64⌉,) uint64
+
+
+@dataclass(frozen=True)
+class Decide:
+    """bit = (raw ≥ cut) XOR invert per channel, then the pools, in order.
+
+    ``cut`` is int64 on the popcount P for binary-input layers, float64 (float32 values) on the
+    raw float32 value (or integer accumulator) for real-input layers.
+    """
+
+    cut: np.ndarray
+    invert: np.ndarray  # (C,) uint8
+    pools: tuple[BitPool, ...]
+    out: Bits
+
+
+@dataclass(frozen=True)
+class ToReal:
+    """raw → fl(fl(raw·scale) + bias) (the layer's affine part, when it was not folded into raw)."""
+
+    affine: AffineStep | None
+    out: Real
+
+
+Epilogue = Decide | ToReal
+
+
+# --- operations -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BinaryDense:
+    """Bits × packed ±1 weights. raw = a·w = K − 2P (sign input) or P − pcw (step input)."""
+
+    name: str
+    weight: np.ndarray  # (O, L) uint64, L = words of the input layout
+    pcw: np.ndarray  # (O,) int64: popcount of each weight row (its −1s)
+    features: int  # K
+    input: Bits
+    epilogue: Epilogue
+
+
+@dataclass(frozen=True)
+class BinaryConv:
+    """Bits (nhwc) ⋆ packed ±1 weights; patches padded with ``pad_words``."""
+
+    name: str
+    weight: np.ndarray  # (O, row_words(kh·kw·Wc)) uint64 in (dy, dx, word) order, zero-padded
+    pcw: np.ndarray  # (O,) int64
+    features: int  # K = C·kh·kw
+    input: Bits
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    pad_words: np.ndarray  # (Wc,) uint64
+    out_hw: tuple[int, int]
+    epilogue: Epilogue
+
+
+@dataclass(frozen=True)
+class PlanesDense:
+    """Real (integer-valued) model input × packed ±1 weights, exactly, through bit-planes:
+    x·w = Σ_b 2^b (popcount(x_b XOR w) − pcw). Inputs that are not integers in
+    [0, MAX_PLANE_VALUE] take a float32 path that sums ±x over the packed bits
+    (:func:`model.engine.kernels.real_packed_dense`)."""
+
+    name: str
+    weight: np.ndarray  # (O, row_words(⌈F/64⌉)) uint64, zero-padded
+    pcw: np.ndarray
+    features: int
+    epilogue: Epilogue
+
+
+@dataclass(frozen=True)
+class FloatDense:
+    """Real input × weights in float32: ``weight`` is float32 (O, F) (BLAS), or packed ±1
+    (O, ⌈F/64⌉) uint64 (summed over the bits, :func:`model.engine.kernels.real_packed_dense`).
+    raw = fl(x·W) (+ bias when it is not part of the epilogue's affine)."""
+
+    name: str
+    weight: np.ndarray
+    features: int
+    bias_in_raw: np.ndarray | None
+    epilogue: Epilogue
+
+
+@dataclass(frozen=True)
+class SignedDense:
+    """Bits × float32 weights (the full-precision output layer), straight from the packed bits:
+    raw = fl(Σ_i v_i·W[o, i]) with v = ±1 (sign) or {0, 1} (step), accumulated in float64 as
+    ``base + coef · Σ_{bit i set} weight_t[i]`` (sign: base = Σ_i W[o, i], coef = −2)."""
+
+    name: str
+    weight_t: np.ndarray  # (64·L, O) float32: Wᵀ in the bits' word layout, zero rows at padding
+    base: np.ndarray  # (O,) float64
+    coef: float
+    input: Bits
+    epilogue: Epilogue
+
+
+@dataclass(frozen=True)
+class FloatConv:
+    """Real (N, C, H, W) input, padded with ``pad_value``, ⋆ weights, accumulated in float32.
+    ``weight`` is float32 (kh·kw·C, O) with rows in (dy, dx, c) order, or packed ±1
+    (O, kh, kw, ⌈C/64⌉) words as stored (unpacked per call)."""
+
+    name: str
+    weight: np.ndarray
+    in_shape: Shape
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    pad_value: float
+    out_hw: tuple[int, int]
+    bias_in_raw: np.ndarray | None
+    epilogue: Epilogue
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """Real → bits with the consumer's binarizer (a threshold at 0)."""
+
+    decide: Decide
+
+
+@dataclass(frozen=True)
+class Unpack:
+    """Bits → real ±1 (sign) or {0, 1} (step) in the spec's layout."""
+
+    input: Bits
+    out: Real
+
+
+@dataclass(frozen=True)
+class RealBatchNorm:
+    alpha: np.ndarray
+    beta: np.ndarray
+
+
+@dataclass(frozen=True)
+class RealMaxPool:
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class RealFlatten:
+    out: Real
+
+
+Op = (
+    BinaryDense
+    | BinaryConv
+    | PlanesDense
+    | FloatDense
+    | SignedDense
+    | FloatConv
+    | Quantize
+    | Unpack
+    | RealBatchNorm
+    | RealMaxPool
+    | RealFlatten
+)
+
+
+OPS: tuple[type, ...] = Op.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Program:
+    ops: tuple[Op, ...]
+    input_shape: Shape
+    arrays_bytes: int = field(default=0)
