@@ -26,6 +26,7 @@ from model.engine import kernels
 from model.engine.dispatch import Dispatch, ranges
 from model.engine.floatmath import F32, F64, affine_f32, fma_f32
 from model.engine.fused import mlp_plan
+from model.engine.graph import run_wired
 from model.engine.kernels import PARALLEL, ROW_CHUNK, KernelSet
 from model.engine.ops import (
     MAX_PLANE_VALUE,
@@ -39,9 +40,15 @@ from model.engine.ops import (
     PlanesDense,
     Program,
     Quantize,
+    RealAdd,
+    RealAvgPool,
     RealBatchNorm,
+    RealConcat,
     RealFlatten,
+    RealGlobalAvgPool,
     RealMaxPool,
+    RealPReLU,
+    RealShift,
     SignedDense,
     ToReal,
     Unpack,
@@ -76,6 +83,12 @@ class NumbaExecutor:
             RealBatchNorm: self._real_batch_norm,
             RealMaxPool: self._real_max_pool,
             RealFlatten: self._real_flatten,
+            RealAdd: self._real_add,
+            RealConcat: self._real_concat,
+            RealAvgPool: self._real_avg_pool,
+            RealGlobalAvgPool: self._real_global_avg_pool,
+            RealShift: self._real_shift,
+            RealPReLU: self._real_prelu,
         }
         self._dispatch = Dispatch.for_program(program)
         # Per binary layer, the direction flag its kernel flips on each call (kernels.next_sweep).
@@ -99,8 +112,13 @@ class NumbaExecutor:
             kset = self._dispatch.kernel_set(batch)
         value = x
         with kernel_guard():
-            for op in self.program.ops:
-                value = self._handlers[type(op)](op, value, kset)
+            if self.program.wiring is not None:
+                value = run_wired(
+                    self.program, x, lambda op, v: self._handlers[type(op)](op, v, kset)
+                )
+            else:
+                for op in self.program.ops:
+                    value = self._handlers[type(op)](op, value, kset)
         return np.ascontiguousarray(value, dtype=F32)
 
     # --- binary layers ----------------------------------------------------------------------------
@@ -234,6 +252,37 @@ class NumbaExecutor:
     ) -> np.ndarray:
         return x.reshape(x.shape[0], -1)
 
+    # --- v2 graph operations ----------------------------------------------------------------------
+    def _real_add(
+        self, op: RealAdd, xs: tuple[np.ndarray, ...], kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
+        total = xs[0] + xs[1]
+        for x in xs[2:]:
+            total += x
+        return total
+
+    def _real_concat(
+        self, op: RealConcat, xs: tuple[np.ndarray, ...], kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
+        return np.concatenate(xs, axis=1)
+
+    def _real_avg_pool(
+        self, op: RealAvgPool, x: np.ndarray, kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
+        return real_avgpool(x, op.kernel, op.stride)
+
+    def _real_global_avg_pool(
+        self, op: RealGlobalAvgPool, x: np.ndarray, kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
+        return (x.sum(axis=(2, 3), dtype=F64) / (x.shape[2] * x.shape[3])).astype(F32)
+
+    def _real_shift(self, op: RealShift, x: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
+        return x + op.shift.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+    def _real_prelu(self, op: RealPReLU, x: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
+        slope = op.weight.reshape((1, -1) + (1,) * (x.ndim - 2))
+        return np.where(x > 0, x, x * slope)
+
     def _pools(self, ep: Decide, bits: np.ndarray, kset: KernelSet) -> np.ndarray:
         for pool in ep.pools:
             n, h, w, wc = bits.shape
@@ -298,6 +347,19 @@ def real_im2col(
 def real_maxpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
     windows = sliding_window_view(x, kernel, axis=(2, 3))[:, :, :: stride[0], :: stride[1]]
     return windows.max(axis=(-2, -1))
+
+
+def real_avgpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
+    """``F.avg_pool2d`` without padding, bit for bit: each window summed in float32 in (dy, dx)
+    order, then divided by kh·kw."""
+    (kh, kw), (sh, sw) = kernel, stride
+    oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    total = None
+    for dy in range(kh):
+        for dx in range(kw):
+            window = x[:, :, dy : dy + sh * (oh - 1) + 1 : sh, dx : dx + sw * (ow - 1) + 1 : sw]
+            total = window.astype(F32) if total is None else total + window
+    return total / F32(kh * kw)
 
 
 def packed_dense(x: np.ndarray, weight: np.ndarray, features: int, kset: KernelSet) -> np.ndarray:
