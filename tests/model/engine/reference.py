@@ -219,7 +219,7 @@ def bireal_spec(
     value_range: tuple[float, float] = (0.0, 16.0),
     integer_valued: bool = True,
 ) -> ModelSpec:
-    """A Bi-Real-Net-shaped v2 graph: a full-precision stem conv → BN (→ 3×3/2 max-pool), then
+    """A Bi-Real-Net-shaped v2 graph: a full-precision stem conv → BN (→ 2×2/2 max-pool), then
     per stage ``blocks`` residual blocks ``x + BN(conv3x3_bin(sign(x)))`` (the first of each
     later stage with stride 2 and the shortcut ``BN(conv1x1_fp(avgpool2x2(x)))``), global
     average pooling and a full-precision dense classifier. ``reactnet`` adds RSign (a shift
@@ -241,7 +241,10 @@ def bireal_spec(
         BatchNorm(name="stem_bn", num_features=widths[0]),
     ]
     if stem_pool:
-        layers.append(MaxPool2d(name="stem_pool", kernel_size=(3, 3), stride=(2, 2)))
+        # 2×2/2, not ResNet's padded 3×3/2: max-pool has no padding, and an unpadded 3×3 window
+        # makes 112 → 55, an odd side the 2×2 average-pool shortcuts and the stride-2 binary
+        # convolutions round differently (27 vs 28); 2×2/2 gives ResNet's 56
+        layers.append(MaxPool2d(name="stem_pool", kernel_size=(2, 2), stride=(2, 2)))
     x, prev = layers[-1].name, widths[0]
     for s, width in enumerate(widths):
         for b in range(blocks):
