@@ -168,10 +168,16 @@ def compile_chain(
             ops.append(producer.build(epilogue))
             state = epilogue.out
         else:
-            epilogue = ToReal(affine=producer.affine, out=Real(out_shape))
+            # a BatchNorm right after the layer runs in its epilogue (rows in, rows out)
+            batchnorm = (
+                _bn_step(tail[0], tensors) if tail[:1] and isinstance(tail[0], BatchNorm) else None
+            )
+            epilogue = ToReal(affine=producer.affine, out=Real(out_shape), batchnorm=batchnorm)
             ops.append(producer.build(epilogue))
             state = Real(out_shape)
             for k, tail_layer in enumerate(tail, start=i + 1):
+                if batchnorm is not None and k == i + 1:
+                    continue
                 ops.append(_real_op(tail_layer, tensors, out_shapes[k]))
                 state = Real(out_shapes[k])
         i = j

@@ -22,9 +22,10 @@ from collections.abc import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from model.engine import kernels
+from model.engine import kernels, real_kernels
 from model.engine.dispatch import Dispatch, ranges
 from model.engine.floatmath import F32, F64, affine_f32, fma_f32
+from model.engine.folding import AffineStep
 from model.engine.fused import mlp_plan
 from model.engine.graph import run_wired
 from model.engine.kernels import PARALLEL, ROW_CHUNK, KernelSet
@@ -153,8 +154,16 @@ class NumbaExecutor:
             return out
         p = np.empty((a.shape[0], op.weight.shape[0]), np.int32)
         kset.xor_popcount_gemm(a, op.weight, p, ranges(kset), self._sweeps[id(op)])
-        acc = k - 2 * p.astype(np.int64) if op.input.binarizer.kind == "sign" else p - op.pcw
-        return _to_real(ep, acc.astype(F32))
+        affine, bn = ep.affine or AffineStep(None, None), ep.batchnorm
+        if any(v is not None and v.dtype != F32 for v in (affine.scale, affine.bias)):
+            acc = k - 2 * p.astype(np.int64) if op.input.binarizer.kind == "sign" else p - op.pcw
+            return _to_real(ep, acc.astype(F32))
+        out = np.empty(p.shape, F32)
+        real_kernels.accumulator_rows(
+            p, k, op.pcw, op.input.binarizer.kind == "sign", affine.scale, affine.bias,
+            None if bn is None else bn.alpha, None if bn is None else bn.beta, out,
+        )  # fmt: skip
+        return out
 
     def _planes_dense(
         self, op: PlanesDense, x: np.ndarray, kset: KernelSet = PARALLEL
@@ -212,6 +221,8 @@ class NumbaExecutor:
                 padded, op.weight, bias, kh, kw, sh, sw, ep.cut, ep.invert, out
             )
             return self._pools(ep, out, kset)
+        if isinstance(ep, ToReal) and ep.affine is None and op.weight.dtype != np.uint64:
+            return self._float_conv_rows(op, x)
         cols = real_im2col(x, op.kernel, op.stride, op.padding, op.pad_value)
         if op.weight.dtype == np.uint64:
             c = op.in_shape[0]
@@ -225,6 +236,21 @@ class NumbaExecutor:
         if isinstance(ep, ToReal):
             return _to_real(ep, raw).reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
         return self._pools(ep, _threshold_rows(ep, raw, kset).reshape(n, oh, ow, -1), kset)
+
+    def _float_conv_rows(self, op: FloatConv, x: np.ndarray) -> np.ndarray:
+        """A float conv whose output stays real (a stem or a shortcut before an ``add``): rows
+        of fixed-order float32 sums and the epilogue's BatchNorm in one kernel; the result is
+        channels-last in memory (:mod:`model.engine.real_kernels`)."""
+        n, (oh, ow) = x.shape[0], op.out_hw
+        (kh, kw), (sh, sw) = op.kernel, op.stride
+        bias = np.zeros(op.weight.shape[1], F32) if op.bias_in_raw is None else op.bias_in_raw
+        bn = op.epilogue.batchnorm
+        out = np.empty((n * oh * ow, op.weight.shape[1]), F32)
+        real_kernels.real_conv_rows(
+            pad_nhwc(x, op.padding, op.pad_value), op.weight, bias.astype(F32), kh, kw, sh, sw,
+            None if bn is None else bn.alpha, None if bn is None else bn.beta, out,
+        )  # fmt: skip
+        return out.reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
 
     def _quantize(self, op: Quantize, x: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
         if x.ndim == 4:
@@ -345,8 +371,11 @@ def real_im2col(
 
 
 def real_maxpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
-    windows = sliding_window_view(x, kernel, axis=(2, 3))[:, :, :: stride[0], :: stride[1]]
-    return windows.max(axis=(-2, -1))
+    """Max over each window of (N, C, H, W) values; the result is channels-last in memory (see
+    :mod:`model.engine.real_kernels`), which is how a binary layer reads it."""
+    channels_last = x.transpose(0, 2, 3, 1)
+    windows = sliding_window_view(channels_last, kernel, axis=(1, 2))[:, :: stride[0], :: stride[1]]
+    return windows.max(axis=(-2, -1)).transpose(0, 3, 1, 2)
 
 
 def real_avgpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
@@ -385,9 +414,21 @@ def _decide_or_real(ep: Decide | ToReal, raw: np.ndarray, kset: KernelSet) -> np
 
 
 def _to_real(ep: ToReal, raw: np.ndarray) -> np.ndarray:
-    if ep.affine is None:
-        return raw
-    scale, bias = ep.affine.scale, ep.affine.bias
+    """raw rows (M, O) → the layer's affine part, then the epilogue's BatchNorm (if any)."""
+    y = raw
+    if ep.affine is not None:
+        y = _affine(ep.affine, raw)
+    if ep.batchnorm is not None:
+        out = np.empty(y.shape, F32)
+        real_kernels.batchnorm_rows(
+            np.ascontiguousarray(y, F32), ep.batchnorm.alpha, ep.batchnorm.beta, out
+        )
+        y = out
+    return y
+
+
+def _affine(affine: AffineStep, raw: np.ndarray) -> np.ndarray:
+    scale, bias = affine.scale, affine.bias
     if (
         raw.ndim != 2
         or raw.dtype != F32

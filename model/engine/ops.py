@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.engine.folding import AffineStep
+from model.engine.folding import AffineStep, BatchNormStep
 from model.engine.layout import Shape
 from model.quantizers import Binarizer
 
@@ -80,10 +80,13 @@ class Decide:
 
 @dataclass(frozen=True)
 class ToReal:
-    """raw → fl(fl(raw·scale) + bias) (the layer's affine part, when it was not folded into raw)."""
+    """raw → fl(fl(raw·scale) + bias) (the layer's affine part, when it was not folded into raw),
+    then, when the layer is followed by a BatchNorm whose output stays real (a residual branch
+    before its ``add``), that BatchNorm: y → fma(y, alpha, beta), as torch rounds it."""
 
     affine: AffineStep | None
     out: Real
+    batchnorm: BatchNormStep | None = None
 
 
 Epilogue = Decide | ToReal

@@ -536,12 +536,21 @@ class TorchExecutor:
             for v in (vectors or [None, None])
         )
 
+        batchnorm = None
+        if ep.batchnorm is not None:
+            real = self.precision.real
+            alpha = self._hold(ep.batchnorm.alpha, real).view(shape)
+            batchnorm = (alpha, self._hold(ep.batchnorm.beta, real).view(shape))
+
         def to_real(raw: torch.Tensor) -> torch.Tensor:
             raw = raw.to(torch.float32)
             if scale is not None:
                 raw = (raw * scale).to(torch.float32)
             if bias is not None:
                 raw = (raw + bias).to(torch.float32)
+            if batchnorm is not None:  # as _real_batch_norm: one rounding each in real, float32
+                alpha, beta = batchnorm
+                raw = torch.addcmul(beta, raw.to(alpha.dtype), alpha).to(torch.float32)
             return raw
 
         return to_real

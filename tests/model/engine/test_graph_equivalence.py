@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from model.engine.compiler import compile_program  # noqa: E402
 from model.engine.cpu import NumbaExecutor  # noqa: E402
 from model.engine.graph import split_chains  # noqa: E402
-from model.engine.ops import Quantize, RealAdd, RealBatchNorm, RealShift  # noqa: E402
+from model.engine.ops import Quantize, RealShift, ToReal  # noqa: E402
 from model.engine.torch_backend import TorchExecutor  # noqa: E402
 from model.spec import (  # noqa: E402
     MODEL_INPUT,
@@ -171,12 +171,21 @@ def test_chains_end_where_a_value_has_several_readers():
     assert sources[0] == (MODEL_INPUT,)
 
 
-def test_block_compiles_to_quantize_binary_conv_batchnorm_add():
+def test_block_compiles_to_quantize_binary_conv_add_with_batchnorm_in_the_epilogue():
     spec = bireal_spec(widths=(8,), blocks=1)
     program = compile_program(spec, random_tensors(spec, np.random.default_rng(0)))
     kinds = [type(op).__name__ for op in program.ops]
-    assert kinds[2:6] == ["Quantize", "BinaryConv", "RealBatchNorm", "RealAdd"]
-    assert isinstance(program.ops[4], RealBatchNorm) and isinstance(program.ops[5], RealAdd)
+    assert kinds == [
+        "FloatConv",
+        "Quantize",
+        "BinaryConv",
+        "RealAdd",
+        "RealGlobalAvgPool",
+        "FloatDense",
+    ]
+    stem, conv = program.ops[0], program.ops[2]
+    assert isinstance(conv.epilogue, ToReal) and conv.epilogue.batchnorm is not None
+    assert isinstance(stem.epilogue, ToReal) and stem.epilogue.batchnorm is not None
 
 
 def test_values_are_released_after_their_last_reader():
