@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from model.engine import runtime  # noqa: F401  (cache directory and threading layer first)
-from model.engine.intrinsics import conv_sums8, conv_sums64, fma32
+from model.engine.intrinsics import conv_pair_sums64, conv_sums8, conv_sums64, fma32
 from model.engine.kernels import _conv_sum
 
 _EXACT = {"nogil": True, "cache": True}  # no fastmath: IEEE float32, every rounding eager's
@@ -68,10 +68,18 @@ def real_conv_rows(x, w, bias, kh, kw, sh, sw, alpha, beta, out):
     oh = (x.shape[1] - kh) // sh + 1
     ow = (x.shape[2] - kw) // sw + 1
     o_rows = w.shape[1]
+    pairs = ow // 2 if o_rows % 64 == 0 else 0  # two positions per weight load, 64 channels
     for r in prange(n * oh):
         i, oy = r // oh, r % oh
-        sums = np.empty(64, np.float32)
-        for ox in range(ow):
+        sums = np.empty(128, np.float32)
+        for q in range(pairs):
+            ox = 2 * q
+            row = r * ow + ox
+            for o in range(0, o_rows, 64):
+                conv_pair_sums64(x, w, bias, i, oy * sh, ox * sw, sw, kh, kw, o, sums)
+                _store(sums, 64, alpha, beta, out, row, o)
+                _store(sums[64:], 64, alpha, beta, out, row + 1, o)
+        for ox in range(2 * pairs, ow):
             row = r * ow + ox
             o = 0
             while o + 64 <= o_rows:

@@ -58,11 +58,12 @@ def test_accumulator_rows_is_the_eager_layer_then_its_batchnorm(sign_input, with
     np.testing.assert_array_equal(out, want)
 
 
-@pytest.mark.parametrize("channels", [3, 70])
-def test_real_conv_rows_sums_in_the_documented_order(channels):
+@pytest.mark.parametrize(("channels", "o"), [(3, 75), (70, 75), (3, 128)])
+def test_real_conv_rows_sums_in_the_documented_order(channels, o):
     """bias, then one float32 fma per term in (dy, dx, c) order; then the BatchNorm's fma."""
     rng = np.random.default_rng(2)
-    n, h, w, kh, kw, stride, o = 2, 9, 8, 3, 3, 2, 75  # 75 outputs: the 64-, 8- and 1-wide paths
+    # 75 outputs: the 64-, 8- and 1-wide paths; 128: pairs of positions, then the odd last one
+    n, h, w, kh, kw, stride = 2, 9, 8, 3, 3, 2
     x = rng.normal(size=(n, h, w, channels)).astype(np.float32)
     weight = rng.normal(size=(kh * kw * channels, o)).astype(np.float32)
     bias = rng.normal(size=o).astype(np.float32)
