@@ -78,13 +78,14 @@ def check_graph(shape_name: str, variant: str, backend: str, rows: int, seed: in
 @pytest.mark.parametrize("backend", ["numba", "torch"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_digits_graphs(variant, backend):
-    check_graph("digits", variant, backend, rows=1000)
+    # the torch backend on the CPU sums its real layers in float64: slower, fewer rows
+    check_graph("digits", variant, backend, rows=1000 if backend == "numba" else 300)
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])
 @pytest.mark.parametrize("shape_name", ["fashion", "cifar"])
 def test_image_graphs(shape_name, backend):
-    check_graph(shape_name, "reactnet-concat", backend, rows=64)
+    check_graph(shape_name, "reactnet-concat", backend, rows=32)
 
 
 @pytest.mark.slow
