@@ -1,6 +1,7 @@
 """Checks on an artifact's numbers: a file can be well-formed and still poison the model.
 
-A NaN or infinite weight, bias or scale makes every answer through it NaN or wrong; a negative
+A NaN or infinite weight, bias, scale, ``shift`` (RSign's threshold, RPReLU's shifts) or
+PReLU slope makes every answer through it NaN or wrong (every float tensor is checked); a negative
 BatchNorm ``running_var`` or an ``eps`` ≤ 0 makes ``1/sqrt(running_var + eps)`` NaN or
 infinite. The engine folds each BatchNorm into per-channel coefficients, exactly as torch's
 eval BatchNorm does in float32 (:func:`model.engine.floatmath.batchnorm_coefficients`)::

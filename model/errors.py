@@ -60,6 +60,11 @@ class ShapeMismatchError(GraphError):
     """The inputs of an ``add`` or ``concat`` do not fit together."""
 
 
+class GraphTooLargeError(GraphError):
+    """The graph has more layers, or a layer more inputs, than a reader accepts
+    (:data:`model.spec.MAX_LAYERS`, :data:`model.spec.MAX_LAYER_INPUTS`)."""
+
+
 class FormatVersionError(InvalidSpecError):
     """A v1 document uses a v2 feature (a graph ``inputs`` field or a v2 layer kind)."""
 

@@ -50,6 +50,7 @@ from model.errors import (
     DimensionTooLargeError,
     FormatVersionError,
     GraphCycleError,
+    GraphTooLargeError,
     InvalidBatchNormError,
     InvalidInputShapeError,
     InvalidLabelsError,
@@ -69,12 +70,21 @@ MODEL_INPUT = "@input"  # the name by which a v2 layer's ``inputs`` refers to th
 FLOAT32 = "F32"
 UINT64 = "U64"
 
-_LAYER_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+# Layer names (and so the names in ``inputs``) are short: every message about a layer quotes
+# its name, and a refusal's message reaches the repository index and the logs.
+MAX_NAME_LENGTH = 128
+_LAYER_NAME = re.compile(rf"^[A-Za-z0-9_]{{1,{MAX_NAME_LENGTH}}}$")
 # The largest size of any one dimension (features, channels, kernel, stride, padding, input
 # dims): the kernels index with 32-bit signed integers, and Python's unbounded ints must not
 # reach numpy (OverflowError) or an allocation.
 MAX_DIMENSION = 2**31 - 1
 FLOAT32_MAX = 3.4028234663852886e38  # float(np.finfo(np.float32).max)
+# Caps on a graph's size, checked before any layer is built: a 16 MiB header could list 500k
+# layers or give one concat 4M inputs, each costing the loader time (validation is linear, the
+# compile and warm-up are per layer). A Bi-Real-Net-18 has 62 layers, its ReActNet form 126, a
+# ResNet-152-deep one with RSign/RPReLU about 1,100; a DenseNet block joins at most 48 inputs.
+MAX_LAYERS = 4096
+MAX_LAYER_INPUTS = 256
 Shape = tuple[int, ...]
 
 
@@ -422,9 +432,14 @@ class ModelSpec:
         """Check names, quantizers, shapes and labels; raise a named error for the first problem."""
         if not self.layers:
             raise InvalidSpecError("the layer graph is empty; expected at least one layer")
+        _check_layer_count(len(self.layers))
         seen: set[str] = set()
         for layer in self.layers:
-            _expect(bool(_LAYER_NAME.match(layer.name)), layer, "name must match [A-Za-z0-9_]+")
+            _expect(
+                bool(_LAYER_NAME.match(layer.name)),
+                layer,
+                f"name must match [A-Za-z0-9_]+ (at most {MAX_NAME_LENGTH} characters)",
+            )
             _expect(layer.name not in seen, layer, "layer names must be unique")
             seen.add(layer.name)
             _check_field_types(layer)
@@ -471,7 +486,7 @@ class ModelSpec:
                 architecture=_typed(doc, "architecture", str),
                 input=_input_from_json(_typed(doc, "input", dict)),
                 labels=_labels_from_json(_typed(doc, "labels", list)),
-                layers=tuple(layer_from_json(item) for item in _typed(doc, "layers", list)),
+                layers=_layers_from_json(_typed(doc, "layers", list)),
                 output_name=_typed(doc.get("output", {}), "name", str, default="logits"),
                 training=_typed(doc, "training", dict, default={}),
                 provenance=_typed(doc, "provenance", dict, default={}),
@@ -483,6 +498,18 @@ class ModelSpec:
         return spec
 
 
+def _layers_from_json(items: list[Any]) -> tuple[Layer, ...]:
+    _check_layer_count(len(items))  # before building any: the cap bounds the work
+    return tuple(layer_from_json(item) for item in items)
+
+
+def _check_layer_count(count: int) -> None:
+    if count > MAX_LAYERS:
+        raise GraphTooLargeError(
+            f"the graph has {count} layers; expected at most {MAX_LAYERS} (MAX_LAYERS)"
+        )
+
+
 def layer_from_json(doc: Any) -> Layer:
     """Build one layer spec from its JSON object; unknown kinds and fields are named errors."""
     if not isinstance(doc, dict) or "kind" not in doc:
@@ -491,17 +518,19 @@ def layer_from_json(doc: Any) -> Layer:
     cls = LAYER_KINDS.get(kind)
     if cls is None:
         known = ", ".join(sorted(LAYER_KINDS))
-        raise UnknownLayerError(f"unknown layer kind {kind!r}; expected one of: {known}")
+        raise UnknownLayerError(f"unknown layer kind {kind!r:.80}; expected one of: {known}")
     values = {k: v for k, v in doc.items() if k != "kind"}
     allowed = {f.name for f in fields(cls)}
     unexpected = sorted(set(values) - allowed)
     if unexpected:
-        raise InvalidSpecError(f"layer {doc.get('name')!r} ({kind}): unknown fields {unexpected}")
+        raise InvalidSpecError(
+            f"layer {doc.get('name')!r:.80} ({kind}): unknown fields {unexpected!r:.200}"
+        )
     try:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         layer = cls(**values)
     except TypeError as exc:
-        raise InvalidSpecError(f"layer {doc.get('name')!r} ({kind}): {exc}") from None
+        raise InvalidSpecError(f"layer {doc.get('name')!r:.80} ({kind}): {exc!s:.200}") from None
     _check_field_types(layer)
     return layer
 
@@ -586,6 +615,9 @@ def _check_arity(layer: Layer, sources: tuple[str, ...]) -> None:
 
 
 def _check_field_types(layer: Layer) -> None:
+    # the name first: every message below quotes it
+    name_ok = isinstance(layer.name, str) and bool(_LAYER_NAME.match(layer.name))
+    _expect(name_ok, layer, f"name must match [A-Za-z0-9_]+ (at most {MAX_NAME_LENGTH} characters)")
     if isinstance(layer, BatchNorm) and not (
         isinstance(layer.eps, int | float) and math.isfinite(layer.eps) and layer.eps > 0
     ):
@@ -593,12 +625,18 @@ def _check_field_types(layer: Layer) -> None:
             f"layer {layer.name!r} (batchnorm): eps is {layer.eps!r:.40}; expected a finite "
             "number > 0 (it keeps 1/sqrt(running_var + eps) finite)"
         )
+    if isinstance(layer.inputs, tuple) and len(layer.inputs) > MAX_LAYER_INPUTS:
+        raise GraphTooLargeError(
+            f"layer {layer.name!r} ({layer.kind}): {len(layer.inputs)} inputs; expected at "
+            f"most {MAX_LAYER_INPUTS} (MAX_LAYER_INPUTS)"
+        )
     for f in fields(layer):
         name, value = f.name, getattr(layer, f.name)
         if name in ("input_quantizer", "kernel_quantizer"):
             ok = value is None or isinstance(value, str)
         elif name == "inputs":
-            ok = isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)
+            ok = isinstance(value, tuple)
+            ok = ok and all(isinstance(v, str) and 0 < len(v) <= MAX_NAME_LENGTH for v in value)
         elif f.type in ("int",):
             ok = _is_int(value) and value > 0
         elif f.type == "tuple[int, int]":
@@ -696,7 +734,7 @@ def _typed(doc: Any, key: str, kind: type, default: Any = ...) -> Any:
 
 def _expect(condition: bool, layer: Layer, message: str) -> None:
     if not condition:
-        raise InvalidSpecError(f"layer {layer.name!r} ({layer.kind}): {message}")
+        raise InvalidSpecError(f"layer {layer.name!r:.80} ({layer.kind}): {message}")
 
 
 def _jsonable(value: Any) -> Any:

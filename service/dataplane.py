@@ -17,6 +17,7 @@ import numpy as np
 
 from model.engine import check_finite_logits
 from model.errors import BnnError, InvalidInputError
+from model.spec import ModelSpec
 from service.decoding import RequestDecoder
 from service.errors import status_for
 from service.metrics import ServiceMetrics
@@ -38,6 +39,18 @@ SERVER_NAME = "bnnserve"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "bnnserve_packed"
 EXTENSIONS = ("binary_tensor_data", "model_repository")
+
+
+def graph_metadata(spec: ModelSpec) -> list[dict[str, Any]]:
+    """The layer graph as model metadata (a bnnserve extension of ``$metadata_model_response``):
+    per layer, in the artifact's topological order, its name, kind, the names of its inputs
+    resolved (``"@input"`` is the model input; a v1 chain's layers each name the previous) and
+    its output shape with -1 for the batch axis. The last layer's output is the model's."""
+    shapes = spec.graph_shapes()
+    return [
+        {"name": layer.name, "kind": layer.kind, "inputs": list(sources), "shape": [-1, *out]}
+        for layer, sources, (_, out) in zip(spec.layers, spec.layer_inputs(), shapes, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,10 @@ class DataPlane:
                 "value_range": list(spec.value_range) if spec.value_range else None,
                 "integer_valued": bool(getattr(spec, "integer_valued", False)),
                 "accepted_input_datatypes": list(ACCEPTED_INPUT_DATATYPES),
+                "format_version": served.engine.spec.effective_format_version,
+                "architecture": served.engine.spec.architecture,
             },
+            "graph": graph_metadata(served.engine.spec),
         }
 
     def model_config(self, served: ServedModel) -> dict[str, Any]:

@@ -114,6 +114,40 @@ POISONED_SPECS = {
 }
 
 
+def _as_v2(inputs: dict[str, list[str]], extra_layers: list[dict] | None = None):
+    """The tiny model declared as format v2, with ``inputs`` set on the named layers and
+    ``extra_layers`` inserted before the last layer."""
+
+    def edit(doc: dict) -> None:
+        doc["format_version"] = 2
+        for name, sources in inputs.items():
+            _layer(doc, name)["inputs"] = sources
+        doc["layers"][-1:-1] = extra_layers or []
+
+    return edit
+
+
+def _shifts(count: int) -> list[dict]:
+    return [{"kind": "shift", "name": f"s{i}", "num_features": 630} for i in range(count)]
+
+
+# Hostile format v2 graphs, refused on load with their named error (the index reason starts
+# with it); the tensors still fit the graph, so only the graph is wrong.
+HOSTILE_GRAPHS = {
+    "v2 graph with a cycle": (_as_v2({"conv1": ["bn1"]}), "GraphCycleError"),
+    "v2 graph with a dangling input": (_as_v2({"fc": ["nowhere"]}), "DanglingInputError"),
+    "v2 graph of 20,001 layers": (_as_v2({}, _shifts(20_001 - 7)), "GraphTooLargeError"),
+    "v2 add of 100,000 inputs": (
+        _as_v2({}, [{"kind": "add", "name": "sum", "inputs": ["flatten"] * 100_000}]),
+        "GraphTooLargeError",
+    ),
+    "v1 document using inputs": (
+        _set(("layers", "bn1", "inputs"), ["pool1"]),
+        "FormatVersionError",
+    ),
+}
+
+
 def good_artifact() -> bytes:
     return encode_artifact(tiny_spec(), tiny_tensors())
 
@@ -125,6 +159,7 @@ def hostile_artifacts() -> dict[str, bytes]:
         for name, (tensor, edit) in POISONED_TENSORS.items()
     }
     cases |= {name: rewrite_metadata(data, edit) for name, edit in POISONED_SPECS.items()}
+    cases |= {name: rewrite_metadata(data, edit) for name, (edit, _) in HOSTILE_GRAPHS.items()}
     cases["deeply nested metadata"] = _nested_metadata(data, 100_000)
     cases["deeply nested safetensors header"] = _nested_header(data, 100_000)
     cases["header length 2**63"] = struct.pack("<Q", 2**63) + data[8:]
@@ -214,6 +249,10 @@ def test_hostile_version_is_refused_and_the_good_one_keeps_serving(served, http,
     assert_refused_with_json(response)
     row = index_row(http, NAME, version)
     assert row["state"] == "UNAVAILABLE" and row["reason"], row
+    if case in HOSTILE_GRAPHS:
+        error = HOSTILE_GRAPHS[case][1]
+        assert row["reason"].startswith(f"{error}: "), row
+        assert error in strict_json(response)["error"]
     assert_still_correct(http, expected)
 
 

@@ -109,6 +109,8 @@ def test_a_drawn_digit_shows_the_label_the_api_gives_for_the_same_pixels(server,
     wait(browser, lambda d: d.execute_script("return window.playground.models") == 2)
     Select(browser.find_element(By.ID, "model")).select_by_value("digits-mlp")
     wait(browser, lambda d: "[-1,1,8,8]" in d.find_element(By.ID, "input-info").text)
+    info = browser.find_element(By.ID, "input-info").text
+    assert "Format v1," in info and "dense ×" in info  # the layer graph from the metadata
     draw_seven(browser)
     shown = shown_result(browser)
     assert shown["shape"] == [1, 1, 8, 8]

@@ -21,12 +21,21 @@ for a conv) and ``w`` from :data:`WEIGHT_COPY_BYTES` (on the CPU engine 1/4 for 
 on binary inputs, 24 for packed weights on real inputs, 12 for real weights).
 
 **Activations.** The engine runs the layers one after the other, so the peak is the input batch
-plus the largest working set of one layer. Per instance, for a layer with ``x`` input values and
-``y`` output values (a convolution also has ``x̂ = C·(H + 2·ph)·(W + 2·pw)`` padded input values
-and ``P = OH·OW·kh·kw·C`` patch values)::
+plus the largest working set of one layer, plus (in a format v2 graph) the values computed
+earlier that wait for a later consumer. Per instance, for layer i with ``x`` input values (all
+its inputs: an ``add`` or ``concat`` counts each) and ``y`` output values (a convolution also has
+``x̂ = C·(H + 2·ph)·(W + 2·pw)`` padded input values and ``P = OH·OW·kh·kw·C`` patch values)::
 
     layer_bytes = eₓ · 2·x + eₚ · (2·x̂ + P) + o · y     (x̂ = P = 0 for other layers)
-    activation_bytes_per_instance = 8 · input values + max over layers of layer_bytes
+    resident_i  = Σ size(v) over layers v before i, not inputs of i, whose last consumer
+                  comes after i                        (0 for every layer of a chain)
+    activation_bytes_per_instance = 8 · input values + max over i of (layer_bytes + 8 · resident_i)
+
+Liveness comes from :meth:`model.spec.ModelSpec.layer_inputs`: a value dies after its last
+consumer, so a shortcut counts while its branch runs (8 bytes per value: a float32 or float64
+copy). Average pools, shift, PReLU, add and concat are real-valued layers like BatchNorm and
+max-pool (float32 in and out; ``eₓ`` = 8 covers the input and a copy, ``o`` = 24 the output and
+its intermediates).
 
 ``eₓ``, ``eₚ`` are the bytes per input value and per padded-input or patch value: 8 for real
 inputs (float32 copies and float64 intermediates) and for convolutions with real weights (they
@@ -41,7 +50,8 @@ on torch); for a dense/conv layer whose output folds into the next layer's binar
 before the compare; 1 for a convolution with real weights on the CPU engine, whose kernel
 compares and packs as it goes), 1 with a binary input on the CPU engine (packed decisions), and
 40 on the torch backend (sums, the compare, and the int64 steps of packing). Layers between
-such a producer and its consumer run on packed bits, inside the producer's working set.
+such a producer and its consumer run on packed bits, inside the producer's working set. In a
+graph an output folds only along single-consumer, single-input layers (a shortcut never does).
 
 These are bounds: what one call allocates is at most this, usually less. The CPU engine's
 constants are checked with tracemalloc (tests/model/engine/test_memory.py); the torch ones are
@@ -56,7 +66,17 @@ from fractions import Fraction
 
 from model.engine.compiler import foldable_tail
 from model.errors import ModelTooLargeError
-from model.spec import FLOAT32, UINT64, Conv2d, Dense, Flatten, Layer, ModelSpec, Shape
+from model.spec import (
+    FLOAT32,
+    MODEL_INPUT,
+    UINT64,
+    Conv2d,
+    Dense,
+    Flatten,
+    Layer,
+    ModelSpec,
+    Shape,
+)
 
 GIB = 1024**3
 DEFAULT_MAX_MODEL_MEMORY_BYTES = 4 * GIB
@@ -72,6 +92,8 @@ BINARY_VALUE_BYTES = {
     "torch": (Fraction(20), Fraction(8)),
 }
 REAL_VALUE_BYTES = 8
+# per value computed earlier and kept alive for a later consumer (a float32 or float64 copy)
+RESIDENT_VALUE_BYTES = 8
 REAL_OUTPUT_BYTES = {"numba": 24, "torch": 32}
 # per output value folded into the next binarizer, by (executor, binary input)
 DECIDED_OUTPUT_BYTES = {
@@ -117,35 +139,42 @@ class MemoryEstimate:
 
 def estimate_memory(spec: ModelSpec, executor: str = "numba") -> MemoryEstimate:
     """Bounds for ``spec`` run by ``executor`` ("numba" or "torch"); formulas in the module
-    docstring. Exact integers whatever the sizes (no overflow)."""
-    shapes = spec.layer_shapes()
+    docstring. Exact integers whatever the sizes (no overflow); time linear in the layers."""
+    shapes = spec.graph_shapes()
+    sources = spec.layer_inputs()
+    consumers = _consumers(spec, sources)
+    resident = _resident_values(spec, sources, shapes)
     stored = sum(
         math.prod(want.shape) * STORED_BYTES[want.dtype]
         for want in spec.expected_tensors().values()
     )
-    weights, working, on_bits = stored, 0, False
-    image: Shape | None = None  # the (C, H, W) a flat input was flattened from
-    for i, (layer, (in_shape, out_shape)) in enumerate(zip(spec.layers, shapes, strict=True)):
+    weights, working = stored, 0
+    on_bits: set[str] = set()  # layers whose output is packed decisions (or runs on them)
+    images: dict[str, Shape] = {}  # a flat output's (C, H, W) before flatten
+    for i, (layer, (in_shapes, out_shape)) in enumerate(zip(spec.layers, shapes, strict=True)):
+        in_shape, image = in_shapes[0], images.get(sources[i][0])
+        layer_bytes = 0
         if isinstance(layer, Dense | Conv2d):
             copy = WEIGHT_COPY_BYTES[executor, _weight_kind(layer), _input_kind(layer)]
             weights += math.ceil(copy * out_shape[0] * _padded_fan_in(layer, in_shape, image))
-            decided = _output_decided(spec, i)
+            decided = _output_decided(spec, i, consumers, shapes)
             out_bytes = _output_bytes(layer, executor, decided)
             real = (REAL_VALUE_BYTES, REAL_VALUE_BYTES)
             e = real if _real_input(layer) else BINARY_VALUE_BYTES[executor]
-            layer_bytes = _layer_bytes(layer, in_shape, out_shape, image, e, out_bytes)
-            if layer.input_quantizer is not None and not on_bits:  # quantizes a real input
-                layer_bytes += REAL_VALUE_BYTES * math.prod(in_shape)
-            working = max(working, layer_bytes)
-            on_bits = decided
-        elif not on_bits:  # BatchNorm, max-pool, flatten on real values
+            layer_bytes = _layer_bytes(layer, in_shapes, out_shape, image, e, out_bytes)
+            if layer.input_quantizer is not None and sources[i][0] not in on_bits:
+                layer_bytes += REAL_VALUE_BYTES * math.prod(in_shape)  # quantizes a real input
+            if decided:
+                on_bits.add(layer.name)
+        elif sources[i][0] in on_bits:  # between a decided producer and its consumer
+            on_bits.add(layer.name)
+        else:  # BatchNorm, pools, flatten, shift, PReLU, add, concat on real values
             real_out = REAL_OUTPUT_BYTES[executor]
             real = (REAL_VALUE_BYTES, REAL_VALUE_BYTES)
-            working = max(working, _layer_bytes(layer, in_shape, out_shape, None, real, real_out))
-        if isinstance(layer, Flatten) and len(in_shape) == 3:
-            image = in_shape
-        elif not isinstance(layer, Flatten):
-            image = None
+            layer_bytes = _layer_bytes(layer, in_shapes, out_shape, None, real, real_out)
+        working = max(working, layer_bytes + RESIDENT_VALUE_BYTES * resident[i])
+        if isinstance(layer, Flatten):
+            images[layer.name] = in_shape if len(in_shape) == 3 else image
     activation = REAL_VALUE_BYTES * math.prod(spec.input.shape) + working
     return MemoryEstimate(weight_bytes=weights, activation_bytes_per_instance=activation)
 
@@ -167,15 +196,17 @@ def check_memory(spec: ModelSpec, limit: MemoryLimit, executor: str = "numba") -
 
 def _layer_bytes(
     layer: Layer,
-    in_shape: Shape,
+    in_shapes: tuple[Shape, ...],
     out_shape: Shape,
     image: Shape | None,
     e: tuple[int | Fraction, int | Fraction],
     out_bytes: int,
 ) -> int:
-    """eₓ · 2·x + eₚ · (2·x̂ + P) + o · y for one instance (see the module docstring)."""
+    """eₓ · 2·x + eₚ · (2·x̂ + P) + o · y for one instance (see the module docstring); ``x``
+    counts the values of every input (an add's or concat's too)."""
+    in_shape = in_shapes[0]
     on_bits = isinstance(layer, Dense | Conv2d) and not _real_input(layer)
-    x = _channel_padded(in_shape, image) if on_bits else math.prod(in_shape)
+    x = _channel_padded(in_shape, image) if on_bits else sum(map(math.prod, in_shapes))
     padded = patches = 0
     if isinstance(layer, Conv2d):
         channels = x // (in_shape[1] * in_shape[2])
@@ -185,6 +216,44 @@ def _layer_bytes(
     e_x, e_p = e
     staged = math.ceil(e_x * 2 * x + e_p * (2 * padded + patches))
     return staged + out_bytes * math.prod(out_shape)
+
+
+def _consumers(spec: ModelSpec, sources: list[tuple[str, ...]]) -> dict[str, list[int]]:
+    """The indices of the layers that take each layer's output."""
+    consumers: dict[str, list[int]] = {layer.name: [] for layer in spec.layers}
+    for i, names in enumerate(sources):
+        for name in names:
+            if name != MODEL_INPUT:
+                consumers[name].append(i)
+    return consumers
+
+
+def _resident_values(
+    spec: ModelSpec,
+    sources: list[tuple[str, ...]],
+    shapes: list[tuple[tuple[Shape, ...], Shape]],
+) -> list[int]:
+    """Per layer i, the values computed earlier that stay alive while layer i runs without
+    being its input: Σ size(v) over layers v < i whose last consumer comes after i (a shortcut
+    while its branch runs). A value dies after its last consumer; 0 everywhere for a chain.
+    The model input is counted apart (it lives through the call)."""
+    last_use = {}
+    for i, names in enumerate(sources):
+        for name in names:
+            last_use[name] = i
+    sizes = {
+        layer.name: math.prod(out) for layer, (_, out) in zip(spec.layers, shapes, strict=True)
+    }
+    resident, live = [], 0
+    dying: dict[int, int] = {}  # layer index → values whose last consumer it is
+    for i, (layer, names) in enumerate(zip(spec.layers, sources, strict=True)):
+        inputs_alive = sum(sizes[n] for n in set(names) if n != MODEL_INPUT)
+        resident.append(live - inputs_alive)  # its inputs are in its own working set
+        live -= dying.pop(i, 0)
+        if layer.name in last_use:
+            live += sizes[layer.name]
+            dying[last_use[layer.name]] = dying.get(last_use[layer.name], 0) + sizes[layer.name]
+    return resident
 
 
 def _padded_fan_in(layer: Dense | Conv2d, in_shape: Shape, image: Shape | None) -> int:
@@ -219,13 +288,29 @@ def _output_bytes(layer: Dense | Conv2d, executor: str, decided: bool) -> int:
     return DECIDED_OUTPUT_BYTES[executor, not _real_input(layer)]
 
 
-def _output_decided(spec: ModelSpec, i: int) -> bool:
-    """Whether layer i's output folds into the next dense/conv layer's input binarizer."""
+def _output_decided(
+    spec: ModelSpec,
+    i: int,
+    consumers: dict[str, list[int]],
+    shapes: list[tuple[tuple[Shape, ...], Shape]],
+) -> bool:
+    """Whether layer i's output folds into a later dense/conv layer's input binarizer: it
+    reaches that layer through single-input layers, each the only consumer of the one before,
+    which fold into thresholds (:func:`foldable_tail`; in a chain, the
+    layers up to the next dense/conv). A value with two consumers (a shortcut) is never folded."""
     layers = spec.layers
-    j = next((k for k in range(i + 1, len(layers)) if isinstance(layers[k], Dense | Conv2d)), None)
-    if j is None or layers[j].input_quantizer is None:
-        return False
-    return foldable_tail(layers[i + 1 : j], spec.layer_shapes()[i][1])
+    tail, name = [], layers[i].name
+    while len(consumers[name]) == 1:
+        j = consumers[name][0]
+        if len(layers[j].inputs) > 1:
+            return False
+        if isinstance(layers[j], Dense | Conv2d):
+            return layers[j].input_quantizer is not None and foldable_tail(
+                tuple(tail), shapes[i][1]
+            )
+        tail.append(layers[j])
+        name = layers[j].name
+    return False
 
 
 def _channel_padded(shape: Shape, image: Shape | None) -> int:

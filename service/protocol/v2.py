@@ -87,10 +87,23 @@ class MetadataTensor(_Wire):
     shape: list[int]
 
 
+class GraphLayer(_Wire):
+    """One layer of a model's graph (bnnserve extension): ``{"name": $string, "kind": $string,
+    "inputs": [$string, ...], "shape": [$number, ...]}``; ``inputs`` name earlier layers or
+    ``"@input"`` (the model input), ``shape`` is the layer's output with -1 for the batch."""
+
+    name: str
+    kind: str
+    inputs: list[str]
+    shape: list[int]
+
+
 class ModelMetadataResponse(_Wire):
     """``$metadata_model_response = {"name": $string, "versions": [$string, ...] #optional,
     "platform": $string, "inputs": [$metadata_tensor, ...],
-    "outputs": [$metadata_tensor, ...]}``"""
+    "outputs": [$metadata_tensor, ...]}``, plus ``parameters`` and the bnnserve extension
+    ``graph`` (the layers in topological order; the last one's output is the logits), which
+    protocol clients ignore."""
 
     name: str
     versions: list[str] = Field(default_factory=list)
@@ -98,6 +111,7 @@ class ModelMetadataResponse(_Wire):
     inputs: list[MetadataTensor]
     outputs: list[MetadataTensor]
     parameters: Parameters = Field(default_factory=dict)
+    graph: list[GraphLayer] = Field(default_factory=list)
 
 
 class ModelReadyResponse(_Wire):

@@ -196,9 +196,19 @@ async function selectModel() {
   const input = data.inputs[0];
   const g = geometry(input.shape.slice(1));
   const range = (data.parameters && data.parameters.value_range) || [0, 1];
+  const graph = data.graph || [];
+  const format = (data.parameters && data.parameters.format_version) || 1;
   $("input-info").textContent = `Input '${input.name}' ${JSON.stringify(input.shape)} ${input.datatype}: ` +
-    `drawn as ${g.w}×${g.h}${g.c === 3 ? " RGB" : ""}, values ${range[0]}..${range[1]}.`;
+    `drawn as ${g.w}×${g.h}${g.c === 3 ? " RGB" : ""}, values ${range[0]}..${range[1]}. ` +
+    `Format v${format}, ${graph.length} layers (${layerKinds(graph)}).`;
   if (hasInk()) predict();
+}
+
+function layerKinds(graph) {
+  // "conv2d ×17, add ×8, …": how many layers of each kind, in order of first appearance
+  const counts = new Map();
+  for (const layer of graph) counts.set(layer.kind, (counts.get(layer.kind) || 0) + 1);
+  return [...counts].map(([kind, n]) => (n > 1 ? `${kind} ×${n}` : kind)).join(", ");
 }
 
 // --- the repository panel -------------------------------------------------------------------

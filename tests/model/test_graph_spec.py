@@ -11,11 +11,23 @@ from model.errors import (
     DanglingInputError,
     FormatVersionError,
     GraphCycleError,
+    GraphTooLargeError,
     InvalidSpecError,
     ShapeMismatchError,
     UnusedLayerError,
 )
-from model.spec import MODEL_INPUT, Add, Concat, ModelSpec, layer_from_json
+from model.spec import (
+    MAX_LAYER_INPUTS,
+    MAX_LAYERS,
+    MODEL_INPUT,
+    Add,
+    Concat,
+    Dense,
+    InputSpec,
+    ModelSpec,
+    Shift,
+    layer_from_json,
+)
 from tests.model.engine.reference import bireal_spec, cnn_spec, random_tensors
 
 DEFAULT_MODEL = Path(__file__).parents[2] / "deploy/models/digits-mlp/1/model.safetensors"
@@ -147,3 +159,102 @@ def test_per_channel_layers_check_their_width():
     spec = replace_layer(bireal_spec(reactnet=True), "s0b0_rp", num_features=9)
     with pytest.raises(InvalidSpecError, match="num_features=9"):
         spec.validate()
+
+
+# --- hostile graphs: size caps, fan-in, names -------------------------------------------------
+def shift_chain(length: int) -> ModelSpec:
+    """``length`` layers: a chain of shifts ending in a dense layer (the deepest cheap graph)."""
+    layers = [Shift(name=f"s{i}", num_features=4) for i in range(length - 1)]
+    return ModelSpec(
+        name="deep",
+        architecture="hostile",
+        input=InputSpec(shape=(4,)),
+        labels=("a", "b"),
+        layers=(*layers, Dense(name="fc", in_features=4, out_features=2)),
+    )
+
+
+def test_a_20k_layer_chain_is_refused_before_any_layer_is_built():
+    doc = shift_chain(4).to_json()
+    shifts = [{"kind": "shift", "name": f"s{i}", "num_features": 4} for i in range(20_000)]
+    doc["layers"] = [*shifts, doc["layers"][-1]]
+    with pytest.raises(GraphTooLargeError, match=f"20001 layers; expected at most {MAX_LAYERS}"):
+        ModelSpec.from_json(doc)
+    with pytest.raises(GraphTooLargeError, match="20001 layers"):
+        shift_chain(20_001).validate()  # the writer's check, for specs built in code
+
+
+def test_a_chain_at_the_layer_cap_round_trips():
+    """Validation is linear (loops, no recursion): a MAX_LAYERS-deep chain reads back."""
+    spec = shift_chain(MAX_LAYERS)
+    tensors = random_tensors(spec, np.random.default_rng(0))
+    assert decode_artifact(encode_artifact(spec, tensors)).spec == spec
+
+
+@pytest.mark.parametrize("kind", ["add", "concat"])
+def test_a_huge_fan_in_is_refused(kind):
+    doc = {"kind": kind, "name": "join", "inputs": [f"s{i}" for i in range(100_000)]}
+    with pytest.raises(GraphTooLargeError, match="100000 inputs; expected at most 256"):
+        layer_from_json(doc)
+
+
+def test_a_fan_in_at_the_cap_is_accepted():
+    spec = shift_chain(MAX_LAYER_INPUTS + 1)
+    branches = spec.layers[:-1]
+    widened = [dataclasses.replace(s, inputs=(MODEL_INPUT,)) for s in branches]
+    join = Add(name="join", inputs=tuple(s.name for s in branches))
+    with_layers(spec, [*widened, join, spec.layers[-1]]).validate()
+
+
+@pytest.mark.parametrize("name", [MODEL_INPUT, "input", "@x"])
+def test_no_layer_can_take_the_model_inputs_name(name):
+    """``@input`` is outside the layer-name alphabet, so a layer can never shadow it (a layer
+    called plain ``input`` is just a layer)."""
+    spec = bireal_spec()
+    renamed = [dataclasses.replace(spec.layers[0], name=name)]
+    renamed.append(dataclasses.replace(spec.layers[1], inputs=(name,)))
+    spec = with_layers(spec, [*renamed, *spec.layers[2:]])
+    if name == "input":
+        spec.validate()
+        assert spec.layer_inputs()[1] == ("input",)
+    else:
+        with pytest.raises(InvalidSpecError, match=r"name must match \[A-Za-z0-9_\]\+"):
+            spec.validate()
+
+
+def test_the_model_input_cannot_be_added_to_itself():
+    doc = bireal_spec().to_json()
+    doc["layers"].insert(0, {"kind": "add", "name": "twice", "inputs": [MODEL_INPUT, MODEL_INPUT]})
+    with pytest.raises(InvalidSpecError, match="repeat a name"):
+        ModelSpec.from_json(doc)
+
+
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [
+        (lambda doc: doc["layers"][0].update(name="n" * 1_000_000), "name must match"),
+        (lambda doc: doc["layers"][4].update(inputs=["n" * 1_000_000, "stem_bn"]), "'inputs'"),
+        (lambda doc: doc["layers"][4].update(kind="k" * 1_000_000), "unknown layer kind"),
+        (lambda doc: doc["layers"][4].update({"x" * 1_000_000: 1}), "unknown fields"),
+    ],
+    ids=["layer name", "input name", "kind", "field name"],
+)
+def test_a_megabyte_name_is_refused_with_a_short_message(edit, error):
+    """A refusal's message reaches the repository index and the logs: names in it are cut."""
+    doc = bireal_spec().to_json()
+    edit(doc)
+    with pytest.raises(InvalidSpecError, match=error) as refused:
+        ModelSpec.from_json(doc)
+    assert len(str(refused.value)) < 1000
+
+
+def test_a_name_of_128_characters_is_accepted():
+    spec = bireal_spec()
+    long = "n" * 128
+    renamed = [dataclasses.replace(spec.layers[0], name=long)]
+    renamed.append(dataclasses.replace(spec.layers[1], inputs=(long,)))
+    with_layers(spec, [*renamed, *spec.layers[2:]]).validate()
+    with pytest.raises(InvalidSpecError, match="at most 128 characters"):
+        with_layers(
+            spec, [*spec.layers[:-1], dataclasses.replace(spec.layers[-1], name="n" * 129)]
+        ).validate()

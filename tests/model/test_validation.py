@@ -3,6 +3,8 @@ input specs and hostile headers each raise their own named ArtifactError, never 
 
 import contextlib
 import copy
+import dataclasses
+import functools
 import json
 import struct
 
@@ -24,6 +26,8 @@ from model.errors import (
     TensorDtypeError,
     UnsupportedFormatVersionError,
 )
+from model.spec import LAYER_KINDS, MODEL_INPUT
+from tests.model.engine.reference import bireal_spec, random_tensors
 from tests.model.factory import (
     join_header,
     replace_tensor,
@@ -69,6 +73,26 @@ def test_the_writer_refuses_non_finite_tensors_too(spec, tensors):
     tensors["fc.bias"] = np.array([0.0, np.nan, 1.0], np.float32)
     with pytest.raises(NonFiniteTensorError, match="fc.bias"):
         encode_artifact(spec, tensors)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("s0b0_rsign.shift", np.nan),  # RSign's threshold
+        ("s1b0_rp_in.shift", np.inf),  # RPReLU's shifts
+        ("s1b0_rp_out.shift", -np.inf),
+        ("s0b0_rp.weight", np.nan),  # PReLU's slope
+        ("s1b0_down.weight", np.inf),  # the shortcut's full-precision 1×1 conv
+    ],
+)
+def test_non_finite_v2_tensors_are_refused(name, value):
+    tensors = random_tensors(_V2_SPEC, np.random.default_rng(0))
+    bad = poisoned(encode_artifact(_V2_SPEC, tensors), tensors, name, 1, value)
+    with pytest.raises(NonFiniteTensorError, match=rf"tensor '{name}': 1 of \d+ values"):
+        decode_artifact(bad)
+    tensors[name].reshape(-1)[0] = value
+    with pytest.raises(NonFiniteTensorError, match=name):
+        encode_artifact(_V2_SPEC, tensors)
 
 
 def test_the_engine_load_refuses_a_poisoned_artifact(tmp_path, data, tensors):
@@ -215,12 +239,35 @@ def _paths(node, prefix=()):
             yield from _paths(value, (*prefix, index))
 
 
-_VALID = encode_artifact(tiny_spec(), tiny_tensors())
-_HEADER, _BODY = split_header(_VALID)
-_DOC = json.loads(_HEADER["__metadata__"][METADATA_KEY])
-_TENSOR_HEADER = {name: entry for name, entry in _HEADER.items() if name != "__metadata__"}
-_DOC_PATHS = [path for path in _paths(_DOC) if path]
-_HEADER_PATHS = [path for path in _paths(_TENSOR_HEADER) if path]
+@dataclasses.dataclass(frozen=True)
+class _Base:
+    """A valid artifact taken apart for mutation: its metadata document, tensor entries, data
+    section, and the paths of every value in the first two."""
+
+    doc: dict
+    tensor_header: dict
+    body: bytes
+
+    @classmethod
+    def of(cls, data: bytes) -> "_Base":
+        header, body = split_header(data)
+        doc = json.loads(header["__metadata__"][METADATA_KEY])
+        return cls(doc, {k: v for k, v in header.items() if k != "__metadata__"}, body)
+
+    @functools.cached_property
+    def doc_paths(self) -> list:
+        return [path for path in _paths(self.doc) if path]
+
+    @functools.cached_property
+    def header_paths(self) -> list:
+        return [path for path in _paths(self.tensor_header) if path]
+
+
+_V1 = _Base.of(encode_artifact(tiny_spec(), tiny_tensors()))
+_V2_SPEC = bireal_spec(widths=(4, 8), reactnet=True, concat=True)
+_V2 = _Base.of(encode_artifact(_V2_SPEC, random_tensors(_V2_SPEC, np.random.default_rng(0))))
+# (module-level names the load test below keeps using)
+_DOC, _TENSOR_HEADER, _BODY, _DOC_PATHS = _V1.doc, _V1.tensor_header, _V1.body, _V1.doc_paths
 _JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
@@ -233,6 +280,16 @@ _JSON_VALUES = st.recursive(
     ),
     max_leaves=8,
 )
+# For the graph: names that exist (so that ``inputs`` edits make cycles, repeats, dead
+# branches and shape mismatches rather than only dangling names), the new kinds, and format
+# versions.
+_V2_NAMES = st.sampled_from([MODEL_INPUT, *(layer.name for layer in _V2_SPEC.layers)])
+_GRAPH_VALUES = (
+    _JSON_VALUES
+    | _V2_NAMES
+    | st.lists(_V2_NAMES, max_size=4)
+    | st.sampled_from([1, 2, 3, *LAYER_KINDS])
+)
 
 
 def _set(tree, path, value) -> None:
@@ -240,6 +297,19 @@ def _set(tree, path, value) -> None:
     for key in path[:-1]:
         node = node[key]
     node[path[-1]] = value
+
+
+def _decode_mutated(base: _Base, edits) -> None:
+    """Apply ``(in_doc, which, value)`` edits and decode: success or an ArtifactError."""
+    doc, tensor_header = copy.deepcopy(base.doc), copy.deepcopy(base.tensor_header)
+    for in_doc, which, value in edits:
+        tree, paths = (doc, base.doc_paths) if in_doc else (tensor_header, base.header_paths)
+        # (an earlier edit may have replaced a parent of this path)
+        with contextlib.suppress(KeyError, IndexError, TypeError):
+            _set(tree, paths[which % len(paths)], value)
+    header = tensor_header | {"__metadata__": {METADATA_KEY: json.dumps(doc)}}
+    with contextlib.suppress(ArtifactError):
+        decode_artifact(join_header(header, base.body))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -252,15 +322,19 @@ def test_header_mutations_raise_only_artifact_errors(edits):
     """Replace any values of the metadata document or the tensor entries by arbitrary JSON:
     decoding succeeds or raises an ArtifactError subclass, never a RecursionError,
     OverflowError, IndexError, KeyError, TypeError or ValueError."""
-    doc, tensor_header = copy.deepcopy(_DOC), copy.deepcopy(_TENSOR_HEADER)
-    for in_doc, which, value in edits:
-        tree, paths = (doc, _DOC_PATHS) if in_doc else (tensor_header, _HEADER_PATHS)
-        # (an earlier edit may have replaced a parent of this path)
-        with contextlib.suppress(KeyError, IndexError, TypeError):
-            _set(tree, paths[which % len(paths)], value)
-    header = tensor_header | {"__metadata__": {METADATA_KEY: json.dumps(doc)}}
-    with contextlib.suppress(ArtifactError):
-        decode_artifact(join_header(header, _BODY))
+    _decode_mutated(_V1, edits)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    edits=st.lists(
+        st.tuples(st.booleans(), st.integers(min_value=0), _GRAPH_VALUES), min_size=1, max_size=3
+    )
+)
+def test_v2_graph_header_mutations_raise_only_artifact_errors(edits):
+    """The same on a format v2 document (a ReActNet-shaped graph with a concat): edits of
+    ``inputs``, kinds, names and ``format_version`` give only named errors."""
+    _decode_mutated(_V2, edits)
 
 
 # Fields a mutation can change while the tensors still fit the graph, and values to try there.
