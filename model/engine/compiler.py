@@ -9,8 +9,8 @@ packed bits, else it ends in real values. Weights are laid out here, once, for t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from model.engine.folding import (
     fold_batchnorm_into_thresholds,
     pool_and_mask,
 )
+from model.engine.graph import split_chains, wire
 from model.engine.layout import Shape, aligned_copy, pad_rows
 from model.engine.ops import (
     MAX_PLANE_VALUE,
@@ -39,40 +40,121 @@ from model.engine.ops import (
     Program,
     Quantize,
     Real,
+    RealAdd,
+    RealAvgPool,
     RealBatchNorm,
+    RealConcat,
     RealFlatten,
+    RealGlobalAvgPool,
     RealMaxPool,
+    RealPReLU,
+    RealShift,
     SignedDense,
     ToReal,
     Unpack,
 )
 from model.packing import pack_signs, unpack_signs, words_for
 from model.quantizers import SIGN, Binarizer, binarizer_for
-from model.spec import BatchNorm, Conv2d, Dense, Flatten, Layer, MaxPool2d, ModelSpec
+from model.spec import (
+    MODEL_INPUT,
+    Add,
+    AvgPool2d,
+    BatchNorm,
+    Concat,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalAvgPool2d,
+    Layer,
+    MaxPool2d,
+    ModelSpec,
+    PReLU,
+    Shift,
+)
 
 
 def compile_program(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> Program:
-    """Turn a validated spec and its tensors into a :class:`Program`."""
-    layers = spec.layers
-    shapes = spec.layer_shapes()
+    """Turn a validated spec and its tensors into a :class:`Program`: a v1 chain as one chain,
+    a v2 graph as its chains (:func:`model.engine.graph.split_chains`) wired by named values."""
+    if spec.required_format_version() == 1:
+        out_shapes = [out for _, out in spec.layer_shapes()]
+        start = Real(tuple(spec.input.shape))
+        ops, state = compile_chain(spec.layers, out_shapes, start, tensors, spec, at_input=True)
+        if not isinstance(state, Real):  # pragma: no cover - bits exist only before a consumer
+            raise AssertionError("the program must end on real values")
+        program = Program(ops=tuple(ops), input_shape=tuple(spec.input.shape))
+    else:
+        program = _compile_graph(spec, tensors)
+    return replace(program, arrays_bytes=program_nbytes(program))
+
+
+def _compile_graph(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> Program:
+    """Each chain compiles like a v1 model whose input is the chain's source value; the first
+    operation of a chain reads the chain's sources, each later one the previous output."""
+    shapes = {MODEL_INPUT: tuple(spec.input.shape)}
+    out_shapes = [out for _, out in spec.graph_shapes()]
+    for layer, shape in zip(spec.layers, out_shapes, strict=True):
+        shapes[layer.name] = shape
+    steps: list[tuple[Op, tuple[str, ...], str]] = []
+    for chain in split_chains(spec):
+        layers = tuple(spec.layers[i] for i in chain.layers)
+        chain_shapes = [out_shapes[i] for i in chain.layers]
+        ops: list[Op] = []
+        if isinstance(layers[0], Add | Concat):
+            ops.append(_merge_op(layers[0], chain_shapes[0]))
+            start = Real(chain_shapes[0])
+            layers, chain_shapes = layers[1:], chain_shapes[1:]
+        else:
+            start = Real(shapes[chain.sources[0]])
+        at_input = chain.sources == (MODEL_INPUT,)
+        more, state = compile_chain(layers, chain_shapes, start, tensors, spec, at_input=at_input)
+        if not isinstance(state, Real):  # pragma: no cover - a chain ends where bits are read
+            raise AssertionError("a chain ends on real values")
+        ops += more
+        name = spec.layers[chain.layers[-1]].name
+        for k, op in enumerate(ops):
+            inputs = chain.sources if k == 0 else (f"{name}#{k - 1}",)
+            steps.append((op, inputs, name if k == len(ops) - 1 else f"{name}#{k}"))
+    ops_in_order, wiring = wire(steps)
+    return Program(ops=ops_in_order, input_shape=tuple(spec.input.shape), wiring=wiring)
+
+
+def compile_chain(
+    layers: Sequence[Layer],
+    out_shapes: Sequence[Shape],
+    state: Bits | Real,
+    tensors: Mapping[str, np.ndarray],
+    spec: ModelSpec,
+    *,
+    at_input: bool,
+) -> tuple[list[Op], Bits | Real]:
+    """Operations for ``layers``, each taking the previous one's output, starting from a value
+    of ``state``; ``out_shapes[i]`` is layer i's output shape. ``at_input``: the chain starts
+    at the model input (its first dense layer may take integer bit-planes)."""
     ops: list[Op] = []
-    state: Bits | Real = Real(tuple(spec.input.shape))
     i = 0
     while i < len(layers):
         layer = layers[i]
         if not isinstance(layer, Dense | Conv2d):
-            ops.append(_real_op(layer, tensors, shapes[i][1]))
-            state = Real(shapes[i][1])
+            folded = _folded_quantize(layers[i:], state, tensors)
+            if folded is not None:
+                quantize, used = folded
+                ops.append(quantize)
+                state = quantize.decide.out
+                i += used
+                continue
+            ops.append(_real_op(layer, tensors, out_shapes[i]))
+            state = Real(out_shapes[i])
             i += 1
             continue
         j = i + 1
         while j < len(layers) and not isinstance(layers[j], Dense | Conv2d):
             j += 1
-        tail, consumer = layers[i + 1 : j], (layers[j] if j < len(layers) else None)
+        tail, consumer = tuple(layers[i + 1 : j]), (layers[j] if j < len(layers) else None)
         state, prepared = _prepare_input(state, layer)
         ops.extend(prepared)
-        first = all(isinstance(earlier, Flatten) for earlier in layers[:i])  # sees raw input
-        out_shape = shapes[i][1]
+        first = at_input and all(isinstance(earlier, Flatten) for earlier in layers[:i])
+        out_shape = out_shapes[i]
         quantizer = None if consumer is None else consumer.input_quantizer
         foldable = quantizer is not None and foldable_tail(tail, out_shape)
         producer = _producer(layer, state, tensors, out_shape, first, spec)
@@ -81,25 +163,25 @@ def compile_program(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> Progr
             spatial = out_shape
             for k in range(i + 1, j):
                 if not isinstance(layers[k], Flatten):
-                    spatial = shapes[k][1]
+                    spatial = out_shapes[k]
             epilogue = _decide(producer, tail, tensors, binarizer, spatial, layer)
             ops.append(producer.build(epilogue))
             state = epilogue.out
         else:
-            epilogue = ToReal(affine=producer.affine, out=Real(out_shape))
+            # a BatchNorm right after the layer runs in its epilogue (rows in, rows out)
+            batchnorm = (
+                _bn_step(tail[0], tensors) if tail[:1] and isinstance(tail[0], BatchNorm) else None
+            )
+            epilogue = ToReal(affine=producer.affine, out=Real(out_shape), batchnorm=batchnorm)
             ops.append(producer.build(epilogue))
             state = Real(out_shape)
             for k, tail_layer in enumerate(tail, start=i + 1):
-                ops.append(_real_op(tail_layer, tensors, shapes[k][1]))
-                state = Real(shapes[k][1])
+                if batchnorm is not None and k == i + 1:
+                    continue
+                ops.append(_real_op(tail_layer, tensors, out_shapes[k]))
+                state = Real(out_shapes[k])
         i = j
-    if not isinstance(state, Real):  # pragma: no cover - bits exist only before a consumer
-        raise AssertionError("the program must end on real values")
-    program = Program(
-        ops=tuple(ops),
-        input_shape=tuple(spec.input.shape),
-    )
-    return Program(**{**program.__dict__, "arrays_bytes": program_nbytes(program)})
+    return ops, state
 
 
 def program_nbytes(program: Program) -> int:
@@ -324,7 +406,7 @@ def foldable_tail(tail: tuple[Layer, ...], out_shape: Shape) -> bool:
         if isinstance(layer, Flatten):
             flattened = flattened or len(out_shape) == 3
             continue
-        per_channel = isinstance(layer, BatchNorm | MaxPool2d) and not flattened
+        per_channel = isinstance(layer, BatchNorm | MaxPool2d | Shift) and not flattened
         if not per_channel:
             return False
     return True
@@ -347,6 +429,8 @@ def _decide(
     for tail_layer in tail:
         if isinstance(tail_layer, BatchNorm):
             steps.append(_bn_step(tail_layer, tensors))
+        elif isinstance(tail_layer, Shift):
+            steps.append(_shift_step(tail_layer, tensors))
         elif isinstance(tail_layer, MaxPool2d):
             pool_specs.append((tail_layer, len(steps)))
         else:
@@ -404,4 +488,53 @@ def _real_op(layer: Layer, tensors: Mapping[str, np.ndarray], out_shape: Shape) 
         return RealMaxPool(layer.kernel_size, layer.stride)
     if isinstance(layer, Flatten):
         return RealFlatten(Real(out_shape))
+    if isinstance(layer, AvgPool2d):
+        return RealAvgPool(layer.kernel_size, layer.stride)
+    if isinstance(layer, GlobalAvgPool2d):
+        return RealGlobalAvgPool(Real(out_shape))
+    if isinstance(layer, Shift):
+        return RealShift(_vector(tensors, f"{layer.name}.shift"))
+    if isinstance(layer, PReLU):
+        return RealPReLU(_vector(tensors, f"{layer.name}.weight"))
     raise AssertionError(f"unexpected layer {layer!r}")  # pragma: no cover
+
+
+def _merge_op(layer: Add | Concat, out_shape: Shape) -> Op:
+    return RealAdd(Real(out_shape)) if isinstance(layer, Add) else RealConcat(Real(out_shape))
+
+
+def _vector(tensors: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+    return np.array(tensors[key], np.float32)  # an owned float32 copy
+
+
+def _shift_step(layer: Shift, tensors: Mapping[str, np.ndarray]) -> AffineStep:
+    """A shift is eager's ``x + shift``: the affine step fl(x + bias) without a scale."""
+    return AffineStep(None, _vector(tensors, f"{layer.name}.shift"))
+
+
+def _folded_quantize(
+    rest: Sequence[Layer], state: Bits | Real, tensors: Mapping[str, np.ndarray]
+) -> tuple[Quantize, int] | None:
+    """Shifts and BatchNorms on a real value right before a quantizing dense/conv layer fold
+    into one per-channel cut on that value (ReActNet's RSign: sign(x + s) ⇔ x ≥ cut, where cut
+    is found over every float32 x, so the decision is eager's ``fl(x + s) ≥ 0`` bit for bit).
+    Returns the Quantize and the number of layers it replaces, or None."""
+    count = 0
+    while count < len(rest) and isinstance(rest[count], Shift | BatchNorm):
+        count += 1
+    if not isinstance(state, Real) or count == 0 or count == len(rest):
+        return None
+    consumer = rest[count]
+    if not isinstance(consumer, Dense | Conv2d) or consumer.input_quantizer is None:
+        return None
+    steps: list[Step] = [
+        _bn_step(layer, tensors) if isinstance(layer, BatchNorm) else _shift_step(layer, tensors)
+        for layer in rest[:count]
+    ]
+    binarizer = binarizer_for(consumer.input_quantizer)
+    channels = state.shape[0]
+    thresholds = fold_batchnorm_into_thresholds(steps, binarizer, channels, integer=False)
+    invert = bit_invert(thresholds, binarizer).astype(np.uint8)
+    bits = Bits(binarizer, state.shape, "nhwc" if len(state.shape) == 3 else "flat")
+    decide = Decide(cut=thresholds.cut.astype(np.float64), invert=invert, pools=(), out=bits)
+    return Quantize(decide), count

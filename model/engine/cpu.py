@@ -22,10 +22,12 @@ from collections.abc import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from model.engine import kernels, runtime
+from model.engine import kernels, real_kernels, runtime
 from model.engine.dispatch import Dispatch, ranges
 from model.engine.floatmath import F32, F64, affine_f32, fma_f32
+from model.engine.folding import AffineStep
 from model.engine.fused import mlp_plan
+from model.engine.graph import run_wired
 from model.engine.kernels import PARALLEL, ROW_CHUNK, KernelSet
 from model.engine.ops import (
     MAX_PLANE_VALUE,
@@ -39,9 +41,15 @@ from model.engine.ops import (
     PlanesDense,
     Program,
     Quantize,
+    RealAdd,
+    RealAvgPool,
     RealBatchNorm,
+    RealConcat,
     RealFlatten,
+    RealGlobalAvgPool,
     RealMaxPool,
+    RealPReLU,
+    RealShift,
     SignedDense,
     ToReal,
     Unpack,
@@ -78,6 +86,12 @@ class NumbaExecutor:
             RealBatchNorm: self._real_batch_norm,
             RealMaxPool: self._real_max_pool,
             RealFlatten: self._real_flatten,
+            RealAdd: self._real_add,
+            RealConcat: self._real_concat,
+            RealAvgPool: self._real_avg_pool,
+            RealGlobalAvgPool: self._real_global_avg_pool,
+            RealShift: self._real_shift,
+            RealPReLU: self._real_prelu,
         }
         self._dispatch = Dispatch.for_program(program)
         # Per binary layer, the direction flag its kernel flips on each call (kernels.next_sweep).
@@ -103,8 +117,13 @@ class NumbaExecutor:
             runtime.use_threads(self.threads)
         value = x
         with kernel_guard():
-            for op in self.program.ops:
-                value = self._handlers[type(op)](op, value, kset)
+            if self.program.wiring is not None:
+                value = run_wired(
+                    self.program, x, lambda op, v: self._handlers[type(op)](op, v, kset)
+                )
+            else:
+                for op in self.program.ops:
+                    value = self._handlers[type(op)](op, value, kset)
         return np.ascontiguousarray(value, dtype=F32)
 
     # --- binary layers ----------------------------------------------------------------------------
@@ -139,8 +158,16 @@ class NumbaExecutor:
             return out
         p = np.empty((a.shape[0], op.weight.shape[0]), np.int32)
         kset.xor_popcount_gemm(a, op.weight, p, ranges(kset), self._sweeps[id(op)])
-        acc = k - 2 * p.astype(np.int64) if op.input.binarizer.kind == "sign" else p - op.pcw
-        return _to_real(ep, acc.astype(F32))
+        affine, bn = ep.affine or AffineStep(None, None), ep.batchnorm
+        if any(v is not None and v.dtype != F32 for v in (affine.scale, affine.bias)):
+            acc = k - 2 * p.astype(np.int64) if op.input.binarizer.kind == "sign" else p - op.pcw
+            return _to_real(ep, acc.astype(F32))
+        out = np.empty(p.shape, F32)
+        real_kernels.accumulator_rows(
+            p, k, op.pcw, op.input.binarizer.kind == "sign", affine.scale, affine.bias,
+            None if bn is None else bn.alpha, None if bn is None else bn.beta, out,
+        )  # fmt: skip
+        return out
 
     def _planes_dense(
         self, op: PlanesDense, x: np.ndarray, kset: KernelSet = PARALLEL
@@ -198,6 +225,8 @@ class NumbaExecutor:
                 padded, op.weight, bias, kh, kw, sh, sw, ep.cut, ep.invert, out
             )
             return self._pools(ep, out, kset)
+        if isinstance(ep, ToReal) and ep.affine is None and op.weight.dtype != np.uint64:
+            return self._float_conv_rows(op, x)
         cols = real_im2col(x, op.kernel, op.stride, op.padding, op.pad_value)
         if op.weight.dtype == np.uint64:
             c = op.in_shape[0]
@@ -211,6 +240,21 @@ class NumbaExecutor:
         if isinstance(ep, ToReal):
             return _to_real(ep, raw).reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
         return self._pools(ep, _threshold_rows(ep, raw, kset).reshape(n, oh, ow, -1), kset)
+
+    def _float_conv_rows(self, op: FloatConv, x: np.ndarray) -> np.ndarray:
+        """A float conv whose output stays real (a stem or a shortcut before an ``add``): rows
+        of fixed-order float32 sums and the epilogue's BatchNorm in one kernel; the result is
+        channels-last in memory (:mod:`model.engine.real_kernels`)."""
+        n, (oh, ow) = x.shape[0], op.out_hw
+        (kh, kw), (sh, sw) = op.kernel, op.stride
+        bias = np.zeros(op.weight.shape[1], F32) if op.bias_in_raw is None else op.bias_in_raw
+        bn = op.epilogue.batchnorm
+        out = np.empty((n * oh * ow, op.weight.shape[1]), F32)
+        real_kernels.real_conv_rows(
+            pad_nhwc(x, op.padding, op.pad_value), op.weight, bias.astype(F32), kh, kw, sh, sw,
+            None if bn is None else bn.alpha, None if bn is None else bn.beta, out,
+        )  # fmt: skip
+        return out.reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
 
     def _quantize(self, op: Quantize, x: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
         if x.ndim == 4:
@@ -237,6 +281,37 @@ class NumbaExecutor:
         self, op: RealFlatten, x: np.ndarray, kset: KernelSet = PARALLEL
     ) -> np.ndarray:
         return x.reshape(x.shape[0], -1)
+
+    # --- v2 graph operations ----------------------------------------------------------------------
+    def _real_add(
+        self, op: RealAdd, xs: tuple[np.ndarray, ...], kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
+        total = xs[0] + xs[1]
+        for x in xs[2:]:
+            total += x
+        return total
+
+    def _real_concat(
+        self, op: RealConcat, xs: tuple[np.ndarray, ...], kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
+        return np.concatenate(xs, axis=1)
+
+    def _real_avg_pool(
+        self, op: RealAvgPool, x: np.ndarray, kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
+        return real_avgpool(x, op.kernel, op.stride)
+
+    def _real_global_avg_pool(
+        self, op: RealGlobalAvgPool, x: np.ndarray, kset: KernelSet = PARALLEL
+    ) -> np.ndarray:
+        return (x.sum(axis=(2, 3), dtype=F64) / (x.shape[2] * x.shape[3])).astype(F32)
+
+    def _real_shift(self, op: RealShift, x: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
+        return x + op.shift.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+    def _real_prelu(self, op: RealPReLU, x: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
+        slope = op.weight.reshape((1, -1) + (1,) * (x.ndim - 2))
+        return np.where(x > 0, x, x * slope)
 
     def _pools(self, ep: Decide, bits: np.ndarray, kset: KernelSet) -> np.ndarray:
         for pool in ep.pools:
@@ -300,8 +375,24 @@ def real_im2col(
 
 
 def real_maxpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
-    windows = sliding_window_view(x, kernel, axis=(2, 3))[:, :, :: stride[0], :: stride[1]]
-    return windows.max(axis=(-2, -1))
+    """Max over each window of (N, C, H, W) values; the result is channels-last in memory (see
+    :mod:`model.engine.real_kernels`), which is how a binary layer reads it."""
+    channels_last = x.transpose(0, 2, 3, 1)
+    windows = sliding_window_view(channels_last, kernel, axis=(1, 2))[:, :: stride[0], :: stride[1]]
+    return windows.max(axis=(-2, -1)).transpose(0, 3, 1, 2)
+
+
+def real_avgpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
+    """``F.avg_pool2d`` without padding, bit for bit: each window summed in float32 in (dy, dx)
+    order, then divided by kh·kw."""
+    (kh, kw), (sh, sw) = kernel, stride
+    oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    total = None
+    for dy in range(kh):
+        for dx in range(kw):
+            window = x[:, :, dy : dy + sh * (oh - 1) + 1 : sh, dx : dx + sw * (ow - 1) + 1 : sw]
+            total = window.astype(F32) if total is None else total + window
+    return total / F32(kh * kw)
 
 
 def packed_dense(x: np.ndarray, weight: np.ndarray, features: int, kset: KernelSet) -> np.ndarray:
@@ -327,9 +418,21 @@ def _decide_or_real(ep: Decide | ToReal, raw: np.ndarray, kset: KernelSet) -> np
 
 
 def _to_real(ep: ToReal, raw: np.ndarray) -> np.ndarray:
-    if ep.affine is None:
-        return raw
-    scale, bias = ep.affine.scale, ep.affine.bias
+    """raw rows (M, O) → the layer's affine part, then the epilogue's BatchNorm (if any)."""
+    y = raw
+    if ep.affine is not None:
+        y = _affine(ep.affine, raw)
+    if ep.batchnorm is not None:
+        out = np.empty(y.shape, F32)
+        real_kernels.batchnorm_rows(
+            np.ascontiguousarray(y, F32), ep.batchnorm.alpha, ep.batchnorm.beta, out
+        )
+        y = out
+    return y
+
+
+def _affine(affine: AffineStep, raw: np.ndarray) -> np.ndarray:
+    scale, bias = affine.scale, affine.bias
     if (
         raw.ndim != 2
         or raw.dtype != F32

@@ -272,12 +272,17 @@ def signed_sum1(typingctx, x, w, signs, m, o):
     return sig, codegen
 
 
-def _conv_sums_codegen(context, builder, sig, args, vectors):
+def _conv_sums_codegen(context, builder, sig, args, vectors, positions=1):
     """8·``vectors`` float32 sums acc ← fma(x, w[·, o + j], acc) from acc = bias[o + j] over one
     window, in (dy, dx, c) order; each of the ``vectors`` <8 x float> accumulators stays in a
-    register."""
+    register. ``positions`` = 2: the same for the windows at x0 and x0 + step (args then carry
+    ``step`` after x0), each weight vector loaded once for both; sums[8·vectors·p + j]."""
     x_type, w_type, b_type = sig.args[:3]
-    x_val, w_val, b_val, i, y0, x0, kh, kw, o, _ = args
+    if positions == 1:
+        x_val, w_val, b_val, i, y0, x0, kh, kw, o, _ = args
+        step = ir.Constant(_I64, 0)
+    else:
+        x_val, w_val, b_val, i, y0, x0, step, kh, kw, o, _ = args
     x_arr = context.make_array(x_type)(context, builder, x_val)
     w_arr = context.make_array(w_type)(context, builder, w_val)
     b_arr = context.make_array(b_type)(context, builder, b_val)
@@ -292,33 +297,42 @@ def _conv_sums_codegen(context, builder, sig, args, vectors):
         builder.module, ir.FunctionType(_F8, [_F8, _F8, _F8]), "llvm.fma.v8f32"
     )
     offsets = [builder.add(o, ir.Constant(_I64, 8 * v)) for v in range(vectors)]
-    accs = [cgutils.alloca_once(builder, _F8) for _ in range(vectors)]
-    for acc, at in zip(accs, offsets, strict=True):
-        builder.store(vector_at(b_arr.data, at), acc)
+    accs = [[cgutils.alloca_once(builder, _F8) for _ in range(vectors)] for _ in range(positions)]
+    for row_accs in accs:
+        for acc, at in zip(row_accs, offsets, strict=True):
+            builder.store(vector_at(b_arr.data, at), acc)
     zero8 = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+    shifts = [builder.mul(step, ir.Constant(_I64, p)) for p in range(positions)]
     with cgutils.for_range(builder, kh) as dy_loop:
         y = builder.add(y0, dy_loop.index)
         with cgutils.for_range(builder, kw) as dx_loop:
             dx = dx_loop.index
             pixel = builder.add(builder.mul(builder.add(builder.mul(i, hp), y), wp), x0)
-            x_base = builder.mul(builder.add(pixel, dx), c)
+            x_bases = [builder.mul(builder.add(builder.add(pixel, dx), s), c) for s in shifts]
             row = builder.mul(builder.add(builder.mul(dy_loop.index, kw), dx), c)
             with cgutils.for_range(builder, c) as ch_loop:
                 ch = ch_loop.index
-                v = builder.load(builder.gep(x_arr.data, [builder.add(x_base, ch)]))
-                vb = builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(_F8, None), v, ir.Constant(_I32, 0)),
-                    ir.Constant(_F8, None),
-                    zero8,
-                )
+                broadcasts = []
+                for x_base in x_bases:
+                    v = builder.load(builder.gep(x_arr.data, [builder.add(x_base, ch)]))
+                    broadcasts.append(
+                        builder.shuffle_vector(
+                            builder.insert_element(ir.Constant(_F8, None), v, ir.Constant(_I32, 0)),
+                            ir.Constant(_F8, None),
+                            zero8,
+                        )
+                    )
                 w_row = builder.mul(builder.add(row, ch), o_rows)
-                for acc, at in zip(accs, offsets, strict=True):
+                for v_index, at in enumerate(offsets):
                     wv = vector_at(w_arr.data, builder.add(w_row, at))
-                    builder.store(builder.call(fma, [vb, wv, builder.load(acc)]), acc)
-    d_arr = context.make_array(sig.args[9])(context, builder, args[9])
-    for v, acc in enumerate(accs):
-        target = builder.gep(d_arr.data, [ir.Constant(_I64, 8 * v)])
-        builder.store(builder.load(acc), builder.bitcast(target, _F8.as_pointer()), align=4)
+                    for vb, row_accs in zip(broadcasts, accs, strict=True):
+                        acc = row_accs[v_index]
+                        builder.store(builder.call(fma, [vb, wv, builder.load(acc)]), acc)
+    d_arr = context.make_array(sig.args[-1])(context, builder, args[-1])
+    for p_index, row_accs in enumerate(accs):
+        for v, acc in enumerate(row_accs):
+            target = builder.gep(d_arr.data, [ir.Constant(_I64, 8 * (vectors * p_index + v))])
+            builder.store(builder.load(acc), builder.bitcast(target, _F8.as_pointer()), align=4)
 
 
 @intrinsic
@@ -372,7 +386,28 @@ def _conv_sums_doc(lanes):
     )
 
 
+def _conv_sums_pair_intrinsic(vectors):
+    def typer(typingctx, x, w, bias, i, y0, x0, step, kh, kw, o, sums):
+        single = _conv_sums_intrinsic(vectors)(typingctx, x, w, bias, i, y0, x0, kh, kw, o, sums)
+        if single is None:
+            return None
+        sig = types.none(x, w, bias, *(types.int64,) * 7, sums)
+
+        def codegen(context, builder, sig, args):
+            _conv_sums_codegen(context, builder, sig, args, vectors, positions=2)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return typer
+
+
 conv_sums64 = intrinsic(_conv_sums_intrinsic(8))
 conv_sums64.__doc__ = _conv_sums_doc(64)
 conv_sums8 = intrinsic(_conv_sums_intrinsic(1))
 conv_sums8.__doc__ = _conv_sums_doc(8)
+conv_pair_sums64 = intrinsic(_conv_sums_pair_intrinsic(8))
+conv_pair_sums64.__doc__ = (
+    "conv_sums64 for the windows at (y0, x0) and (y0, x0 + step) at once (sums[0:64] and "
+    "sums[64:128]): each weight vector is loaded once for both, the same sums in the same order."
+)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.engine.folding import AffineStep
+from model.engine.folding import AffineStep, BatchNormStep
 from model.engine.layout import Shape
 from model.quantizers import Binarizer
 
@@ -80,10 +80,13 @@ class Decide:
 
 @dataclass(frozen=True)
 class ToReal:
-    """raw → fl(fl(raw·scale) + bias) (the layer's affine part, when it was not folded into raw)."""
+    """raw → fl(fl(raw·scale) + bias) (the layer's affine part, when it was not folded into raw),
+    then, when the layer is followed by a BatchNorm whose output stays real (a residual branch
+    before its ``add``), that BatchNorm: y → fma(y, alpha, beta), as torch rounds it."""
 
     affine: AffineStep | None
     out: Real
+    batchnorm: BatchNormStep | None = None
 
 
 Epilogue = Decide | ToReal
@@ -180,7 +183,8 @@ class FloatConv:
 
 @dataclass(frozen=True)
 class Quantize:
-    """Real → bits with the consumer's binarizer (a threshold at 0)."""
+    """Real → bits with the consumer's binarizer: a threshold at 0, or per channel where
+    shifts (ReActNet's RSign) or BatchNorms before the binarizer are folded into ``cut``."""
 
     decide: Decide
 
@@ -210,6 +214,51 @@ class RealFlatten:
     out: Real
 
 
+# --- v2 graph operations on real values (float32, as eager torch computes them) ----------------
+@dataclass(frozen=True)
+class RealAdd:
+    """((x₁ + x₂) + x₃) + …, each sum rounded to float32, in the order of the inputs."""
+
+    out: Real
+
+
+@dataclass(frozen=True)
+class RealConcat:
+    """The inputs joined along the channel (or feature) axis, ``torch.cat(dim=1)``."""
+
+    out: Real
+
+
+@dataclass(frozen=True)
+class RealAvgPool:
+    """Mean of each kh×kw window: fl(Σ window in (dy, dx) order, float32) / (kh·kw), which is
+    ``F.avg_pool2d`` on the CPU bit for bit."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class RealGlobalAvgPool:
+    """(N, C, H, W) → (N, C): the mean over H·W (summed in float64, then rounded once)."""
+
+    out: Real
+
+
+@dataclass(frozen=True)
+class RealShift:
+    """y = fl(x + shift[c])."""
+
+    shift: np.ndarray  # (C,) float32
+
+
+@dataclass(frozen=True)
+class RealPReLU:
+    """y = x where x > 0, else fl(weight[c]·x) (``F.prelu``)."""
+
+    weight: np.ndarray  # (C,) float32
+
+
 Op = (
     BinaryDense
     | BinaryConv
@@ -222,14 +271,37 @@ Op = (
     | RealBatchNorm
     | RealMaxPool
     | RealFlatten
+    | RealAdd
+    | RealConcat
+    | RealAvgPool
+    | RealGlobalAvgPool
+    | RealShift
+    | RealPReLU
 )
+
+# Operations that take several inputs (a tuple of values) rather than one.
+MERGE_OPS: tuple[type, ...] = (RealAdd, RealConcat)
 
 
 OPS: tuple[type, ...] = Op.__args__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
+class Wire:
+    """Where one operation of a graph program reads and writes: value slots (slot 0 is the
+    model input), and the slots whose last reader it is, released after it runs."""
+
+    inputs: tuple[int, ...]
+    output: int
+    release: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Program:
+    """The operations in order. ``wiring`` (one :class:`Wire` per operation) is None for a
+    chain, where each operation reads the previous one's output; a v2 graph has it."""
+
     ops: tuple[Op, ...]
     input_shape: Shape
     arrays_bytes: int = field(default=0)
+    wiring: tuple[Wire, ...] | None = None

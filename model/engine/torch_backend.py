@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from model.engine.graph import run_wired
 from model.engine.ops import (
     MAX_PLANE_VALUE,
     BinaryConv,
@@ -67,9 +68,15 @@ from model.engine.ops import (
     PlanesDense,
     Program,
     Quantize,
+    RealAdd,
+    RealAvgPool,
     RealBatchNorm,
+    RealConcat,
     RealFlatten,
+    RealGlobalAvgPool,
     RealMaxPool,
+    RealPReLU,
+    RealShift,
     SignedDense,
     ToReal,
     Unpack,
@@ -182,6 +189,10 @@ class TorchExecutor:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x float32 (batch, *input_shape) on the device → logits float32 (batch, classes)."""
+        if self.program.wiring is not None:
+            steps = dict(zip(map(id, self.program.ops), self._steps, strict=True))
+            value = run_wired(self.program, x, lambda op, v: steps[id(op)](v))
+            return value.to(torch.float32)
         value = x
         for step in self._steps:
             value = step(value)
@@ -233,6 +244,12 @@ class TorchExecutor:
             RealBatchNorm: self._real_batch_norm,
             RealMaxPool: self._real_max_pool,
             RealFlatten: self._real_flatten,
+            RealAdd: self._real_add,
+            RealConcat: self._real_concat,
+            RealAvgPool: self._real_avg_pool,
+            RealGlobalAvgPool: self._real_global_avg_pool,
+            RealShift: self._real_shift,
+            RealPReLU: self._real_prelu,
         }
 
     def _binary_dense(self, op: BinaryDense) -> Step:
@@ -450,6 +467,37 @@ class TorchExecutor:
     def _real_flatten(self, op: RealFlatten) -> Step:
         return lambda x: x.reshape(x.shape[0], -1)
 
+    # --- v2 graph operations: float32, the eager model's own torch ops ----------------------------
+    def _real_add(self, op: RealAdd) -> Step:
+        def step(xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            total = xs[0].to(torch.float32) + xs[1].to(torch.float32)
+            for x in xs[2:]:
+                total = total + x.to(torch.float32)
+            return total
+
+        return step
+
+    def _real_concat(self, op: RealConcat) -> Step:
+        return lambda xs: torch.cat([x.to(torch.float32) for x in xs], dim=1)
+
+    def _real_avg_pool(self, op: RealAvgPool) -> Step:
+        return lambda x: F.avg_pool2d(x.to(torch.float32), op.kernel, op.stride)
+
+    def _real_global_avg_pool(self, op: RealGlobalAvgPool) -> Step:
+        return lambda x: x.to(torch.float32).mean((2, 3))
+
+    def _real_shift(self, op: RealShift) -> Step:
+        shift = self._hold(op.shift, torch.float32)
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            return x.to(torch.float32) + shift.view((1, -1) + (1,) * (x.dim() - 2))
+
+        return step
+
+    def _real_prelu(self, op: RealPReLU) -> Step:
+        weight = self._hold(op.weight, torch.float32)
+        return lambda x: F.prelu(x.to(torch.float32), weight)
+
     # --- epilogues of real-valued layers ----------------------------------------------------------
     def _real_epilogue(self, ep: Decide | ToReal, spatial: bool = False) -> Step:
         if isinstance(ep, Decide):
@@ -488,12 +536,21 @@ class TorchExecutor:
             for v in (vectors or [None, None])
         )
 
+        batchnorm = None
+        if ep.batchnorm is not None:
+            real = self.precision.real
+            alpha = self._hold(ep.batchnorm.alpha, real).view(shape)
+            batchnorm = (alpha, self._hold(ep.batchnorm.beta, real).view(shape))
+
         def to_real(raw: torch.Tensor) -> torch.Tensor:
             raw = raw.to(torch.float32)
             if scale is not None:
                 raw = (raw * scale).to(torch.float32)
             if bias is not None:
                 raw = (raw + bias).to(torch.float32)
+            if batchnorm is not None:  # as _real_batch_norm: one rounding each in real, float32
+                alpha, beta = batchnorm
+                raw = torch.addcmul(beta, raw.to(alpha.dtype), alpha).to(torch.float32)
             return raw
 
         return to_real

@@ -69,7 +69,6 @@ def test_a_v2_models_metadata_describes_its_graph(make_client, graph_repo):
     )
 
 
-@pytest.mark.xfail(strict=True, reason="the engine of this branch runs v1 chains only")
 def test_a_v2_model_is_served_as_the_engine_computes_it(make_client, graph_repo):
     client = make_client(loader=load_model, wait=False)
     response = client.post("/v2/repository/models/bireal/load")

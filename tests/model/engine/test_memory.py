@@ -209,10 +209,6 @@ def test_an_add_counts_all_its_inputs():
     assert estimate.activation_bytes_per_instance == 8 * 64 + (32 + 24) * 4096
 
 
-# The engine of this branch runs chains only: load_model fails its "unexpected layer Add"
-# assertion. Once it runs graphs this passes (strict: then drop the marker); a bound that does
-# not hold fails through pytest.fail, which the marker does not catch.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the engine runs v1 chains only")
 @pytest.mark.parametrize("reactnet", [False, True], ids=["bireal", "reactnet"])
 def test_the_bound_holds_for_what_a_graph_call_allocates(tmp_path, reactnet):
     spec = bireal_spec(input_shape=(3, 16, 16), widths=(16, 32), blocks=2, reactnet=reactnet)

@@ -1,0 +1,89 @@
+"""The float32 kernels of graph values against torch and numpy references, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from model.engine.floatmath import affine_f32, fma_f32  # noqa: E402
+from model.engine.folding import BatchNormStep  # noqa: E402
+from model.engine.real_kernels import (  # noqa: E402
+    accumulator_rows,
+    batchnorm_rows,
+    real_conv_rows,
+)
+
+
+def batchnorm(rng: np.random.Generator, c: int) -> tuple[torch.nn.BatchNorm2d, BatchNormStep]:
+    w, b, m = (rng.normal(size=c).astype(np.float32) for _ in range(3))
+    v = rng.uniform(0.1, 3.0, size=c).astype(np.float32)
+    bn = torch.nn.BatchNorm2d(c).eval()
+    with torch.no_grad():
+        for name, value in zip(
+            ("weight", "bias", "running_mean", "running_var"), (w, b, m, v), strict=True
+        ):
+            getattr(bn, name).copy_(torch.from_numpy(value))
+    return bn, BatchNormStep.from_stats(w, b, m, v, bn.eps)
+
+
+def test_batchnorm_rows_is_torch_batchnorm_bit_for_bit():
+    rng = np.random.default_rng(0)
+    c = 77  # not a multiple of any vector width
+    x = (rng.normal(size=(3, c, 9, 11)) * 40).astype(np.float32)
+    bn, step = batchnorm(rng, c)
+    with torch.no_grad():
+        want = bn(torch.from_numpy(x)).numpy()
+    rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(-1, c)
+    out = np.empty_like(rows)
+    batchnorm_rows(rows, step.alpha, step.beta, out)
+    np.testing.assert_array_equal(out.reshape(3, 9, 11, c).transpose(0, 3, 1, 2), want)
+
+
+@pytest.mark.parametrize("sign_input", [True, False])
+@pytest.mark.parametrize("with_affine", [True, False])
+def test_accumulator_rows_is_the_eager_layer_then_its_batchnorm(sign_input, with_affine):
+    rng = np.random.default_rng(1)
+    k, o = 576, 70
+    p = rng.integers(0, k + 1, size=(50, o)).astype(np.int32)
+    pcw = rng.integers(0, k + 1, size=o).astype(np.int64)
+    scale = rng.uniform(0.2, 1.5, size=o).astype(np.float32) if with_affine else None
+    bias = rng.normal(0, 3, size=o).astype(np.float32) if with_affine else None
+    _, step = batchnorm(rng, o)
+    out = np.empty((50, o), np.float32)
+    accumulator_rows(p, k, pcw, sign_input, scale, bias, step.alpha, step.beta, out)
+    acc = (k - 2 * p.astype(np.int64)) if sign_input else p - pcw
+    want = fma_f32(affine_f32(acc.astype(np.float32), scale, bias), step.alpha, step.beta)
+    np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize(("channels", "o"), [(3, 75), (70, 75), (3, 128)])
+def test_real_conv_rows_sums_in_the_documented_order(channels, o):
+    """bias, then one float32 fma per term in (dy, dx, c) order; then the BatchNorm's fma."""
+    rng = np.random.default_rng(2)
+    # 75 outputs: the 64-, 8- and 1-wide paths; 128: pairs of positions, then the odd last one
+    n, h, w, kh, kw, stride = 2, 9, 8, 3, 3, 2
+    x = rng.normal(size=(n, h, w, channels)).astype(np.float32)
+    weight = rng.normal(size=(kh * kw * channels, o)).astype(np.float32)
+    bias = rng.normal(size=o).astype(np.float32)
+    _, step = batchnorm(rng, o)
+    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
+    out = np.empty((n * oh * ow, o), np.float32)
+    real_conv_rows(x, weight, bias, kh, kw, stride, stride, step.alpha, step.beta, out)
+    acc = np.broadcast_to(bias, (n, oh, ow, o)).copy()
+    for dy in range(kh):
+        for dx in range(kw):
+            window = x[
+                :,
+                dy : dy + stride * (oh - 1) + 1 : stride,
+                dx : dx + stride * (ow - 1) + 1 : stride,
+            ]
+            for ch in range(channels):
+                term = window[..., ch : ch + 1]
+                acc = fma_f32(term, weight[(dy * kw + dx) * channels + ch], acc)
+    want = fma_f32(acc, step.alpha, step.beta).reshape(-1, o)
+    np.testing.assert_array_equal(out, want)
+    plain = np.empty_like(out)
+    real_conv_rows(x, weight, bias, kh, kw, stride, stride, None, None, plain)
+    np.testing.assert_array_equal(plain, acc.reshape(-1, o))
