@@ -1,4 +1,4 @@
-"""``python -m bench [engine|service|onnx] [options]``: run one benchmark, or every available one.
+"""``python -m bench [engine|service|onnx|gpu|flood|request-cost] [options]``: run one benchmark, or every available one.
 
 Each subcommand is a module of this package with a ``main(argv) -> int``; with no subcommand
 all of them run in turn with their default options.
@@ -16,6 +16,7 @@ BENCHMARKS = {
     "onnx": "bench.onnx_runtime",  # ONNX Runtime on the exported float graph vs the engine
     "gpu": "bench.gpu",  # the torch backend on a GPU: correctness and speed (a lent GPU's check)
     "flood": "bench.flood",  # health probes while clients flood the server with 16 MB bodies
+    "request-cost": "bench.request_cost",  # CPU µs per served request, in process (steady)
 }
 
 
