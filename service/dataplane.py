@@ -170,22 +170,29 @@ class DataPlane:
         try:
             served = await self.registry.get_or_load(name, version)
             version_label = str(served.version)
-            with self.tracing.span("decode"):
-                request = await self.decoder.decode(
-                    encoded, expectation(served.input_spec, self.settings.max_request_batch)
-                )
+            spec, max_rows = served.input_spec, self.settings.max_request_batch
+            expected = expectation(spec, max_rows)
+            if self.tracing.enabled:
+                with self.tracing.span("decode"):
+                    request = await self.decoder.decode(encoded, expected)
+            else:  # no span, not even an empty one
+                request = await self.decoder.decode(encoded, expected)
             # A hot swap may have happened while the body was decoded off the loop; from here
             # there is no suspension until the request is queued on the batcher, so it can
             # never be handed a retired batcher.
             served = self.registry.get(name, version)
+            if served.input_spec is not spec:
+                spec, expected = served.input_spec, expectation(served.input_spec, max_rows)
             version_label = str(served.version)
-            rows = conform_input(request.inputs, served.input_spec, self.settings.max_request_batch)
+            rows = conform_input(request.inputs, spec, expected)
             names = check_output_names(request.outputs, served.logits_name)  # before the engine
-            times = StageTimes() if self.tracing.enabled else None
-            logits = await served.batcher.submit(rows, times)  # (n, classes) float32
-            if times is not None:
+            if self.tracing.enabled:
+                times = StageTimes()
+                logits = await served.batcher.submit(rows, times)  # (n, classes) float32
                 self.tracing.record_batch(times, served.name, version_label)
-            check_finite_logits(logits, served.input_spec)  # per request, not per batch
+            else:
+                logits = await served.batcher.submit(rows)
+            check_finite_logits(logits, spec)  # per request, not per batch
             tensors = derive_outputs(names, logits, served.labels, served.logits_name)
             status = 200
             self.metrics.inference_latency.labels(name, version_label).observe(
@@ -208,11 +215,11 @@ def expectation(spec: Any, max_rows: int) -> InputExpectation:
     return InputExpectation(spec.name, tuple(spec.shape), spec.datatype, max_rows)
 
 
-def conform_input(inputs: Sequence[Tensor], spec: Any, max_rows: int) -> np.ndarray:
+def conform_input(inputs: Sequence[Tensor], spec: Any, expected: InputExpectation) -> np.ndarray:
     """The one input tensor as float32 (batch, *spec.shape), or InvalidInputError naming what is
-    wrong: the name, the shape (per instance, or flattened), the datatype, the batch size, or
-    NaN/infinity in an instance."""
-    expectation(spec, max_rows).check([(t.name, t.datatype, t.array.shape) for t in inputs])
+    wrong: the name, the shape (per instance, or flattened), the datatype, the batch size
+    (``expected``: :func:`expectation` of ``spec``), or NaN/infinity in an instance."""
+    expected.check([(t.name, t.datatype, t.array.shape) for t in inputs])
     tensor = inputs[0]
     batch = tensor.array.shape[0]
     rows = tensor.array.reshape(batch, *spec.shape).astype(np.float32, copy=False)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +79,16 @@ class ServedModel:
     batcher: DynamicBatcher
     loaded_at: float = field(default_factory=time.time)
 
-    @property
+    # Read per request, fixed for the engine's life: looked up once.
+    @cached_property
     def input_spec(self) -> Any:
         return self.engine.input_spec
 
-    @property
+    @cached_property
     def labels(self) -> tuple[str, ...]:
         return tuple(self.engine.labels)
 
-    @property
+    @cached_property
     def logits_name(self) -> str:
         return self.engine.spec.output_name
 
