@@ -522,7 +522,7 @@ class ModelRegistry:
             max_queue_delay_s=settings.max_queue_delay_s,
             max_queue_size=settings.max_queue_size,
             timeout_s=settings.request_timeout_s,
-            on_batch=partial(self._metrics.observe_batch, name, str(version)),
+            on_batch=self._metrics.batch_observer(name, str(version)),
             name=name,
             inline_below_s=inline_below_s(settings, engine),
         )
