@@ -177,7 +177,9 @@ class DataPlane:
             if self.tracing.enabled:
                 with self.tracing.span("decode"):
                     request = await self.decoder.decode(encoded, expected)
-            else:  # no span, not even an empty one
+            elif encoded.json_bytes <= self.decoder.offload_bytes:  # on the loop: no hop at all
+                request = encoded.decode(expected)
+            else:
                 request = await self.decoder.decode(encoded, expected)
             # A hot swap may have happened while the body was decoded off the loop; from here
             # there is no suspension until the request is queued on the batcher, so it can
