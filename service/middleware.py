@@ -134,7 +134,10 @@ class BodyLimitsMiddleware:
             await response(scope, receive, send)
             return
         reader = _BodyReader(self, receive)
-        await self.app(scope, reader.receive, send)
+        try:
+            await self.app(scope, reader.receive, send)
+        finally:
+            reader.close()
 
     def too_large(self, size: str) -> str:
         return (
@@ -213,6 +216,11 @@ class _BodyReader:
             raise BodyTimeoutError(self._limits.too_slow()) from None
         self.done = message["type"] != "http.request" or not message.get("more_body", False)
         return message
+
+    def close(self) -> None:
+        """The request is over: its deadline no longer matters (nor holds it in memory)."""
+        if self._timer is not None:
+            self._timer.cancel()
 
     def _expire(self) -> None:
         if self.done:
