@@ -39,6 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "digits-mlp"
 PATH = f"/v2/models/{MODEL}/infer"
+LOAD_TIMEOUT_S = 600.0  # compiling the engine can take minutes on a busy shared machine
 
 
 def build_repo(repo: Path) -> None:
@@ -113,19 +114,33 @@ async def measure(repo: Path, requests: int, rounds: int) -> dict[str, list[floa
 
     body = infer_body((64,), 16)
     settings = Settings(
-        _env_file=None, model_repo=repo, grpc_port=0, device="cpu", poll_interval_s=0
+        _env_file=None,
+        model_repo=repo,
+        grpc_port=0,
+        device="cpu",
+        poll_interval_s=0,
+        load_timeout_s=LOAD_TIMEOUT_S,
     )
     app, bare = create_app(settings), bare_app()
     results: dict[str, list[float]] = {"bnnserve": [], "bare": []}
     async with app.router.lifespan_context(app):
-        while not app.state.dataplane.is_ready():
-            await asyncio.sleep(0.01)
+        await wait_until_ready(app.state.dataplane)
         for contender in (app, bare):  # warm-up: caches, the engine's first calls, the stacks
             await cpu_us_per_request(contender, body, min(requests, 500))
         for _ in range(rounds):
             results["bnnserve"].append(await cpu_us_per_request(app, body, requests))
             results["bare"].append(await cpu_us_per_request(bare, body, requests))
     return results
+
+
+async def wait_until_ready(dataplane: Any) -> None:
+    """Until the model serves; RuntimeError when it was refused (a load that timed out on a
+    busy machine, say) or is still not ready after :data:`LOAD_TIMEOUT_S`."""
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    while not dataplane.is_ready():
+        if dataplane.registry.startup_complete or time.monotonic() > deadline:
+            raise RuntimeError(f"{MODEL} did not load: {dataplane.repository_index()}")
+        await asyncio.sleep(0.05)
 
 
 def snapshot(revision: str, into: Path) -> Path:
