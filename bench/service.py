@@ -679,12 +679,15 @@ def _digits_markdown(results: dict[str, Any]) -> list[str]:
         "shape, datatype, finiteness), runs the engine (about 11 µs a call measured alone, 2–3×",
         "that in the server, where each request's Python work evicts the engine's code and data",
         "from the caches), derives and encodes the outputs, updates six Prometheus series, tags",
-        "the request id and runs its own request-context and body-limit layers. What keeps",
+        "the request id and runs its own request-context and body-limits layers. What keeps",
         "bnnserve's share up: the digits mlp in one kernel call with its first layer vectorized",
         "across outputs (predict 24 → 11 µs), pydantic-core's JSON writer (10 → 1 µs), lock-free",
         "event-loop metrics, request ids without a system call, engine calls under 1 ms run on",
-        "the event loop rather than a worker thread, and no dependency solving on the inference",
-        "routes.",
+        "the event loop rather than a worker thread (one preempted call no longer sends the next",
+        "ones to a thread), no dependency solving on the inference routes, which the router",
+        "tries first, one timer per request for the body deadline, the input checked once, and",
+        "no span work with tracing off. `python -m bench request-cost` (bench/request_cost.py)",
+        "measures the CPU per request in process, steadier than throughput on a shared machine.",
         "",
     ]
 

@@ -15,15 +15,14 @@ from service.dataplane import SERVER_VERSION, DataPlane
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import (
-    BodySizeLimitMiddleware,
-    BodyTimeoutMiddleware,
+    BodyLimitsMiddleware,
     RequestContextMiddleware,
 )
 from service.openapi import install_openapi
 from service.protocol.rest import PredictRequest
 from service.protocol.v2 import InferenceRequest, RepositoryIndexRequest, RepositoryLoadRequest
 from service.registry import Loader, ModelRegistry
-from service.routes import add_inference_routes, health, repository, rest, v2
+from service.routes import InferenceRoute, add_inference_routes, health, repository, rest, v2
 from service.routes import metrics as metrics_routes
 from service.routes.playground import install_playground
 from service.settings import Settings
@@ -42,15 +41,16 @@ Every error body is `{"error": "..."}`. When `BNN_API_KEY` is set, send
 
 class ServingApp(FastAPI):
     """FastAPI with the service's own layers outermost: the request context (request id, access
-    log, HTTP metrics, last-resort 500), the body deadline and the body limit. Inside them every request, inference
-    included, takes FastAPI's one path: its error middleware, the middleware users add with
+    log, HTTP metrics, last-resort 500) and the body's limits (size and deadline). Inside them
+    every request, inference included, takes FastAPI's one path: its error middleware, the middleware users add with
     ``add_middleware`` (CORS, tracing...), exception handling, and the router."""
 
     def build_middleware_stack(self) -> ASGIApp:
         settings: Settings = self.state.settings
         app = super().build_middleware_stack()
-        app = BodySizeLimitMiddleware(app, max_body_bytes=settings.max_body_bytes)
-        app = BodyTimeoutMiddleware(app, body_timeout_s=settings.body_timeout_s)
+        app = BodyLimitsMiddleware(
+            app, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
+        )
         return RequestContextMiddleware(
             app,
             metrics=self.state.metrics,
@@ -123,7 +123,7 @@ def create_app(
     app.state.api_key = (
         settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
     )
-    for endpoint in (v2.INFERENCE, rest.INFERENCE):  # first: matched without nesting
+    for endpoint in (v2.INFERENCE, rest.INFERENCE):  # matched without nesting
         add_inference_routes(app.router, endpoint)
     protected = protected_by_key(app.state.api_key)
     for router in (v2.router, rest.router, repository.router):
@@ -135,4 +135,13 @@ def create_app(
     install_openapi(
         app, [InferenceRequest, RepositoryIndexRequest, RepositoryLoadRequest, PredictRequest]
     )
+    inference_routes_first(app)
     return app
+
+
+def inference_routes_first(app: FastAPI) -> None:
+    """Move the inference routes ahead of FastAPI's own (``/openapi.json``, ``/docs``...): the
+    router tries routes in order, so an inference request is matched by its first try. Their
+    paths overlap no other route's, so the order changes what matches nothing else."""
+    routes = app.router.routes
+    routes.sort(key=lambda route: not isinstance(route, InferenceRoute))  # stable

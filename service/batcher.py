@@ -227,10 +227,16 @@ class DynamicBatcher:
         return outputs, elapsed
 
     def _record(self, compute_s: float, rows: int, queue_seconds: tuple[float, ...]) -> None:
-        """Update the moving average of engine time and report the batch."""
+        """Update the moving average of engine time and report the batch.
+
+        The average takes each call at most twice ``inline_below_s``: one call that the
+        operating system preempted (a busy machine) cannot push a cheap model's average past
+        the threshold and send its next several calls through a thread; that takes several
+        slow calls in a row (four, from an average near zero)."""
+        sample = min(compute_s, 2 * self.inline_below_s)
         previous = self._recent_compute_s
         self._recent_compute_s = (
-            compute_s if previous == float("inf") else 0.8 * previous + 0.2 * compute_s
+            sample if previous == float("inf") else 0.8 * previous + 0.2 * sample
         )
         if self._on_batch is not None:
             self._on_batch(

@@ -74,6 +74,8 @@ class DataPlane:
         self.registry = registry
         self.metrics = metrics
         self.decoder = RequestDecoder(settings.decode_offload_bytes)
+        # id(input spec) → (the spec, its expectation), built once per served spec
+        self._expectations: dict[int, tuple[Any, InputExpectation]] = {}
         self.tracing = tracing  # the protocols' decode/encode spans come from here too
         # Set on SIGTERM: readiness turns false so that balancers stop sending. Requests already
         # accepted are still served: uvicorn stops accepting connections by itself.
@@ -186,22 +188,31 @@ class DataPlane:
         try:
             served = await self.registry.get_or_load(name, version)
             version_label = str(served.version)
-            with self.tracing.span("decode"):
-                request = await self.decoder.decode(
-                    encoded, expectation(served.input_spec, self.settings.max_request_batch)
-                )
+            spec = served.input_spec
+            expected = self._expectation(spec)
+            if self.tracing.enabled:
+                with self.tracing.span("decode"):
+                    request = await self.decoder.decode(encoded, expected)
+            elif encoded.json_bytes <= self.decoder.offload_bytes:  # on the loop: no hop at all
+                request = encoded.decode(expected)
+            else:
+                request = await self.decoder.decode(encoded, expected)
             # A hot swap may have happened while the body was decoded off the loop; from here
             # there is no suspension until the request is queued on the batcher, so it can
             # never be handed a retired batcher.
             served = self.registry.get(name, version)
+            if served.input_spec is not spec:
+                spec, expected = served.input_spec, self._expectation(served.input_spec)
             version_label = str(served.version)
-            rows = conform_input(request.inputs, served.input_spec, self.settings.max_request_batch)
+            rows = conform_input(request.inputs, spec, expected, request.checked_against)
             names = check_output_names(request.outputs, served.logits_name)  # before the engine
-            times = StageTimes() if self.tracing.enabled else None
-            logits = await served.batcher.submit(rows, times)  # (n, classes) float32
-            if times is not None:
+            if self.tracing.enabled:
+                times = StageTimes()
+                logits = await served.batcher.submit(rows, times)  # (n, classes) float32
                 self.tracing.record_batch(times, served.name, version_label)
-            check_finite_logits(logits, served.input_spec)  # per request, not per batch
+            else:
+                logits = await served.batcher.submit(rows)
+            check_finite_logits(logits, spec)  # per request, not per batch
             tensors = derive_outputs(names, logits, served.labels, served.logits_name)
             status = 200
             self.metrics.inference_latency.labels(name, version_label).observe(
@@ -218,17 +229,36 @@ class DataPlane:
                 model_label, version_label, protocol, str(status)
             ).inc()
 
+    def _expectation(self, spec: Any) -> InputExpectation:
+        """:func:`expectation` of input ``spec``, kept for the next request (one per spec)."""
+        known = self._expectations.get(id(spec))
+        if known is None or known[0] is not spec:
+            if len(self._expectations) >= 64:  # specs of unloaded versions: start afresh
+                self._expectations.clear()
+            known = self._expectations[id(spec)] = (
+                spec,
+                expectation(spec, self.settings.max_request_batch),
+            )
+        return known[1]
+
 
 def expectation(spec: Any, max_rows: int) -> InputExpectation:
     """What a model with input ``spec`` takes, for checking a request before decoding it."""
     return InputExpectation(spec.name, tuple(spec.shape), spec.datatype, max_rows)
 
 
-def conform_input(inputs: Sequence[Tensor], spec: Any, max_rows: int) -> np.ndarray:
+def conform_input(
+    inputs: Sequence[Tensor],
+    spec: Any,
+    expected: InputExpectation,
+    checked: InputExpectation | None = None,
+) -> np.ndarray:
     """The one input tensor as float32 (batch, *spec.shape), or InvalidInputError naming what is
-    wrong: the name, the shape (per instance, or flattened), the datatype, the batch size, or
-    NaN/infinity in an instance."""
-    expectation(spec, max_rows).check([(t.name, t.datatype, t.array.shape) for t in inputs])
+    wrong: the name, the shape (per instance, or flattened), the datatype, the batch size
+    (``expected``: :func:`expectation` of ``spec``; not checked again when the decoder
+    ``checked`` the inputs against that same one), or NaN/infinity in an instance."""
+    if checked is not expected:
+        expected.check([(t.name, t.datatype, t.array.shape) for t in inputs])
     tensor = inputs[0]
     batch = tensor.array.shape[0]
     rows = tensor.array.reshape(batch, *spec.shape).astype(np.float32, copy=False)

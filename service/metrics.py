@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from prometheus_client import (
@@ -224,11 +224,22 @@ class ServiceMetrics:
         return _shared_counter, _shared_histogram
 
     def observe_batch(self, model: str, version: str, stats: BatchStats) -> None:
-        self.batch_size.labels(model, version).observe(stats.rows)
-        self.engine_time.labels(model, version).observe(stats.compute_seconds)
+        self.batch_observer(model, version)(stats)
+
+    def batch_observer(self, model: str, version: str) -> Callable[[BatchStats], None]:
+        """What records each batch of ``model`` ``version``: its series found once, for the
+        batcher's every call."""
+        batch_size = self.batch_size.labels(model, version)
+        engine_time = self.engine_time.labels(model, version)
         queue_time = self.queue_time.labels(model, version)
-        for seconds in stats.queue_seconds:
-            queue_time.observe(seconds)
+
+        def observe(stats: BatchStats) -> None:
+            batch_size.observe(stats.rows)
+            engine_time.observe(stats.compute_seconds)
+            for seconds in stats.queue_seconds:
+                queue_time.observe(seconds)
+
+        return observe
 
     def set_model_ready(self, model: str, version: str, ready: bool) -> None:
         key = (model, version)

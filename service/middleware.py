@@ -1,5 +1,5 @@
 """Pure ASGI middleware: request context (id, access log, HTTP metrics, last-resort 500) and the
-request body limit. Pure ASGI rather than ``BaseHTTPMiddleware``: no extra task per request, and
+request body's limits (size and deadline). Pure ASGI rather than ``BaseHTTPMiddleware``: no extra task per request, and
 the body is never buffered here."""
 
 from __future__ import annotations
@@ -104,13 +104,24 @@ class RequestContextMiddleware:
                 )
 
 
-class BodySizeLimitMiddleware:
-    """413 for bodies over ``max_body_bytes``: at once from Content-Length, or as soon as a
-    chunked body's running total passes the limit — never reading more than that."""
+class BodyLimitsMiddleware:
+    """The request body's two limits, in one layer (one wrapper around ``receive``):
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    * size: 413 for bodies over ``max_body_bytes``, at once from Content-Length, or as soon as
+      a chunked body's running total passes the limit — never reading more than that;
+    * time: 408 (and the connection closed) for a client that has not sent its whole body
+      within ``body_timeout_s`` of the request's start: a client stalled mid-body holds a
+      connection and a buffered body for at most that long, however slowly it trickles.
+      Waiting after the body (for a disconnect) is not bounded.
+
+    The deadline is one timer per request that reads a body (:class:`_BodyReader`), armed at
+    its first ``receive`` and cancelled when the body is complete, rather than a timeout scope
+    around each ``receive``: a request whose body came whole costs one timer, a GET none."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,66 +129,105 @@ class BodySizeLimitMiddleware:
             return
         declared = scope_header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._reject(int(declared), scope, receive, send)
+            response = error_response(PayloadTooLargeError(self.too_large(declared)))
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
             return
-        received = 0
+        reader = _BodyReader(self, receive)
+        try:
+            await self.app(scope, reader.receive, send)
+        finally:
+            reader.close()
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise PayloadTooLargeError(self._message(f"more than {self.max_body_bytes}"))
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    async def _reject(self, size: int, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(PayloadTooLargeError(self._message(str(size))))
-        response.headers["Connection"] = "close"
-        await response(scope, receive, send)
-
-    def _message(self, size: str) -> str:
+    def too_large(self, size: str) -> str:
         return (
             f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes "
             "(BNN_MAX_BODY_BYTES)"
         )
 
+    def too_slow(self) -> str:
+        return (
+            f"the request body did not arrive within {self.body_timeout_s:g} s (BNN_BODY_TIMEOUT_S)"
+        )
 
-class BodyTimeoutMiddleware:
-    """408 (and the connection closed) for a client that has not sent its whole request body
-    within ``body_timeout_s`` of the request's start: a client stalled mid-body holds a
-    connection and a buffered body for at most that long, however slowly it trickles. Waiting
-    after the body (for a disconnect) is not bounded."""
 
-    def __init__(self, app: ASGIApp, body_timeout_s: float) -> None:
-        self.app = app
-        self.body_timeout_s = body_timeout_s
+class _BodyReader:
+    """A request's ``receive`` within its :class:`BodyLimitsMiddleware` limits. When the
+    deadline (``body_timeout_s`` after the request's start) passes while a ``receive`` waits for
+    more of the body, the waiting task is cancelled and that ``receive`` raises
+    :class:`BodyTimeoutError`, as ``asyncio.timeout`` does (the cancellation is taken back with
+    ``Task.uncancel``, so a cancellation from elsewhere still propagates)."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
-        body_done = False
+    __slots__ = (
+        "_deadline",
+        "_expired",
+        "_limits",
+        "_receive",
+        "_timer",
+        "_waiting",
+        "done",
+        "size",
+    )
 
-        async def timed_receive() -> Message:
-            nonlocal body_done
-            if body_done:
-                return await receive()
+    def __init__(self, limits: BodyLimitsMiddleware, receive: Receive) -> None:
+        self._limits = limits
+        self._receive = receive
+        self._deadline = asyncio.get_running_loop().time() + limits.body_timeout_s
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting: asyncio.Task[Any] | None = None  # the task inside ``receive``, if any
+        self._expired = False
+        self.done = False  # the whole body has arrived (or the client left)
+        self.size = 0  # bytes of body so far
+
+    async def receive(self) -> Message:
+        if self.done:
+            message = await self._receive()
+        elif self._expired:  # past the deadline: as asyncio.timeout would, for this call
+            message = await self._receive_past_deadline()
+        else:
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_at(self._deadline, self._expire)
+            self._waiting = task = asyncio.current_task()
             try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise BodyTimeoutError(
-                    f"the request body did not arrive within {self.body_timeout_s:g} s "
-                    "(BNN_BODY_TIMEOUT_S)"
-                ) from None
-            body_done = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
+                message = await self._receive()
+            except asyncio.CancelledError:
+                if self._expired and task is not None and task.uncancel() == 0:
+                    raise BodyTimeoutError(self._limits.too_slow()) from None
+                raise
+            finally:
+                self._waiting = None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                self.done = True
+                self._timer.cancel()
+        if message["type"] == "http.request":
+            self.size += len(message.get("body", b""))
+            limit = self._limits.max_body_bytes
+            if self.size > limit:
+                raise PayloadTooLargeError(self._limits.too_large(f"more than {limit}"))
+        return message
 
-        await self.app(scope, timed_receive, send)
+    async def _receive_past_deadline(self) -> Message:
+        """The deadline passed between two ``receive`` calls: what has arrived is still read,
+        waiting for more is not."""
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                message = await self._receive()
+        except TimeoutError:
+            raise BodyTimeoutError(self._limits.too_slow()) from None
+        self.done = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    def close(self) -> None:
+        """The request is over: its deadline no longer matters (nor holds it in memory)."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        if self.done:
+            return
+        self._expired = True
+        if self._waiting is not None:
+            self._waiting.cancel()
 
 
 def scope_header(scope: Scope, name: bytes) -> str | None:

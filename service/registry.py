@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +81,16 @@ class ServedModel:
     batcher: DynamicBatcher
     loaded_at: float = field(default_factory=time.time)
 
-    @property
+    # Read per request, fixed for the engine's life: looked up once.
+    @cached_property
     def input_spec(self) -> InputSpec:
         return self.engine.input_spec
 
-    @property
+    @cached_property
     def labels(self) -> tuple[str, ...]:
         return tuple(self.engine.labels)
 
-    @property
+    @cached_property
     def logits_name(self) -> str:
         return self.engine.spec.output_name
 
@@ -523,7 +524,7 @@ class ModelRegistry:
             max_queue_delay_s=settings.max_queue_delay_s,
             max_queue_size=settings.max_queue_size,
             timeout_s=settings.request_timeout_s,
-            on_batch=partial(self._metrics.observe_batch, name, str(version)),
+            on_batch=self._metrics.batch_observer(name, str(version)),
             name=name,
             inline_below_s=inline_below_s(settings, engine),
         )

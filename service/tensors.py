@@ -86,10 +86,13 @@ class InputExpectation:
 
 @dataclass(frozen=True)
 class DecodedRequest:
-    """A request's input tensors and the outputs it asks for (None: all of them)."""
+    """A request's input tensors and the outputs it asks for (None: all of them);
+    ``checked_against``: the expectation the tensors' names, datatypes and shapes were checked
+    against while decoding, if they were (the data plane then need not check them again)."""
 
     inputs: list[Tensor]
     outputs: Sequence[str] | None
+    checked_against: InputExpectation | None = None
 
 
 class EncodedRequest(Protocol):

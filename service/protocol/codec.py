@@ -246,7 +246,10 @@ def decode_infer_request(
             f"the body has {len(tail) - offset} bytes of binary data that no input claims"
         )
     outputs, binary = requested_outputs(request)
-    return DecodedInferRequest(tensors, outputs, binary, request.id)
+    # Each tensor has its declared shape, checked against ``expected`` above.
+    return DecodedInferRequest(
+        tensors, outputs, checked_against=expected, binary_outputs=binary, id=request.id
+    )
 
 
 def _parse_request(header: bytes | memoryview) -> InferenceRequest:

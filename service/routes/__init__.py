@@ -22,7 +22,7 @@ from fastapi import APIRouter
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from model.errors import BnnError
 from model.repository import parse_version
@@ -33,6 +33,7 @@ from service.middleware import scope_header
 from service.openapi import path_parameters
 from service.protocol.codec import HEADER_LENGTH
 
+_HEADER_LENGTH = HEADER_LENGTH.encode()
 Reply = tuple[bytes, dict[str, str], str]  # content, extra headers, media type
 InferenceHandler = Callable[[DataPlane, dict[str, str], bytes, str | None], Awaitable[Reply]]
 
@@ -121,33 +122,31 @@ class InferenceRoute(APIRoute):
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope["app"].state
         try:
-            if state.api_key is not None:
-                check_api_key(state.api_key, scope_header(scope, b"authorization"))
-            body = await _read_body(receive)
+            api_key = state.api_key
+            if api_key is not None:
+                check_api_key(api_key, scope_header(scope, b"authorization"))
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body = message.get("body", b"")  # the common case: the body in one message
+            else:
+                body = await _read_body(receive, message)
             started = time.perf_counter()
             content, headers, media_type = await self.handler(
-                state.dataplane,
-                scope["path_params"],
-                body,
-                scope_header(scope, HEADER_LENGTH.encode()),
+                state.dataplane, scope["path_params"], body, scope_header(scope, _HEADER_LENGTH)
             )
         except BnnError as exc:
             await error_response(exc)(scope, receive, send)
             return
         except ClientDisconnect:
             return  # the client left before sending its whole body: no one to answer
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", media_type.encode()),
-                    (b"content-length", str(len(content)).encode()),
-                    (b"server-timing", server_timing(started)),
-                    *((k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()),
-                ],
-            }
-        )
+        raw_headers = [
+            (b"content-type", media_type.encode()),
+            (b"content-length", str(len(content)).encode()),
+            (b"server-timing", server_timing(started)),
+        ]
+        for key, value in headers.items():
+            raw_headers.append((key.lower().encode(), value.encode("latin-1")))
+        await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
         await send({"type": "http.response.body", "body": content})
 
 
@@ -157,16 +156,17 @@ def server_timing(started: float) -> bytes:
     return f"infer;dur={(time.perf_counter() - started) * 1000:.3f}".encode()
 
 
-async def _read_body(receive: Receive) -> bytes:
-    """The whole request body (``ClientDisconnect`` if the client goes away first)."""
+async def _read_body(receive: Receive, message: Message) -> bytes:
+    """The whole request body from its first ``message`` on (``ClientDisconnect`` if the
+    client goes away first)."""
     chunks = []
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
+        message = await receive()
 
 
 async def serve_inference(handler: InferenceHandler, request: Request) -> Response:

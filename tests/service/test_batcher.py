@@ -231,6 +231,29 @@ def test_cheap_engine_runs_inline_on_the_event_loop_and_costly_one_in_a_thread()
     assert loop_thread not in threads
 
 
+def test_one_slow_call_does_not_send_a_cheap_engine_off_the_event_loop():
+    """A call the operating system preempted (here: one that sleeps 10x the threshold) counts
+    at most twice the threshold in the moving average: the next call still runs inline."""
+    threads: list[int] = []
+    slow = {2}  # the third call
+
+    def model(x):
+        threads.append(threading.get_ident())
+        if len(threads) - 1 in slow:
+            time.sleep(0.1)
+        return x * 2
+
+    async def scenario():
+        batcher = make(model, inline_below_s=0.01)
+        for i in range(4):
+            await batcher.submit(rows(i))
+        await batcher.close()
+        return threading.get_ident()
+
+    loop_thread = run(scenario())
+    assert threads[1:] == [loop_thread] * 3
+
+
 def test_inline_mode_still_batches_requests_that_queue_behind_a_running_call():
     gate = threading.Event()
     model = RecordingModel(gate=gate)
