@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from training.architectures import ArchitectureConfig
 
 # training.architectures.ARCHITECTURES, named here so that the CLI parses without importing torch.
-ARCHITECTURE_NAMES = ("mlp", "cnn")
+ARCHITECTURE_NAMES = ("mlp", "cnn", "birealnet", "reactnet")
 OPTIMIZERS = ("adam", "bop")
 LR_SCHEDULES = ("cosine", "step", "constant")
 
