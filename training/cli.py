@@ -260,11 +260,12 @@ def run_summary(args: argparse.Namespace) -> int:
 
         summary = summarize_spec(read_artifact(_artifact_path(args)).spec)
     else:
-        from training.architectures import build_model
+        from training.architectures import build_model, default_config
         from training.data import load_dataset
 
         data = load_dataset(args.dataset, args.data_dir)
-        model = build_model(_model_config(args), data.input_shape, data.num_classes)
+        config = _model_config(args) or default_config(args.arch, args.dataset)
+        model = build_model(config, data.input_shape, data.num_classes)
         summary = summarize_model(model, name=f"{args.dataset}-{args.arch}")
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.to_text())
     return 0
