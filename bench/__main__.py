@@ -16,6 +16,7 @@ BENCHMARKS = {
     "onnx": "bench.onnx_runtime",  # ONNX Runtime on the exported float graph vs the engine
     "gpu": "bench.gpu",  # the torch backend on a GPU: correctness and speed (a lent GPU's check)
     "flood": "bench.flood",  # health probes while clients flood the server with 16 MB bodies
+    "training": "bench.training",  # training steps per second on CPU, per architecture and option
 }
 
 
