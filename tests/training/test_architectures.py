@@ -307,3 +307,21 @@ def test_graph_forward_releases_values_after_their_last_use():
     assert frees["s1b0_down"] == ("s1b0_pool",)
     freed = [name for done in frees.values() for name in done]
     assert len(freed) == len(set(freed)) == len(frees)  # each once: "@input", all but the output
+
+
+@pytest.mark.slow  # two epochs on digits: about 10 s of CPU each
+@pytest.mark.parametrize("arch", ["birealnet", "reactnet"])
+def test_tiny_residual_nets_train_on_digits_through_the_loop_and_export(arch, tmp_path):
+    from training.config import TrainConfig
+    from training.export import export_artifact, module_from_artifact
+    from training.loop import train
+
+    config = ARCHITECTURES[arch](stem_channels=4, channels=(4, 8), blocks=1)
+    result = train(TrainConfig(arch=arch, model=config, epochs=2, progress=False))
+    assert result.metrics["test_accuracy"] > 0.2  # 10 classes: chance is 0.1
+    path = tmp_path / "model.safetensors"
+    export_artifact(result.model, path, name="m", input_spec=InputSpec(shape=(1, 8, 8)),
+                    labels=[str(i) for i in range(10)])  # fmt: skip
+    x = torch.from_numpy(result.data.test.x[:50]).float()
+    with torch.no_grad():
+        assert torch.equal(module_from_artifact(path)(x), result.model.eval()(x))
