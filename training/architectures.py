@@ -218,6 +218,64 @@ _DEFAULTS["npz"] = _DEFAULTS["digits"] | {
 }
 
 
+@dataclass(frozen=True)
+class ResidualRecipe:
+    """``--recipe`` values for the residual nets, field for field those of
+    ``training.recipes.Recipe`` (``Recipe(**asdict(r))``); ``model`` overrides the data set's
+    default config. ``measured`` says whether docs/training.md has a run of it on this machine.
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_schedule: str = "cosine"
+    warmup_epochs: int = 0
+    augment_shift: int = 1
+    augment_flip: bool = False
+    model: tuple[tuple[str, Any], ...] = ()
+    measured: bool = False
+
+
+# (arch, dataset, recipe) → values. digits: the project's generic settings, measured for both
+# nets (docs/training.md). fashion: proposals, not yet run here: Adam at 2e-3 on batches of 128
+# with a warm-up epoch and cosine decay (Bi-Real/ReActNet train with Adam and a decaying lr),
+# crops of zero-padded images and flips; ``fast`` halves the stem's resolution (stride 2:
+# 28 → 14 → 7, two stages), about 4× fewer MACs per image.
+RESIDUAL_RECIPES: dict[tuple[str, str, str], ResidualRecipe] = {
+    **{
+        (arch, "digits", "full"): ResidualRecipe(epochs=60, batch_size=64, lr=1e-2, measured=True)
+        for arch in ("birealnet", "reactnet")
+    },
+    **{
+        (arch, "digits", "fast"): ResidualRecipe(epochs=15, batch_size=64, lr=1e-2, measured=True)
+        for arch in ("birealnet", "reactnet")
+    },
+    **{
+        (arch, "fashion", "full"): ResidualRecipe(
+            epochs=30,
+            batch_size=128,
+            lr=2e-3,
+            warmup_epochs=1,
+            augment_shift=2,
+            augment_flip=True,
+        )
+        for arch in ("birealnet", "reactnet")
+    },
+    **{
+        (arch, "fashion", "fast"): ResidualRecipe(
+            epochs=8,
+            batch_size=128,
+            lr=2e-3,
+            warmup_epochs=1,
+            augment_shift=2,
+            augment_flip=True,
+            model=(("stem_stride", 2), ("channels", (64, 128))),
+        )
+        for arch in ("birealnet", "reactnet")
+    },
+}
+
+
 class BinaryNet(nn.Module):
     """A graph of named layers (``self.layers``), each one spec layer kind; see module doc.
 

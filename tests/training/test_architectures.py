@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -325,3 +327,15 @@ def test_tiny_residual_nets_train_on_digits_through_the_loop_and_export(arch, tm
     x = torch.from_numpy(result.data.test.x[:50]).float()
     with torch.no_grad():
         assert torch.equal(module_from_artifact(path)(x), result.model.eval()(x))
+
+
+def test_residual_recipes_build_their_models_at_their_data_shapes():
+    from training.architectures import RESIDUAL_RECIPES
+
+    shapes = {"digits": (1, 8, 8), "fashion": (1, 28, 28)}
+    assert {key[0] for key in RESIDUAL_RECIPES} == {"birealnet", "reactnet"}
+    for (arch, dataset, name), recipe in RESIDUAL_RECIPES.items():
+        assert name in ("fast", "full") and recipe.epochs > 0 and recipe.lr > 0
+        config = replace(default_config(arch, dataset), **dict(recipe.model))
+        model = build_model(config, shapes[dataset], 10)
+        assert model.spec_shapes()[-1][1] == (10,)
