@@ -378,6 +378,7 @@ TRAINING_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("val_fraction", float, "validation share of the data"),
     ("test_fraction", float, "test share, where the data set has no test split of its own"),
     ("num_threads", "positive", "torch threads"),
+    ("compile", "flag", "torch.compile the training steps (minutes to compile, then faster)"),
 )  # fmt: skip
 
 
@@ -388,6 +389,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         options: dict[str, Any] = {"dest": field, "default": getattr(DEFAULTS, field)}
         if isinstance(kind, tuple):
             options["choices"] = kind
+        elif kind == "flag":
+            options["action"] = argparse.BooleanOptionalAction
         else:
             options["type"] = _positive_int if kind == "positive" else kind
             options["metavar"] = "X" if kind is float else "N"

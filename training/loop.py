@@ -128,6 +128,8 @@ def _train(config: TrainConfig, distributed: DistributedContext) -> TrainResult 
             f"cannot build {model_config.arch} for {data.describe()}: {exc}"
         ) from None
     trained = distributed.wrap(model)  # model itself, or DDP around it (shared parameters)
+    if config.compile:  # training steps only; evaluation and export use the eager module
+        trained = torch.compile(trained)
     device, main = distributed.device, distributed.is_main
     batch_size = distributed.local_batch_size(config.batch_size)
     x_train, y_train = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)

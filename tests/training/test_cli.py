@@ -169,3 +169,10 @@ def test_cli_choices_match_the_registries():
 def test_parser_defaults_match_the_make_target():
     args = build_parser().parse_args(["train"])
     assert (args.arch, args.dataset, args.optimizer) == ("mlp", "digits", "adam")
+
+
+def test_compile_flag_reaches_the_config():
+    train = build_parser().parse_args(["train", "--compile"])
+    assert train.compile is True
+    assert build_parser().parse_args(["train"]).compile is False
+    assert build_parser().parse_args(["train", "--no-compile"]).compile is False
