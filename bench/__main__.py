@@ -19,6 +19,7 @@ BENCHMARKS = {
     "graph": "bench.graph",  # v2 layer graphs: a Bi-Real-Net-18 at 224² vs eager, tie rates
     "flood": "bench.flood",  # health probes while clients flood the server with 16 MB bodies
     "request-cost": "bench.request_cost",  # CPU µs per served request, in process (steady)
+    "training": "bench.training",  # training steps per second on CPU, per architecture and option
 }
 
 

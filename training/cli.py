@@ -284,11 +284,12 @@ def run_summary(args: argparse.Namespace) -> int:
 
         summary = summarize_spec(read_artifact(_artifact_path(args)).spec)
     else:
-        from training.architectures import build_model
+        from training.architectures import build_model, default_config
         from training.data import load_dataset
 
         data = load_dataset(args.dataset, args.data_dir)
-        model = build_model(_model_config(args), data.input_shape, data.num_classes)
+        config = _model_config(args) or default_config(args.arch, args.dataset)
+        model = build_model(config, data.input_shape, data.num_classes)
         summary = summarize_model(model, name=f"{args.dataset}-{args.arch}")
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.to_text())
     return 0
@@ -339,8 +340,22 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--arch", choices=ARCHITECTURE_NAMES, default=DEFAULTS.arch)
     group.add_argument("--hidden", type=_widths, metavar="W[,W...]", help="hidden dense widths")
-    group.add_argument("--channels", type=_widths, metavar="C[,C...]", help="cnn: block widths")
-    group.add_argument("--stem-channels", type=_positive_int, help="cnn: first conv's width")
+    group.add_argument(
+        "--channels", type=_widths, metavar="C[,C...]",
+        help="cnn: block widths; birealnet, reactnet: stage widths",
+    )  # fmt: skip
+    group.add_argument(
+        "--stem-channels", type=_positive_int, help="cnn, birealnet, reactnet: first conv's width"
+    )
+    group.add_argument(
+        "--blocks", type=_positive_int, help="birealnet, reactnet: residual blocks per stage"
+    )
+    group.add_argument(
+        "--stem-kernel", type=_positive_int, help="birealnet, reactnet: stem conv's kernel size"
+    )
+    group.add_argument(
+        "--stem-stride", type=_positive_int, help="birealnet, reactnet: stem conv's stride"
+    )
     group.add_argument(
         "--pool",
         type=_flags,
@@ -365,7 +380,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--pad-value",
         type=float,
         choices=(1.0, -1.0, 0.0),
-        help="cnn: value that binary convolutions pad with (+1 or -1; 0 only for {0,1} inputs)",
+        help="cnn, birealnet, reactnet: value that binary convolutions pad with (+1 or -1; "
+        "0 only for {0,1} inputs)",
     )
 
 
@@ -394,6 +410,7 @@ TRAINING_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("test_fraction", float, "test share, where the data set has no test split of its own"),
     ("num_threads", "positive", "torch threads; default: every usable core (CPU affinity and "
      "cgroup quota)"),
+    ("compile", "flag", "torch.compile the training steps (minutes to compile, then faster)"),
 )  # fmt: skip
 
 
@@ -451,6 +468,9 @@ def _model_config(args: argparse.Namespace) -> Any:
         "hidden": args.hidden,
         "channels": args.channels,
         "stem_channels": args.stem_channels,
+        "blocks": args.blocks,
+        "stem_kernel": args.stem_kernel,
+        "stem_stride": args.stem_stride,
         "pool": args.pool,
         "kernel_quantizer": args.kernel_quantizer,
         "activation_quantizer": args.input_quantizer,
@@ -464,7 +484,7 @@ def _model_config(args: argparse.Namespace) -> Any:
     unknown = [_flag(key) for key in given if key not in fields]
     if unknown:
         raise ConfigError(f"{', '.join(unknown)} does not apply to --arch {args.arch}")
-    if "channels" in given and "pool" not in given:  # pool in the last two blocks
+    if args.arch == "cnn" and "channels" in given and "pool" not in given:  # the last two pool
         n = len(given["channels"])
         given["pool"] = (False,) * max(0, n - 2) + (True,) * min(2, n)
     recipe = getattr(args, "recipe", DEFAULT_RECIPE)  # summary has no --recipe

@@ -26,6 +26,7 @@ from torch import nn
 from model.artifact import Artifact, encode_artifact, read_artifact, write_artifact
 from model.spec import InputSpec, ModelSpec
 from training.architectures import BinaryNet, module_for_spec
+from training.blocks import Shift
 from training.layers import QuantizedLayer
 
 _BATCHNORM_STATS = ("weight", "bias", "running_mean", "running_var")
@@ -96,6 +97,7 @@ def module_from_artifact(source: str | os.PathLike[str] | Artifact) -> BinaryNet
         architecture=spec.architecture,
         input_shape=tuple(spec.input.shape),
         num_classes=len(spec.labels),
+        inputs={layer.name: layer.inputs for layer in spec.layers if layer.inputs},
     )
     return model.eval()
 
@@ -105,10 +107,11 @@ def module_tensors(name: str, module: nn.Module) -> dict[str, np.ndarray]:
     if isinstance(module, QuantizedLayer):
         return module.export_tensors(name)
     if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
-        return {
-            f"{name}.{stat}": getattr(module, stat).detach().cpu().to(torch.float32).numpy().copy()
-            for stat in _BATCHNORM_STATS
-        }
+        return {f"{name}.{stat}": _float32(getattr(module, stat)) for stat in _BATCHNORM_STATS}
+    if isinstance(module, Shift):
+        return {f"{name}.shift": _float32(module.shift)}
+    if isinstance(module, nn.PReLU):
+        return {f"{name}.weight": _float32(module.weight)}
     return {}
 
 
@@ -117,9 +120,21 @@ def load_module_tensors(name: str, module: nn.Module, tensors: Mapping[str, np.n
     if isinstance(module, QuantizedLayer):
         module.load_exported_tensors(name, tensors)
     elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
-        with torch.no_grad():
-            for stat in _BATCHNORM_STATS:
-                getattr(module, stat).copy_(torch.from_numpy(np.array(tensors[f"{name}.{stat}"])))
+        for stat in _BATCHNORM_STATS:
+            _copy_into(getattr(module, stat), tensors[f"{name}.{stat}"])
+    elif isinstance(module, Shift):
+        _copy_into(module.shift, tensors[f"{name}.shift"])
+    elif isinstance(module, nn.PReLU):
+        _copy_into(module.weight, tensors[f"{name}.weight"])
+
+
+def _float32(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().to(torch.float32).numpy().copy()
+
+
+def _copy_into(target: torch.Tensor, stored: np.ndarray) -> None:
+    with torch.no_grad():
+        target.copy_(torch.from_numpy(np.array(stored, dtype=np.float32)))
 
 
 def collect_provenance(**extra: Any) -> dict[str, Any]:

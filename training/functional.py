@@ -49,10 +49,18 @@ class BinaryLinearFunction(torch.autograd.Function):
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Y = X·Wᵀ + B with :class:`BinaryLinearFunction`'s explicit backward; X must be 2-D."""
+    """Y = X·Wᵀ + B with :class:`BinaryLinearFunction`'s explicit backward; X must be 2-D.
+
+    Under ``torch.autocast`` the operands are cast to its dtype first (as ``F.linear`` would
+    be): autocast does not reach the ``mm`` inside a custom autograd Function."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"linear: expected x (batch, {weight.shape[-1]}) and weight (out, in), "
             f"got x {list(x.shape)} and weight {list(weight.shape)}"
         )
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # autocast does not reach into a custom Function
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     return BinaryLinearFunction.apply(x, weight, bias)

@@ -137,6 +137,8 @@ def _train(
     device, main = runtime.device, distributed.is_main
     model.to(device)
     trained = distributed.wrap(model)  # model itself, or DDP around it (shared parameters)
+    if config.compile:  # training steps only; evaluation and export use the eager module
+        trained = torch.compile(trained)
     batch_size = distributed.local_batch_size(config.batch_size)
     # The training split moves to the device once (Fashion-MNIST: 160 MB); batches are gathered
     # and augmented there, so the model never waits for a loader.

@@ -20,8 +20,14 @@ activations only. The result, in standard ONNX ops (opset ≥ 17, batch axis dyn
     conv2d                   Pad(x, pad_value) → Conv(W±1) [· α + b]
     batchnorm                BatchNormalization (or folded into the preceding Conv)
     maxpool2d, flatten       MaxPool, Flatten
+    avgpool2d                AveragePool
+    global_avgpool2d         ReduceMean(axes=[2, 3])
+    shift                    Add(x, shift reshaped to (1, C, 1, 1))
+    prelu                    PRelu (slope reshaped to (C, 1, 1))
+    add, concat              Add (left to right), Concat(axis=1)
 
-The graph is float32 throughout: other runtimes run it as a float network, not 1-bit.
+The graph is float32 throughout: other runtimes run it as a float network, not 1-bit. A v2
+graph's named inputs become the ONNX graph's edges (tracing follows the module's forward).
 """
 
 from __future__ import annotations
@@ -53,7 +59,10 @@ OPSET = 18
 MIN_OPSET = 17
 BATCH_AXIS = "batch"
 # Spec layer kinds whose modules export to standard ONNX ops (each covered by tests/training).
-EXPORTABLE_KINDS = frozenset({"dense", "conv2d", "batchnorm", "maxpool2d", "flatten"})
+EXPORTABLE_KINDS = frozenset(
+    {"dense", "conv2d", "batchnorm", "maxpool2d", "flatten"}
+    | {"avgpool2d", "global_avgpool2d", "shift", "prelu", "add", "concat"}  # format v2
+)
 METADATA_PREFIX = "bnnserve."
 INSTALL_HINT = "pip install bnnserve[onnx]"
 TRITON_VERSION_DIR = "1"

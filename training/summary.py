@@ -9,7 +9,10 @@ Per layer: input precision, output shape, binary and full-precision parameter co
 (binary/8 + 4·float bytes, in kB = 1024 bytes), and multiply-accumulates: *binary* MACs where
 both operands are binary (input and kernel quantizer set: XNOR-popcount at inference), else
 full-precision MACs. A dense layer does in·out MACs per instance, a convolution
-out_h·out_w·out·in·kh·kw; BatchNorm, pooling and flatten count none (as in Larq).
+out_h·out_w·out·in·kh·kw; BatchNorm, pooling, flatten and the v2 graph layers (shift, PReLU, add,
+concat, average pools) count none (as in Larq): their elementwise work is a few operations per
+activation, negligible next to the convolutions. Shift and PReLU have per-channel float32
+parameters (one vector each), counted as full precision.
 
 The compression ratio compares the float32 state dict (every stored parameter at 32 bits) with
 the packed form.
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from model.spec import Conv2d, Dense, Layer, ModelSpec, Shape
+from model.spec import Conv2d, Dense, InputSpec, Layer, ModelSpec, Shape
 
 KB = 1024
 
@@ -149,10 +152,15 @@ class ModelSummary:
 def summarize_layers(
     layers: Sequence[Layer], input_shape: Shape, name: str = "model"
 ) -> ModelSummary:
-    """The summary of ``layers`` applied to per-instance inputs of ``input_shape``."""
-    rows, shape = [], tuple(input_shape)
-    for layer in layers:
-        out = layer.output_shape(shape)
+    """The summary of the layer graph ``layers`` (a chain, or v2 named inputs) applied to
+    per-instance inputs of ``input_shape``."""
+    graph = ModelSpec(
+        name=name, architecture="", input=InputSpec(shape=tuple(input_shape)), labels=(),
+        layers=tuple(layers),
+    )  # fmt: skip
+    rows = []
+    for layer, (ins, out) in zip(graph.layers, graph.graph_shapes(), strict=True):
+        shape = ins[0]
         binary = floats = 0
         for expectation in layer.tensors(shape).values():
             if expectation.logical_shape is not None:  # packed ±1: one bit per weight
@@ -173,7 +181,6 @@ def summarize_layers(
                 float_macs=0 if is_binary_op else macs,
             )
         )
-        shape = out
     return ModelSummary(name=name, input_shape=tuple(input_shape), layers=tuple(rows))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -11,8 +13,10 @@ from model.spec import InputSpec, ModelSpec
 from training.architectures import (
     ARCHITECTURES,
     BinaryNet,
+    BiRealConfig,
     CNNConfig,
     MLPConfig,
+    ReActNetConfig,
     build_model,
     config_from_dict,
     config_to_dict,
@@ -26,8 +30,10 @@ def kinds(model: BinaryNet) -> list[str]:
 
 
 def test_architectures_registry():
-    assert list(ARCHITECTURES) == ["mlp", "cnn"]
+    assert list(ARCHITECTURES) == ["mlp", "cnn", "birealnet", "reactnet"]
     assert ARCHITECTURES["mlp"] is MLPConfig and ARCHITECTURES["cnn"] is CNNConfig
+    assert ARCHITECTURES["birealnet"] is BiRealConfig
+    assert ARCHITECTURES["reactnet"] is ReActNetConfig
 
 
 def test_mlp_is_binarynet_style():
@@ -190,3 +196,149 @@ def test_binarynet_rejects_modules_without_a_spec_kind():
             input_shape=(4,),
             num_classes=4,
         )
+
+
+# --- residual graphs ------------------------------------------------------------------------------
+def residual(config, shape=(1, 8, 8)) -> BinaryNet:
+    return build_model(config, shape, 10)
+
+
+def test_birealnet_wraps_every_binary_conv_in_a_shortcut():
+    model = residual(BiRealConfig(stem_channels=4, channels=(4, 8), blocks=2))
+    spec = model.graph_spec()
+    layers = {layer.name: layer for layer in spec.layers}
+    sources = dict(zip(layers, spec.layer_inputs(), strict=True))
+    binary = [n for n, layer in layers.items() if getattr(layer, "kernel_quantizer", None)]
+    assert binary == ["s0b0_conv", "s0b1_conv", "s1b0_conv", "s1b1_conv"]
+    for conv in binary:
+        tag = conv.removesuffix("_conv")
+        assert layers[conv].kernel_size == (3, 3) and layers[conv].input_quantizer == "ste_sign"
+        assert sources[f"{tag}_bn"] == (conv,)
+        assert sources[f"{tag}_add"][0] == f"{tag}_bn"
+    # identity shortcut: the block's own input
+    assert sources["s0b1_add"] == ("s0b1_bn", "s0b0_add")
+    assert sources["s0b1_conv"] == ("s0b0_add",)
+    # downsampling: avgpool 2×2 → full-precision conv 1×1 → BN, from the block input
+    assert sources["s1b0_pool"] == ("s0b1_add",) and layers["s1b0_conv"].stride == (2, 2)
+    assert layers["s1b0_pool"].kind == "avgpool2d" and layers["s1b0_pool"].kernel_size == (2, 2)
+    down = layers["s1b0_down"]
+    assert (down.kernel_size, down.kernel_quantizer, down.input_quantizer) == ((1, 1), None, None)
+    assert sources["s1b0_add"] == ("s1b0_bn", "s1b0_down_bn")
+    # full-precision stem and classifier
+    assert layers["stem"].kernel_quantizer is None and layers["output"].kernel_quantizer is None
+    assert [layers[n].kind for n in list(layers)[-2:]] == ["global_avgpool2d", "dense"]
+    assert layers["output"].input_quantizer is None
+    assert model.spec_shapes()[-2] == ((8, 4, 4), (8,))
+
+
+def test_reactnet_adds_rsign_before_every_sign_and_rprelu_after_every_sum():
+    model = residual(ReActNetConfig(stem_channels=4, channels=(4, 8), blocks=1))
+    spec = model.graph_spec()
+    layers = {layer.name: layer for layer in spec.layers}
+    sources = dict(zip(layers, spec.layer_inputs(), strict=True))
+    for tag in ("s0b0", "s1b0"):
+        assert layers[f"{tag}_rsign"].kind == "shift"
+        assert sources[f"{tag}_conv"] == (f"{tag}_rsign",)
+        chain = [f"{tag}_add", f"{tag}_rp_in", f"{tag}_rp", f"{tag}_rp_out"]
+        assert [layers[n].kind for n in chain] == ["add", "shift", "prelu", "shift"]
+        assert [sources[n] for n in chain[1:]] == [(n,) for n in chain[:-1]]
+    assert sources["s1b0_rsign"] == ("s0b0_rp_out",)
+    assert sources["s1b0_pool"] == ("s0b0_rp_out",)
+
+
+def test_residual_width_change_without_stride_uses_a_plain_1x1_shortcut():
+    model = residual(BiRealConfig(stem_channels=4, channels=(6,), blocks=1))
+    kinds_by_name = {layer.name: layer.kind for layer in model.spec_layers()}
+    assert "s0b0_pool" not in kinds_by_name and kinds_by_name["s0b0_down"] == "conv2d"
+
+
+@pytest.mark.parametrize("config_class", [BiRealConfig, ReActNetConfig])
+def test_residual_nets_train_a_step(config_class):
+    torch.manual_seed(0)
+    model = residual(config_class(stem_channels=4, channels=(4, 8), blocks=1))
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["layers.s0b0_conv.weight"].abs().sum() > 0  # the STE passes gradients
+
+
+def test_residual_downsampling_needs_even_sizes():
+    with pytest.raises(ValueError, match="stage 1 downsamples a 7x7 map; expected even"):
+        residual(BiRealConfig(channels=(4, 8)), shape=(1, 7, 7))
+    with pytest.raises(ValueError, match="expected an image input shape"):
+        residual(BiRealConfig(), shape=(64,))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("blocks", 0), ("stem_kernel", 2), ("channels", ()), ("stem_stride", 0)]
+)
+def test_residual_config_rejects_bad_sizes(field, value):
+    with pytest.raises(ValueError, match=field):
+        ReActNetConfig(**{field: value})
+
+
+def test_residual_defaults_per_dataset():
+    assert default_config("birealnet", "fashion").channels == (32, 64, 128)
+    assert default_config("reactnet", "digits").channels == (32, 64)
+    assert default_config("reactnet", "npz") == default_config("reactnet", "mnist")
+    for dataset, shape in (("digits", (1, 8, 8)), ("fashion", (1, 28, 28)), ("npz", (3, 32, 32))):
+        build_model(default_config("reactnet", dataset), shape, 10)
+
+
+def test_residual_config_dict_round_trip():
+    config = ReActNetConfig(channels=(8, 16), blocks=3, scale=True)
+    assert config_from_dict(config_to_dict(config)) == config
+    assert config_to_dict(config)["arch"] == "reactnet"
+
+
+def test_graph_with_a_dangling_input_is_a_named_error():
+    from model.errors import DanglingInputError
+
+    layers = [("flatten", nn.Flatten()), ("output", BinaryLinear(64, 10, kernel_quantizer=None))]
+    with pytest.raises(DanglingInputError, match="'nowhere' names no layer"):
+        BinaryNet(layers, architecture="x", input_shape=(1, 8, 8), num_classes=10,
+                  inputs={"output": ("nowhere",)})  # fmt: skip
+
+
+def test_graph_forward_releases_values_after_their_last_use():
+    model = residual(BiRealConfig(stem_channels=4, channels=(4, 8), blocks=1)).eval()
+    frees = {name: done for name, _, done in model._plan}
+    assert frees["s0b0_add"] == ("s0b0_bn", "stem_bn")  # stem_bn's last reader
+    assert frees["s1b0_down"] == ("s1b0_pool",)
+    freed = [name for done in frees.values() for name in done]
+    assert len(freed) == len(set(freed)) == len(frees)  # each once: "@input", all but the output
+
+
+@pytest.mark.slow  # two epochs on digits: about 10 s of CPU each
+@pytest.mark.parametrize("arch", ["birealnet", "reactnet"])
+def test_tiny_residual_nets_train_on_digits_through_the_loop_and_export(arch, tmp_path):
+    from training.config import TrainConfig
+    from training.export import export_artifact, module_from_artifact
+    from training.loop import train
+
+    config = ARCHITECTURES[arch](stem_channels=4, channels=(4, 8), blocks=1)
+    result = train(TrainConfig(arch=arch, model=config, epochs=2, progress=False))
+    assert result.metrics["test_accuracy"] > 0.2  # 10 classes: chance is 0.1
+    path = tmp_path / "model.safetensors"
+    export_artifact(result.model, path, name="m", input_spec=InputSpec(shape=(1, 8, 8)),
+                    labels=[str(i) for i in range(10)])  # fmt: skip
+    x = torch.from_numpy(result.data.test.x[:50]).float()
+    with torch.no_grad():
+        assert torch.equal(module_from_artifact(path)(x), result.model.eval()(x))
+
+
+def test_residual_recipes_build_their_models_at_their_data_shapes():
+    from training.recipes import RECIPES
+
+    shapes = {"digits": (1, 8, 8), "fashion": (1, 28, 28)}
+    residual = {k: v for k, v in RECIPES.items() if k[0] in ("birealnet", "reactnet")}
+    assert {(arch, dataset) for arch, dataset, _ in residual} == {
+        (arch, dataset) for arch in ("birealnet", "reactnet") for dataset in shapes
+    }
+    for (arch, dataset, name), recipe in residual.items():
+        assert name in ("fast", "full") and recipe.epochs > 0 and recipe.lr > 0
+        config = replace(default_config(arch, dataset), **dict(recipe.model))
+        model = build_model(config, shapes[dataset], 10)
+        assert model.spec_shapes()[-1][1] == (10,)

@@ -66,6 +66,8 @@ def test_train_help_lists_every_option(capsys):
         (["train", "--arch", "cnn", "--pad-value", "0"], "pad_value=0.0 is not a value of"),
         (["evaluate"], "give --artifact PATH or --name NAME"),
         (["summary", "--arch", "cnn", "--pool", "maybe"], "expected comma-separated 0/1 flags"),
+        (["summary", "--arch", "cnn", "--blocks", "2"], "--blocks does not apply to --arch cnn"),
+        (["summary", "--arch", "reactnet", "--stem-kernel", "2"], "stem_kernel must be odd"),
         ([], "the following arguments are required: COMMAND"),
     ],
 )
@@ -145,6 +147,19 @@ def test_summary_of_artifact_and_of_architecture(published, capsys):
     assert "conv2 (conv2d)" in out and "pool2 (maxpool2d)" in out and "Compression ratio" in out
 
 
+def test_summary_of_residual_architectures(capsys):
+    status, out, _ = run_main(["summary", "--arch", "reactnet"], capsys)  # digits defaults
+    assert status == 0
+    assert "s1b1_rsign (shift)" in out and "s1b0_pool (avgpool2d)" in out
+    assert "s1b1_rp (prelu)" in out and "pool (global_avgpool2d)" in out
+    status, out, _ = run_main(
+        ["summary", "--arch", "birealnet", "--channels", "8,16,32", "--blocks", "1", "--json"],
+        capsys,
+    )
+    names = [layer["name"] for layer in json.loads(out)["layers"]]
+    assert status == 0 and "s2b0_down" in names and "s1b1_conv" not in names
+
+
 def test_cli_choices_match_the_registries():
     from training.architectures import ARCHITECTURES
     from training.config import ARCHITECTURE_NAMES
@@ -172,3 +187,10 @@ def test_fashion_without_package_or_data_dir_says_how_to_install(capsys, tmp_pat
     status, _, err = run_main(["train", "--dataset", "fashion", "--no-publish"], capsys)
     assert status == 2 and err.count("\n") == 1
     assert "apt-get install dataset-fashion-mnist" in err and "--data-dir DIR" in err
+
+
+def test_compile_flag_reaches_the_config():
+    train = build_parser().parse_args(["train", "--compile"])
+    assert train.compile is True
+    assert build_parser().parse_args(["train"]).compile is False
+    assert build_parser().parse_args(["train", "--no-compile"]).compile is False

@@ -15,7 +15,14 @@ from model.artifact import decode_artifact, read_artifact
 from model.errors import InvalidSpecError
 from model.packing import pack_signs
 from model.spec import InputSpec
-from training.architectures import BinaryNet, CNNConfig, MLPConfig, build_model
+from training.architectures import (
+    BinaryNet,
+    BiRealConfig,
+    CNNConfig,
+    MLPConfig,
+    ReActNetConfig,
+    build_model,
+)
 from training.export import (
     code_revision,
     collect_provenance,
@@ -209,3 +216,83 @@ def test_provenance():
 
 def test_code_revision_outside_git_is_none(tmp_path):
     assert code_revision(tmp_path) is None
+
+
+# --- v2 graphs: Bi-Real Net and ReActNet -----------------------------------------------------------
+RESIDUAL_CASES = [
+    pytest.param(BiRealConfig(stem_channels=5, channels=(7, 65), blocks=2), id="birealnet"),
+    pytest.param(
+        ReActNetConfig(stem_channels=8, channels=(8, 16), blocks=1, scale=True, pad_value=-1.0),
+        id="reactnet-scale-pad-1",
+    ),
+    pytest.param(
+        ReActNetConfig(
+            stem_channels=6,
+            channels=(6, 12),
+            blocks=2,
+            activation_quantizer="approx_sign",
+            kernel_quantizer="swish_sign",
+        ),
+        id="reactnet-approx-swish",
+    ),
+]
+
+
+def residual_inputs() -> torch.Tensor:
+    """Random pixels, both integer (digits-like) and real-valued ones."""
+    generator = torch.Generator().manual_seed(3)
+    integers = torch.randint(0, 17, (16, *SHAPE), generator=generator).float()
+    return torch.cat([integers, 4 * torch.randn(16, *SHAPE, generator=generator)])
+
+
+@pytest.mark.parametrize("config", RESIDUAL_CASES)
+def test_residual_graph_round_trips_with_identical_logits(config, tmp_path):
+    model = trained_like(build_model(config, SHAPE, 10))
+    path = tmp_path / "model.safetensors"
+    export_artifact(model, path, **parts())
+    artifact = read_artifact(path)
+    assert artifact.spec.format_version == 2
+    assert {layer.kind for layer in artifact.spec.layers} >= {"add", "avgpool2d"}
+    rebuilt = module_from_artifact(artifact)
+    assert rebuilt.inputs == model.inputs and rebuilt.graph_spec() == model.graph_spec()
+    x = residual_inputs()
+    with torch.no_grad():
+        expected, got = binary_activations(model, x), binary_activations(rebuilt, x)
+    assert len(got) == len(expected) >= 5
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)  # ±1 activations and the logits: bit for bit
+    assert expected[-1].std() > 0.1
+
+
+@pytest.mark.parametrize("config", RESIDUAL_CASES)
+def test_residual_graph_matches_the_eager_reference_interpreter(config):
+    """The trained module computes, op for op, the float32 semantics every engine must match."""
+    from tests.model.engine.reference import eager_logits
+
+    model = trained_like(build_model(config, SHAPE, 10))
+    spec, tensors = to_artifact_parts(model, **parts())
+    x = residual_inputs()
+    with torch.no_grad():
+        logits = model(x).numpy()
+    np.testing.assert_array_equal(eager_logits(spec, tensors, x.numpy()), logits)
+
+
+def test_reactnet_spec_has_rsign_and_rprelu_tensors():
+    model = trained_like(build_model(ReActNetConfig(channels=(8, 16), blocks=1), SHAPE, 10))
+    spec, tensors = to_artifact_parts(model, **parts())
+    layers = {layer.name: layer for layer in spec.layers}
+    assert layers["s1b0_rsign"].kind == "shift" and layers["s1b0_conv"].inputs == ()
+    np.testing.assert_array_equal(
+        tensors["s1b0_rsign.shift"], model.layers.s1b0_rsign.shift.detach().numpy()
+    )
+    np.testing.assert_array_equal(
+        tensors["s1b0_rp.weight"], model.layers.s1b0_rp.weight.detach().numpy()
+    )
+    assert tensors["s1b0_rp.weight"].dtype == np.float32
+
+
+def test_plain_chains_still_export_as_format_v1():
+    spec, _ = to_artifact_parts(build_model(CNNConfig(channels=(4,), pool=(True,)), SHAPE, 10),
+                                **parts())  # fmt: skip
+    assert spec.required_format_version() == 1
+    assert all(layer.inputs == () for layer in spec.layers)

@@ -46,3 +46,16 @@ def test_only_requested_gradients_are_computed():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match=r"x \(batch, 7\).*got x \[5, 6\]"):
         linear(torch.zeros(5, 6), torch.zeros(3, 7))
+
+
+def test_linear_under_bf16_autocast_computes_in_bf16_and_trains():
+    x = torch.randn(4, 6, requires_grad=True)
+    weight = torch.randn(3, 6, requires_grad=True)
+    bias = torch.randn(3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(x.to(torch.bfloat16), weight, bias)  # mixed dtypes, as after a bf16 conv
+    assert y.dtype == torch.bfloat16
+    expected = x.to(torch.bfloat16) @ weight.to(torch.bfloat16).t() + bias.to(torch.bfloat16)
+    assert torch.equal(y, expected)
+    y.float().sum().backward()
+    assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()

@@ -119,6 +119,7 @@ def test_evaluate_counts_and_restores_the_mode():
         ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction \\+ test_fraction must be < 1"),
         ({"arch": "cnn"}, "arch='cnn' needs a CNNConfig as model, got MLPConfig"),
         ({"dataset": "imagenet"}, "dataset must be one of"),
+        ({"compile": "yes"}, "compile must be true or false, got 'yes'"),
     ],
 )
 def test_config_errors_name_the_option(overrides, message):
@@ -141,3 +142,12 @@ def test_package_reexports_the_training_api():
     assert training.publish_result is publish.publish_result and training.evaluate is loop.evaluate
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = training.nope
+
+
+@pytest.mark.slow  # torch.compile: a minute or more of inductor compilation
+def test_compiled_training_steps_train_the_eager_model():
+    config = TrainConfig(arch="mlp", model=MLPConfig(hidden=(32,)), epochs=2, compile=True,
+                         progress=False)  # fmt: skip
+    result = train(config)
+    assert result.metrics["test_accuracy"] > 0.5
+    assert not hasattr(result.model, "_orig_mod")  # the published model is the eager one

@@ -24,10 +24,20 @@ from model import InputSpec, load_model  # noqa: E402
 from model.spec import Dense, Flatten, Layer, ModelSpec, Shape  # noqa: E402
 from tests.model.engine.conftest import calibrate_batchnorm, export_random_model  # noqa: E402
 from tests.model.factory import rewrite_metadata  # noqa: E402
-from training.architectures import ARCHITECTURES, CNNConfig, MLPConfig, build_model  # noqa: E402
+from training.architectures import (  # noqa: E402
+    ARCHITECTURES,
+    BinaryNet,
+    BiRealConfig,
+    CNNConfig,
+    MLPConfig,
+    ReActNetConfig,
+    build_model,
+)
+from training.blocks import Concat, GlobalAvgPool2d, Shift  # noqa: E402
 from training.cli import main  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.functional import linear  # noqa: E402
+from training.layers import BinaryLinear  # noqa: E402
 from training.loop import train  # noqa: E402
 from training.onnx_export import (  # noqa: E402
     MIN_OPSET,
@@ -57,6 +67,8 @@ DIGITS_SPEC = ModelSpec("digits", "none", DIGITS, tuple("0123456789"), (Flatten(
 TINY = {
     "mlp": MLPConfig(hidden=(64, 32)),
     "cnn": CNNConfig(stem_channels=8, channels=(16, 32), pool=(False, True), hidden=(32,)),
+    "birealnet": BiRealConfig(stem_channels=8, channels=(8, 16), blocks=1),
+    "reactnet": ReActNetConfig(stem_channels=8, channels=(8, 16), blocks=1),
 }
 # Random-weight models with calibrated BatchNorm: every quantizer, α on and off, pad ±1 and 0.
 RANDOM_CONFIGS = [
@@ -73,6 +85,7 @@ STANDARD_OPS = {
     "Add", "BatchNormalization", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv",
     "Flatten", "Gemm", "Greater", "GreaterOrEqual", "Identity", "MaxPool", "Mul", "Pad",
     "Reshape", "Slice", "Transpose", "Where",
+    "AveragePool", "PRelu", "ReduceMean",  # v2 graphs
 }  # fmt: skip
 
 
@@ -245,6 +258,44 @@ def published(tmp_path_factory) -> dict[str, tuple[Path, object]]:
         publish_result(result, repo, f"digits-{arch}")
         out[arch] = (repo, result)
     return out
+
+
+@pytest.mark.parametrize(
+    "config", [TINY["birealnet"], TINY["reactnet"]], ids=["birealnet", "reactnet"]
+)
+def test_residual_graphs_export_standard_ops_matching_the_module(config):
+    torch.manual_seed(0)
+    model = build_model(config, DIGITS.shape, 10)
+    calibrate_batchnorm(model, random_inputs(DIGITS_SPEC, 256), seed=0)
+    proto = export_onnx(model)
+    check_onnx(proto)
+    ops = set(ops_of(proto))
+    assert ops <= STANDARD_OPS and {"AveragePool", "ReduceMean", "Add", "Conv"} <= ops
+    assert ("PRelu" in ops) == (config.arch == "reactnet")
+    model.eval()
+    for batch in (1, 33):
+        x = random_inputs(DIGITS_SPEC, batch, seed=batch)
+        with torch.no_grad():
+            reference = model(torch.from_numpy(x)).numpy()
+        assert_agrees(run_onnx(proto, x), reference)
+
+
+def test_concat_and_the_model_input_as_a_named_input_export():
+    """A hand-made graph: shift(x) joined with x itself ("@input") along channels."""
+    torch.manual_seed(0)
+    layers = [("shift", Shift(1)), ("join", Concat()), ("gap", GlobalAvgPool2d()),
+              ("output", BinaryLinear(2, 10, kernel_quantizer=None))]  # fmt: skip
+    model = BinaryNet(layers, architecture="join", input_shape=DIGITS.shape, num_classes=10,
+                      inputs={"join": ("shift", "@input")}).eval()  # fmt: skip
+    with torch.no_grad():
+        model.layers.shift.shift.fill_(3.0)
+    proto = export_onnx(model)
+    check_onnx(proto)
+    assert "Concat" in ops_of(proto)
+    x = random_inputs(DIGITS_SPEC, 5)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(proto, x), model(torch.from_numpy(x)).numpy(),
+                                   rtol=1e-6)  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", sorted(TINY))

@@ -7,8 +7,15 @@ import struct
 import pytest
 
 from model.spec import BatchNorm, Conv2d, Dense, Flatten, InputSpec, MaxPool2d
-from training.architectures import CNNConfig, MLPConfig, build_model, default_config
+from training.architectures import (
+    CNNConfig,
+    MLPConfig,
+    ReActNetConfig,
+    build_model,
+    default_config,
+)
 from training.export import encode_model, to_artifact_parts
+from training.layers import binary_parameters
 from training.summary import summarize_layers, summarize_model, summarize_spec
 
 
@@ -93,3 +100,20 @@ def test_artifact_size_is_within_ten_percent_of_the_formula(config):
     # The tensor bytes alone are never below the formula (words only pad) and are within 10%.
     assert summary.packed_bytes <= len(data) - header <= 1.10 * summary.packed_bytes
     assert summary.compression_ratio > 5  # mostly binary weights
+
+
+def test_summary_of_a_residual_graph_counts_every_stored_parameter():
+    model = build_model(ReActNetConfig(stem_channels=8, channels=(8, 16), blocks=1), (1, 8, 8), 10)
+    summary = summarize_model(model)
+    rows = {layer.name: layer for layer in summary.layers}
+    assert summary.binary_params == sum(p.numel() for p in binary_parameters(model))
+    _, tensors = to_artifact_parts(
+        model, name="m", input_spec=InputSpec(shape=(1, 8, 8)), labels=[str(i) for i in range(10)]
+    )
+    stored_floats = sum(t.size for t in tensors.values() if t.dtype.kind == "f")
+    assert summary.float_params == stored_floats
+    assert rows["s0b0_rsign"].float_params == 8 and rows["s1b0_rp"].float_params == 16
+    assert rows["s1b0_pool"].output_shape == (8, 4, 4)  # from the block input, not the conv
+    assert rows["s1b0_add"].output_shape == (16, 4, 4) and rows["pool"].output_shape == (16,)
+    assert rows["s1b0_conv"].binary_macs == 4 * 4 * 16 * 8 * 9
+    assert rows["s1b0_down"].float_macs == 4 * 4 * 16 * 8

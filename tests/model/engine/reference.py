@@ -332,7 +332,10 @@ def eager_logits(spec: ModelSpec, tensors: dict, x: np.ndarray) -> np.ndarray:
         if layer.kernel_quantizer is None:
             return torch.from_numpy(np.array(stored, np.float32))
         length = layer.in_features if isinstance(layer, Dense) else layer.in_channels
-        return torch.from_numpy(unpack_signs(stored, length, axis=1))
+        # Contiguous, as a trained layer's weight: unpack_signs returns a strided view, for
+        # which F.conv2d answers in channels-last layout, and a later mean then sums in
+        # another order (float addition is not associative).
+        return torch.from_numpy(np.ascontiguousarray(unpack_signs(stored, length, axis=1)))
 
     def vector(layer, suffix):
         key = f"{layer.name}.{suffix}"
