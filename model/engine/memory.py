@@ -306,9 +306,7 @@ def _output_decided(
         if len(consumer.inputs) > 1:
             return False
         if isinstance(consumer, Dense | Conv2d):
-            return consumer.input_quantizer is not None and foldable_tail(
-                tuple(tail), shapes[i][1]
-            )
+            return consumer.input_quantizer is not None and foldable_tail(tuple(tail), shapes[i][1])
         tail.append(consumer)
         name = consumer.name
     return False

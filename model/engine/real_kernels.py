@@ -23,7 +23,8 @@ from model.engine import runtime  # noqa: F401  (cache directory and threading l
 from model.engine.intrinsics import conv_pair_sums64, conv_sums8, conv_sums64, fma32
 from model.engine.kernels import JitOptions, _conv_sum
 
-_EXACT: JitOptions = {"nogil": True, "cache": True}  # no fastmath: IEEE float32, every rounding eager's
+# no fastmath: IEEE float32, every rounding eager's
+_EXACT: JitOptions = {"nogil": True, "cache": True}
 _EXACT_PAR: JitOptions = {**_EXACT, "parallel": True}
 
 
