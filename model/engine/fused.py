@@ -122,7 +122,7 @@ def mlp_plan(program: Program, sweeps: dict[int, np.ndarray]) -> MlpPlan | None:
         for op in hidden
         if isinstance(op, BinaryDense) and _plain_decide(op.epilogue)
     ]
-    if len(decided) != len(hidden):  # every hidden layer must be one
+    if len(decided) != len(hidden):  # each hidden layer: binary dense, deciding, no pooling
         return None
     if not (isinstance(last, SignedDense) and isinstance(last.epilogue, ToReal)):
         return None

@@ -145,6 +145,7 @@ def engine_kernels() -> Iterator[Dispatcher]:
             for kernel in members:
                 if (
                     isinstance(kernel, Dispatcher)
+                    # numba's private per-kernel cache, absent from its stubs
                     and isinstance(getattr(kernel, "_cache", None), FunctionCache)
                     and id(kernel) not in seen
                 ):
