@@ -34,9 +34,11 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not docker and not kernels"
 
+# Style, formatting, and types of model/ (mypy reads its settings from pyproject.toml).
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: install
 	$(PY) -m bench
@@ -65,4 +67,4 @@ docker-test: docker-wheels
 	$(PY) -m pytest -q -s tests/test_deployment.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .numba_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .numba_cache

@@ -27,8 +27,8 @@ def cgroup_cpu_limit(root: Path | None = None) -> float | None:
         return None if quota == "max" else int(quota) / int(period or 100_000)
     v1_quota, v1_period = root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"
     if v1_quota.is_file() and v1_period.is_file():
-        quota = int(v1_quota.read_text())
-        return None if quota <= 0 else quota / int(v1_period.read_text())
+        quota_us = int(v1_quota.read_text())  # -1: no quota
+        return None if quota_us <= 0 else quota_us / int(v1_period.read_text())
     return None
 
 

@@ -283,17 +283,18 @@ def load_model(
     executors = ExecutorFactory(program, backend, options or EngineOptions(), torch_options)
     choice = None
     if device != "auto":
-        executor = executors.on(gpu)
-    elif gpu == "cpu" or gpu is None:
-        executor = executors.on("cpu")
-        choice = choose_device({}, None, None, why_no_gpu=why_no_gpu)
+        assert gpu is not None, "resolve_device names a device or raises"
+        executor, resolved = executors.on(gpu), gpu
     else:
-        executor, choice = _measure_and_choose(
-            executors, gpu, warmup_inputs(artifact.spec.input, batch_sizes)
-        )
-    if choice is not None:
+        if gpu == "cpu" or gpu is None:
+            executor = executors.on("cpu")
+            choice = choose_device({}, None, None, why_no_gpu=why_no_gpu)
+        else:
+            executor, choice = _measure_and_choose(
+                executors, gpu, warmup_inputs(artifact.spec.input, batch_sizes)
+            )
         log.info("device chosen: %s (%s)", choice.device, choice.reason, extra=choice.as_metadata())
-    resolved = choice.device if choice is not None else gpu
+        resolved = choice.device
     model = CompiledModel(artifact.spec, program, executor, resolved, time.perf_counter() - start)
     model.device_choice = choice
     return model

@@ -9,7 +9,7 @@ packed bits, else it ends in real values. Weights are laid out here, once, for t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -155,10 +155,13 @@ def compile_chain(
         ops.extend(prepared)
         first = at_input and all(isinstance(earlier, Flatten) for earlier in layers[:i])
         out_shape = out_shapes[i]
-        quantizer = None if consumer is None else consumer.input_quantizer
+        # the loop above stopped at a Dense or Conv2d, if at anything
+        quantizer = consumer.input_quantizer if isinstance(consumer, Dense | Conv2d) else None
         foldable = quantizer is not None and foldable_tail(tail, out_shape)
         producer = _producer(layer, state, tensors, out_shape, first, spec)
+        epilogue: Epilogue
         if foldable:
+            assert quantizer is not None  # foldable implies a quantizing consumer
             binarizer = binarizer_for(quantizer)
             spatial = out_shape
             for k in range(i + 1, j):
@@ -239,15 +242,15 @@ def _real_shape(bits: Bits) -> Shape:
 class _Producer:
     """What a dense/conv layer contributes before its epilogue is known."""
 
-    build_fn: object
+    build_fn: Callable[[Epilogue], Op]
     integer: bool  # raw is an exact integer accumulator compared in the popcount domain
-    steps: list[Step]  # per-channel float steps from raw to the layer's output
+    steps: Sequence[Step]  # per-channel float steps from raw to the layer's output
     affine: AffineStep | None
     channels: int
     popcount_domain: tuple[str, int, np.ndarray] | None  # (binarizer kind, K, pcw) for bits input
 
     def build(self, epilogue: Epilogue) -> Op:
-        return self.build_fn(epilogue)  # type: ignore[operator]
+        return self.build_fn(epilogue)
 
 
 def _layer_vectors(layer: Dense | Conv2d, tensors: Mapping[str, np.ndarray]):
@@ -276,10 +279,10 @@ def _producer(
     if isinstance(state, Bits) and not binary:  # full-precision dense on binary input
         w_t, base, coef = _signed_weights(weight, state)
 
-        def build(ep: Epilogue) -> Op:
+        def signed_dense(ep: Epilogue) -> Op:
             return SignedDense(layer.name, w_t, base, coef, state, ep)
 
-        return _Producer(build, False, steps, affine, channels, None)
+        return _Producer(signed_dense, False, steps, affine, channels, None)
 
     if isinstance(state, Bits):
         if isinstance(layer, Dense):
@@ -287,7 +290,7 @@ def _producer(
             pcw = _popcounts(w)
             k = layer.in_features
 
-            def build(ep: Epilogue) -> Op:
+            def build_bits(ep: Epilogue) -> Op:
                 return BinaryDense(layer.name, w, pcw, k, state, ep)
         else:
             c, (kh, kw) = layer.in_channels, layer.kernel_size
@@ -298,39 +301,32 @@ def _producer(
             k = c * kh * kw
             pad_words = _pad_words(layer.pad_value, state.binarizer, c)
 
-            def build(ep: Epilogue) -> Op:
+            def build_bits(ep: Epilogue) -> Op:
                 return BinaryConv(
                     layer.name, w, pcw, k, state, layer.kernel_size, layer.stride,
-                    layer.padding, pad_words, out_shape[1:], ep,
+                    layer.padding, pad_words, (out_shape[1], out_shape[2]), ep,
                 )  # fmt: skip
 
         domain = (state.binarizer.kind, k, pcw)
-        return _Producer(build, True, steps, affine, channels, domain)
+        return _Producer(build_bits, True, steps, affine, channels, domain)
 
     # real input
-    planes = (
-        first
-        and binary
-        and isinstance(layer, Dense)
-        and spec.input.integer_valued
-        and _plane_range_ok(spec)
-    )
-    if planes:
-        w = pad_rows(weight)
-        pcw = _popcounts(w)
-
-        def build(ep: Epilogue) -> Op:
-            return PlanesDense(layer.name, w, pcw, layer.in_features, ep)
-
-        return _Producer(build, False, steps, affine, channels, None)
-
     if isinstance(layer, Dense):
+        if first and binary and spec.input.integer_valued and _plane_range_ok(spec):
+            w = pad_rows(weight)
+            pcw = _popcounts(w)
+
+            def planes_dense(ep: Epilogue) -> Op:
+                return PlanesDense(layer.name, w, pcw, layer.in_features, ep)
+
+            return _Producer(planes_dense, False, steps, affine, channels, None)
+
         w = np.ascontiguousarray(weight if binary else weight.astype(np.float32))
 
-        def build(ep: Epilogue) -> Op:
+        def float_dense(ep: Epilogue) -> Op:
             return FloatDense(layer.name, w, layer.in_features, None, ep)
 
-        return _Producer(build, False, steps, affine, channels, None)
+        return _Producer(float_dense, False, steps, affine, channels, None)
 
     # Conv2d on real values: without α the bias goes into raw (as F.conv2d adds it).
     bias_in_raw = bias if scale is None else None
@@ -343,13 +339,13 @@ def _producer(
             weight.astype(np.float32).transpose(2, 3, 1, 0).reshape(-1, layer.out_channels)
         )  # (kh·kw·C, O), rows in (dy, dx, c) order
 
-    def build(ep: Epilogue) -> Op:
+    def float_conv(ep: Epilogue) -> Op:
         return FloatConv(
             layer.name, w, tuple(state.shape), layer.kernel_size, layer.stride, layer.padding,
-            float(layer.pad_value), out_shape[1:], bias_in_raw, ep,
+            float(layer.pad_value), (out_shape[1], out_shape[2]), bias_in_raw, ep,
         )  # fmt: skip
 
-    return _Producer(build, False, steps, affine, channels, None)
+    return _Producer(float_conv, False, steps, affine, channels, None)
 
 
 def _plane_range_ok(spec: ModelSpec) -> bool:
@@ -435,12 +431,14 @@ def _decide(
             pool_specs.append((tail_layer, len(steps)))
         else:
             flattened = flattened or isinstance(layer, Conv2d)
-    integer = producer.popcount_domain is not None
-    thresholds = fold_batchnorm_into_thresholds(steps, binarizer, channels, integer=integer)
+    domain = producer.popcount_domain
+    thresholds = fold_batchnorm_into_thresholds(
+        steps, binarizer, channels, integer=domain is not None
+    )
     invert = bit_invert(thresholds, binarizer)
     cut: np.ndarray
-    if integer:
-        cut, invert = _to_popcount_domain(thresholds, invert, producer.popcount_domain)
+    if domain is not None:
+        cut, invert = _to_popcount_domain(thresholds, invert, domain)
     else:
         cut = thresholds.cut.astype(np.float64)
     pools = tuple(
@@ -527,9 +525,12 @@ def _folded_quantize(
     consumer = rest[count]
     if not isinstance(consumer, Dense | Conv2d) or consumer.input_quantizer is None:
         return None
+    folded = [
+        layer for layer in rest[:count] if isinstance(layer, Shift | BatchNorm)
+    ]  # all of them
     steps: list[Step] = [
         _bn_step(layer, tensors) if isinstance(layer, BatchNorm) else _shift_step(layer, tensors)
-        for layer in rest[:count]
+        for layer in folded
     ]
     binarizer = binarizer_for(consumer.input_quantizer)
     channels = state.shape[0]

@@ -248,6 +248,7 @@ class NumbaExecutor:
         n, (oh, ow) = x.shape[0], op.out_hw
         (kh, kw), (sh, sw) = op.kernel, op.stride
         bias = np.zeros(op.weight.shape[1], F32) if op.bias_in_raw is None else op.bias_in_raw
+        assert isinstance(op.epilogue, ToReal), "only a conv whose output stays real comes here"
         bn = op.epilogue.batchnorm
         out = np.empty((n * oh * ow, op.weight.shape[1]), F32)
         real_kernels.real_conv_rows(
@@ -392,6 +393,7 @@ def real_avgpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]
         for dx in range(kw):
             window = x[:, :, dy : dy + sh * (oh - 1) + 1 : sh, dx : dx + sw * (ow - 1) + 1 : sw]
             total = window.astype(F32) if total is None else total + window
+    assert total is not None, f"pool kernel {kernel}: expected at least one position"
     return total / F32(kh * kw)
 
 

@@ -10,6 +10,7 @@ has that shape. :mod:`model.engine.dispatch` decides which calls take it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 from numba import njit
@@ -76,6 +77,9 @@ def mlp_rows(x, max_value, first, hidden_w, hidden_cut, hidden_invert, sweeps, l
     return True
 
 
+_Arrays = tuple[np.ndarray, ...]
+
+
 @dataclass(frozen=True)
 class MlpPlan:
     """A binary mlp's arrays, laid out for :func:`mlp_rows`, which runs
@@ -86,7 +90,8 @@ class MlpPlan:
     features: int
     classes: int
     first: tuple  # (weight, pcw, cut, invert) of the bit-plane input layer
-    hidden: tuple  # (weights, cuts, inverts, direction flags) of the binary layers, each a tuple
+    # (weights, cuts, inverts, direction flags) of the binary layers, each a tuple
+    hidden: tuple[_Arrays, _Arrays, _Arrays, _Arrays]
     last: tuple  # (weight_t, base, coef, scale, bias) of the full-precision output layer
 
     def run(self, x: np.ndarray) -> np.ndarray | None:
@@ -112,7 +117,12 @@ def mlp_plan(program: Program, sweeps: dict[int, np.ndarray]) -> MlpPlan | None:
         return None
     if not (isinstance(first, PlanesDense) and _plain_decide(first.epilogue)):
         return None
-    if not all(isinstance(op, BinaryDense) and _plain_decide(op.epilogue) for op in hidden):
+    decided = [
+        (op, op.epilogue)
+        for op in hidden
+        if isinstance(op, BinaryDense) and _plain_decide(op.epilogue)
+    ]
+    if len(decided) != len(hidden):  # each hidden layer: binary dense, deciding, no pooling
         return None
     if not (isinstance(last, SignedDense) and isinstance(last.epilogue, ToReal)):
         return None
@@ -122,12 +132,11 @@ def mlp_plan(program: Program, sweeps: dict[int, np.ndarray]) -> MlpPlan | None:
         return None
     # Tuples, not typed lists: numba checks a tuple's items in C, a typed list in Python
     # (measured: docs/benchmarks.md, "Engine design figures").
-    hidden_arrays = tuple(
-        tuple(values)
-        for values in zip(
-            *((op.weight, op.epilogue.cut, op.epilogue.invert, sweeps[id(op)]) for op in hidden),
-            strict=True,
-        )
+    hidden_arrays = (
+        tuple(op.weight for op, _ in decided),
+        tuple(ep.cut for _, ep in decided),
+        tuple(ep.invert for _, ep in decided),
+        tuple(sweeps[id(op)] for op, _ in decided),
     )
     # the kernel indexes each tuple by a loop variable: its items must have one numba type
     for arrays, dtype in zip(hidden_arrays, (np.uint64, np.int64, np.uint8, np.uint8), strict=True):
@@ -143,5 +152,5 @@ def mlp_plan(program: Program, sweeps: dict[int, np.ndarray]) -> MlpPlan | None:
     )
 
 
-def _plain_decide(ep: Decide | ToReal) -> bool:
+def _plain_decide(ep: Decide | ToReal) -> TypeGuard[Decide]:
     return isinstance(ep, Decide) and not ep.pools

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from types import FunctionType
+from typing import TypedDict
 
 import numpy as np
 from numba import njit, prange
@@ -45,11 +46,23 @@ from model.engine.layout import CACHE_LINE_WORDS, WORD
 
 # Rows of a batch that stream past one block of 64 weight rows (dense_threshold_pack).
 ROW_CHUNK = 64
-_JIT = {"nogil": True, "cache": True, "fastmath": True}
-_PAR = {**_JIT, "parallel": True}
+
+
+class JitOptions(TypedDict, total=False):
+    """:func:`numba.njit` options shared by several kernels; a TypedDict (not a plain dict) so
+    that ``@njit(**options)`` type-checks against numba's own signature."""
+
+    nogil: bool
+    cache: bool
+    fastmath: bool
+    parallel: bool
+
+
+_JIT: JitOptions = {"nogil": True, "cache": True, "fastmath": True}
+_PAR: JitOptions = {**_JIT, "parallel": True}
 # Float kernels keep IEEE semantics: no reassociation, no contraction of float64 → float32 casts.
-_JIT_EXACT = {"nogil": True, "cache": True}
-_PAR_EXACT = {**_JIT_EXACT, "parallel": True}
+_JIT_EXACT: JitOptions = {"nogil": True, "cache": True}
+_PAR_EXACT: JitOptions = {**_JIT_EXACT, "parallel": True}
 
 
 @njit(**_JIT, inline="always")

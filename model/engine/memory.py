@@ -150,7 +150,7 @@ def estimate_memory(spec: ModelSpec, executor: str = "numba") -> MemoryEstimate:
     )
     weights, working = stored, 0
     on_bits: set[str] = set()  # layers whose output is packed decisions (or runs on them)
-    images: dict[str, Shape] = {}  # a flat output's (C, H, W) before flatten
+    images: dict[str, Shape | None] = {}  # a flat output's (C, H, W) before flatten, if known
     for i, (layer, (in_shapes, out_shape)) in enumerate(zip(spec.layers, shapes, strict=True)):
         in_shape, image = in_shapes[0], images.get(sources[i][0])
         layer_bytes = 0
@@ -299,17 +299,16 @@ def _output_decided(
     which fold into thresholds (:func:`foldable_tail`; in a chain, the
     layers up to the next dense/conv). A value with two consumers (a shortcut) is never folded."""
     layers = spec.layers
-    tail, name = [], layers[i].name
+    tail: list[Layer] = []
+    name = layers[i].name
     while len(consumers[name]) == 1:
-        j = consumers[name][0]
-        if len(layers[j].inputs) > 1:
+        consumer = layers[consumers[name][0]]
+        if len(consumer.inputs) > 1:
             return False
-        if isinstance(layers[j], Dense | Conv2d):
-            return layers[j].input_quantizer is not None and foldable_tail(
-                tuple(tail), shapes[i][1]
-            )
-        tail.append(layers[j])
-        name = layers[j].name
+        if isinstance(consumer, Dense | Conv2d):
+            return consumer.input_quantizer is not None and foldable_tail(tuple(tail), shapes[i][1])
+        tail.append(consumer)
+        name = consumer.name
     return False
 
 

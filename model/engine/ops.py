@@ -20,6 +20,7 @@ in :class:`ToReal` and the following layers run on real values.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import get_args
 
 import numpy as np
 
@@ -283,7 +284,7 @@ Op = (
 MERGE_OPS: tuple[type, ...] = (RealAdd, RealConcat)
 
 
-OPS: tuple[type, ...] = Op.__args__  # type: ignore[attr-defined]
+OPS: tuple[type, ...] = get_args(Op)
 
 
 @dataclass(frozen=True)

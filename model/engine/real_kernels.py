@@ -21,12 +21,14 @@ from numba import njit, prange
 
 from model.engine import runtime  # noqa: F401  (cache directory and threading layer first)
 from model.engine.intrinsics import conv_pair_sums64, conv_sums8, conv_sums64, fma32
-from model.engine.kernels import _conv_sum
+from model.engine.kernels import JitOptions, _conv_sum
 
-_EXACT = {"nogil": True, "cache": True}  # no fastmath: IEEE float32, every rounding eager's
+# no fastmath: IEEE float32, every rounding eager's
+_EXACT: JitOptions = {"nogil": True, "cache": True}
+_EXACT_PAR: JitOptions = {**_EXACT, "parallel": True}
 
 
-@njit(**_EXACT, parallel=True)
+@njit(**_EXACT_PAR)
 def batchnorm_rows(x, alpha, beta, out):
     """out[m, c] = fma(x[m, c], alpha[c], beta[c]) in float32; x, out (M, C) float32."""
     for m in prange(x.shape[0]):
@@ -34,7 +36,7 @@ def batchnorm_rows(x, alpha, beta, out):
             out[m, c] = fma32(x[m, c], alpha[c], beta[c])
 
 
-@njit(**_EXACT, parallel=True)
+@njit(**_EXACT_PAR)
 def accumulator_rows(p, k, pcw, sign_input, scale, bias, alpha, beta, out):
     """A binary layer's output rows from its popcounts, through its affine part and a
     BatchNorm (either may be absent: None compiles the step away).
@@ -54,7 +56,7 @@ def accumulator_rows(p, k, pcw, sign_input, scale, bias, alpha, beta, out):
             out[m, o] = y
 
 
-@njit(**_EXACT, parallel=True)
+@njit(**_EXACT_PAR)
 def real_conv_rows(x, w, bias, kh, kw, sh, sw, alpha, beta, out):
     """A full-precision convolution's output rows, then its BatchNorm (None: none).
 

@@ -46,9 +46,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import fields, is_dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import numba
-from numba.core import config as numba_config
+from numba.core import config as _numba_config
 from numba.core.caching import FunctionCache
 from numba.core.dispatcher import Dispatcher
 
@@ -56,6 +57,18 @@ from model.cpus import usable_cores
 from model.engine.options import EngineOptions
 
 ENGINE_PACKAGE = "model.engine"
+
+
+class _NumbaConfig(Protocol):
+    """The settings of ``numba.core.config`` this module reads and sets. numba assigns them at
+    import through ``globals()``, out of a type checker's sight, so they are declared here."""
+
+    THREADING_LAYER: str
+    NUMBA_NUM_THREADS: int
+    CACHE_DIR: str
+
+
+numba_config = cast(_NumbaConfig, _numba_config)
 
 
 def _loadable(layer: str) -> bool:
@@ -132,7 +145,8 @@ def engine_kernels() -> Iterator[Dispatcher]:
             for kernel in members:
                 if (
                     isinstance(kernel, Dispatcher)
-                    and isinstance(kernel._cache, FunctionCache)
+                    # numba's private per-kernel cache, absent from its stubs
+                    and isinstance(getattr(kernel, "_cache", None), FunctionCache)
                     and id(kernel) not in seen
                 ):
                     seen.add(id(kernel))

@@ -49,7 +49,9 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +92,9 @@ FP32_EXACT_TERMS = 2**24
 # Largest batch captured as a CUDA graph; larger calls run eagerly on the model's stream.
 MAX_GRAPH_BATCH = 1024
 
-Step = Callable[[torch.Tensor], torch.Tensor]
+# A step takes its input's tensor, or (add, concat) the tuple of its inputs' tensors as
+# graph.run_wired hands them: Any, since one callable type cannot take either.
+Step = Callable[[Any], torch.Tensor]
 
 
 def cuda_device(device: str) -> str:
@@ -309,9 +313,8 @@ class TorchExecutor:
 
     def _bit_values(self, bits: Bits) -> tuple[torch.Tensor, torch.Tensor]:
         """The activation values of a set and a clear bit, as 0-d tensors of the binary dtype."""
-        return tuple(
-            self._hold(np.float32(bit_value(b, bits)), self.precision.binary) for b in (True, False)
-        )
+        one, zero = (np.array(bit_value(b, bits), np.float32) for b in (True, False))
+        return self._hold(one, self.precision.binary), self._hold(zero, self.precision.binary)
 
     def _binary_matmul(self, rows: torch.Tensor) -> Step:
         """a (M, K) binary dtype → a·rowsᵀ (M, O) float32, exact (see the module docstring)."""
@@ -743,7 +746,7 @@ class _LiveBytes(TorchDispatchMode):
                 del self.live[key]
 
 
-def peak_live_bytes(forward: Step, x: torch.Tensor, ignored: set[int] = frozenset()) -> int:
+def peak_live_bytes(forward: Step, x: torch.Tensor, ignored: AbstractSet[int] = frozenset()) -> int:
     """Peak bytes of tensors alive at once while ``forward(x)`` runs, the input included and
     the storages in ``ignored`` (the weights) left out."""
     with torch.inference_mode():
