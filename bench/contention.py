@@ -81,6 +81,15 @@ def run(calls: int, batches: list[int], block: int) -> list[dict]:
         path = build_artifact(MLPConfig(hidden=(4096, 4096, 4096)), mnist, Path(tmp) / "mlp.st")
         model = load_model(path, device="cpu")
     executor = model._executor
+    choice = executor._dispatch.measured
+    ran: dict[str, int] = {}
+    record = choice.record
+
+    def counting_record(batch: int, kind: str, seconds: float) -> None:
+        ran[kind] = ran.get(kind, 0) + 1
+        record(batch, kind, seconds)
+
+    choice.record = counting_record  # type: ignore[method-assign]
     rows = []
     for neighbour in (True, False):
         child = start_neighbour(2) if neighbour else None
@@ -96,6 +105,7 @@ def run(calls: int, batches: list[int], block: int) -> list[dict]:
                 for call in modes.values():  # warm up
                     for _ in range(3):
                         call()
+                ran.clear()
                 count = calls if batch < 16 else max(calls // 8, 40)
                 times = time_modes(modes, count, block if batch < 16 else max(block // 4, 5))
                 load = os.getloadavg()[0]
@@ -111,7 +121,8 @@ def run(calls: int, batches: list[int], block: int) -> list[dict]:
                 print(
                     f"neighbour={neighbour} batch={batch} load={load:.1f} "
                     f"measured estimates (ms/row): "
-                    + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in estimates.items() if v),
+                    + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in estimates.items() if v)
+                    + f"; measured calls ran {ran}",
                     flush=True,
                 )
         finally:
