@@ -12,11 +12,17 @@ kernel set k, an exponentially weighted mean of the wall time per row of the cal
     t̂ₖ ← t̂ₖ + α · (t / batch − t̂ₖ),   α = :data:`SMOOTHING` (the first sample sets t̂ₖ).
 
 A call runs the set with the smaller t̂ (parallel until both have a sample: the first call of a
-bucket runs parallel, the second serial). The other set is *probed* (run once, to refresh its
-t̂) on every :data:`PROBE_EVERY`-th call of the bucket, and on the call right after one whose
-time exceeded :data:`SPIKE` × the other's t̂, so a neighbour that arrives is noticed on the
-next call and one that leaves within ``PROBE_EVERY`` calls a few probes later. A probe costs one
-call at the slower set's speed: at most 1 / PROBE_EVERY of the calls.
+bucket runs parallel, the second serial). The other set is *probed* (run once) on the next call
+after one that took more than :data:`SPIKE` × the other's t̂, so a neighbour that arrives is
+noticed at once, and otherwise after every
+
+    n = max(PROBE_EVERY, (t̂_slower / t̂_faster) / MAX_PROBE_COST)
+
+calls of the bucket, so probes cost at most MAX_PROBE_COST of the faster set's time once the
+two differ by more than PROBE_EVERY × MAX_PROBE_COST (4×). A probe's time replaces the probed
+set's t̂ instead of entering its mean (its state may have changed since it last ran), so one
+fast probe after a neighbour leaves switches back; if it was luck, the next slow call switches
+again.
 
 The statistics are shared by the threads that call ``predict`` and updated without a lock: a
 race may lose an update or a count, which only changes which call probes next. Results do not
@@ -31,8 +37,11 @@ from dataclasses import dataclass, field
 
 # Weight of a new sample in a kernel set's running time per row.
 SMOOTHING = 0.25
-# A bucket's other kernel set runs once every PROBE_EVERY calls.
+# A bucket's other kernel set runs at least once every PROBE_EVERY calls while the two sets'
+# times are within PROBE_EVERY × MAX_PROBE_COST of each other; less often beyond, so that
+# probing costs at most MAX_PROBE_COST of the faster set's time.
 PROBE_EVERY = 32
+MAX_PROBE_COST = 0.125
 # A call slower than SPIKE × the other set's running time makes the next call probe that set.
 SPIKE = 3.0
 
@@ -43,7 +52,8 @@ PARALLEL_KERNELS = "parallel"
 
 @dataclass
 class _Bucket:
-    """Running times per row (seconds; None before the first sample) and the call count."""
+    """Running times per row (seconds; None before the first sample) and the calls since the
+    last probe."""
 
     serial: float | None = None
     parallel: float | None = None
@@ -77,14 +87,19 @@ class MeasuredChoice:
         if probe is not None:
             return probe
         faster = self.faster(batch)
-        return _other(faster) if bucket.calls % self.probe_every == 0 else faster
+        if bucket.calls >= self._probe_interval(bucket):
+            bucket.calls = 0
+            return _other(faster)
+        return faster
 
     def record(self, batch: int, kind: str, seconds: float) -> None:
         """Account a call of ``batch`` rows that ran ``kind`` kernels in ``seconds``."""
         bucket = self._bucket(batch)
         per_row = seconds / max(batch, 1)
         mean = getattr(bucket, kind)
-        setattr(bucket, kind, per_row if mean is None else mean + self.smoothing * (per_row - mean))
+        if mean is not None and kind == self.faster(batch):
+            per_row = mean + self.smoothing * (per_row - mean)
+        setattr(bucket, kind, per_row)  # a first sample or a probe: the time itself
         other = getattr(bucket, _other(kind))
         if other is not None and per_row > self.spike * other:
             bucket.probe = _other(kind)
@@ -96,6 +111,11 @@ class MeasuredChoice:
         if bucket.serial is None or bucket.parallel is None:
             return PARALLEL_KERNELS
         return SERIAL_KERNELS if bucket.serial < bucket.parallel else PARALLEL_KERNELS
+
+    def _probe_interval(self, bucket: _Bucket) -> float:
+        times = (bucket.serial or 0.0, bucket.parallel or 0.0)
+        ratio = max(times) / min(times) if min(times) > 0 else 1.0
+        return max(self.probe_every, ratio / MAX_PROBE_COST)
 
     def estimates(self, batch: int) -> dict[str, float | None]:
         """The running seconds per row of each set for ``batch`` rows' bucket (for reports)."""

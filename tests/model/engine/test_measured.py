@@ -10,7 +10,12 @@ import pytest
 from model import load_model
 from model.engine.dispatch import Dispatch
 from model.engine.kernels import PARALLEL, SERIAL
-from model.engine.measured import PARALLEL_KERNELS, SERIAL_KERNELS, MeasuredChoice
+from model.engine.measured import (
+    MAX_PROBE_COST,
+    PARALLEL_KERNELS,
+    SERIAL_KERNELS,
+    MeasuredChoice,
+)
 from tests.model.engine.reference import mlp_spec, write_model
 
 
@@ -35,10 +40,27 @@ def test_tries_both_sets_then_runs_the_faster():
 
 
 def test_probes_the_slower_set_once_every_probe_every_calls():
-    choice = MeasuredChoice(probe_every=8)
-    ran = run_calls(choice, 1, {SERIAL_KERNELS: 2e-3, PARALLEL_KERNELS: 5e-3}, 64)
+    choice = MeasuredChoice(probe_every=32)
+    ran = run_calls(choice, 1, {SERIAL_KERNELS: 2e-3, PARALLEL_KERNELS: 5e-3}, 3 * 32 + 2)
     probes = [i + 1 for i, kind in enumerate(ran) if kind == PARALLEL_KERNELS]
-    assert probes == [1, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert probes == [1, 32, 64, 96]
+
+
+def test_probes_cost_at_most_an_eighth_of_the_faster_sets_time():
+    """40× apart: the slower set is probed once every 40 / MAX_PROBE_COST = 320 calls."""
+    assert MAX_PROBE_COST == 0.125
+    choice = MeasuredChoice(probe_every=32)
+    ran = run_calls(choice, 1, {SERIAL_KERNELS: 2e-3, PARALLEL_KERNELS: 80e-3}, 2 + 3 * 320)
+    probes = [i + 1 for i, kind in enumerate(ran) if kind == PARALLEL_KERNELS]
+    assert probes == [1, 320, 640, 960]
+
+
+def test_a_probe_replaces_the_probed_sets_time():
+    choice = MeasuredChoice(probe_every=32)
+    run_calls(choice, 1, {SERIAL_KERNELS: 2e-3, PARALLEL_KERNELS: 6e-3}, 31)
+    ran = run_calls(choice, 1, {SERIAL_KERNELS: 2e-3, PARALLEL_KERNELS: 1e-3}, 2)
+    assert ran == [PARALLEL_KERNELS, PARALLEL_KERNELS]  # the probe at call 32, then the winner
+    assert choice.estimates(1)[PARALLEL_KERNELS] == 1e-3
 
 
 def test_a_neighbour_arriving_switches_on_the_next_call_and_leaving_switches_back():
