@@ -12,8 +12,8 @@ Threads, by the call's work (:func:`row_work` × batch):
   (:class:`~model.engine.options.EngineOptions`; by default the usable cores), and the serial
   ones has been faster lately for calls of about that batch (:mod:`model.engine.measured`: a
   running mean of the time per row of each, per power-of-two batch bucket; the other set is
-  re-measured one call in 32, and on the next call when one is 3× slower than the other's
-  mean). A parallel region waits for every worker to be scheduled, so with a core taken by a
+  re-measured on the next call when one is 3× slower than the other's mean, else one call in
+  max(32, 8 × slower ÷ faster)). A parallel region waits for every worker to be scheduled, so with a core taken by a
   neighbour the serial kernels can be many times faster; on an idle machine the parallel ones
   are. Always the serial ones in a child forked after OpenMP started
   (:func:`~model.engine.runtime.parallel_kernels_usable`).
