@@ -108,6 +108,17 @@ def test_dispatch_times_each_large_call_with_its_clock():
     assert policy.measured.estimates(3) == {SERIAL_KERNELS: None, PARALLEL_KERNELS: None}
 
 
+def test_a_forked_child_runs_serial_kernels_unmeasured(monkeypatch):
+    """Where the parallel kernels cannot run (a child forked after OpenMP started), every call
+    runs the serial ones and nothing is measured."""
+    from model.engine import runtime
+
+    monkeypatch.setattr(runtime, "parallel_kernels_usable", lambda: False)
+    policy = Dispatch(serial_rows=4, measured=MeasuredChoice(lambda: 0.0))
+    assert [policy.run(8, lambda kset: kset) for _ in range(3)] == [SERIAL] * 3
+    assert policy.measured.estimates(8) == {SERIAL_KERNELS: None, PARALLEL_KERNELS: None}
+
+
 @pytest.fixture(scope="module")
 def wide_mlp(tmp_path_factory):
     path = tmp_path_factory.mktemp("measured") / "model.safetensors"
