@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ def stop(child: subprocess.Popen) -> None:
     child.wait(timeout=30)
 
 
-def time_modes(calls: dict[str, Callable[[], object]], count: int, block: int) -> dict:
+def time_modes(calls: Mapping[str, Callable[[], object]], count: int, block: int) -> dict:
     """Seconds per call of each mode: ``count`` calls each, in alternating blocks."""
     times: dict[str, list[float]] = {mode: [] for mode in calls}
     while min(len(t) for t in times.values()) < count:
@@ -72,6 +72,7 @@ def summary(seconds: list[float]) -> tuple[float, float, float]:
 def run(calls: int, batches: list[int], block: int) -> list[dict]:
     from bench.engine import build_artifact
     from model import load_model
+    from model.engine.cpu import NumbaExecutor
     from model.engine.kernels import PARALLEL, SERIAL
     from model.spec import InputSpec
     from training.architectures import MLPConfig
@@ -81,6 +82,7 @@ def run(calls: int, batches: list[int], block: int) -> list[dict]:
         path = build_artifact(MLPConfig(hidden=(4096, 4096, 4096)), mnist, Path(tmp) / "mlp.st")
         model = load_model(path, device="cpu")
     executor = model._executor
+    assert isinstance(executor, NumbaExecutor)
     choice = executor._dispatch.measured
     ran: dict[str, int] = {}
     record = choice.record
