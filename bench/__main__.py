@@ -1,4 +1,4 @@
-"""``python -m bench [engine|service|onnx|gpu|graph|flood|request-cost|...] [options]``: run one benchmark, or every available one.
+"""``python -m bench [engine|service|onnx|gpu|graph|flood|request-cost|contention|...] [options]``: run one benchmark, or every available one.
 
 Each subcommand is a module of this package with a ``main(argv) -> int``; with no subcommand
 all of them run in turn with their default options.
@@ -19,7 +19,8 @@ BENCHMARKS = {
     "graph": "bench.graph",  # v2 layer graphs: a Bi-Real-Net-18 at 224² vs eager, tie rates
     "flood": "bench.flood",  # health probes while clients flood the server with 16 MB bodies
     "request-cost": "bench.request_cost",  # CPU µs per served request, in process (steady)
-    "training": "bench.training",  # training steps per second on CPU, per architecture and option
+    "training": "bench.training",
+    "contention": "bench.contention",  # large calls under a busy neighbour: OpenMP/serial/measured  # training steps per second on CPU, per architecture and option
 }
 
 

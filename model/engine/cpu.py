@@ -106,13 +106,16 @@ class NumbaExecutor:
         """x: float32 (batch, *input_shape) → logits float32 (batch, classes). ``kset``: the
         kernels to run, by default the dispatch policy's choice for the batch
         (:class:`~model.engine.dispatch.Dispatch`)."""
-        if kset is None:
-            batch = x.shape[0]
-            if self._mlp is not None and self._dispatch.fused(batch):
-                logits = self._mlp.run(x)
-                if logits is not None:
-                    return logits
-            kset = self._dispatch.kernel_set(batch)
+        if kset is not None:
+            return self._run_ops(x, kset)
+        batch = x.shape[0]
+        if self._mlp is not None and self._dispatch.fused(batch):
+            logits = self._mlp.run(x)
+            if logits is not None:
+                return logits
+        return self._dispatch.run(batch, lambda chosen: self._run_ops(x, chosen))
+
+    def _run_ops(self, x: np.ndarray, kset: KernelSet) -> np.ndarray:
         if kset is PARALLEL:
             runtime.use_threads(self.threads)
         value = x

@@ -8,9 +8,14 @@ Threads, by the call's work (:func:`row_work` × batch):
   a parallel region in each kernel and switching numba's thread count. Small calls gain little
   from a second core, but a parallel kernel waits for every worker to be scheduled, so with
   another core busy its latency tail grows to milliseconds;
-* above, the parallel (OpenMP) kernels, on the executor's threads
-  (:class:`~model.engine.options.EngineOptions`; by default the usable cores), or the serial
-  ones in a child forked after OpenMP started
+* above, whichever of the parallel (OpenMP) kernels, on the executor's threads
+  (:class:`~model.engine.options.EngineOptions`; by default the usable cores), and the serial
+  ones has been faster lately for calls of about that batch (:mod:`model.engine.measured`: a
+  running mean of the time per row of each, per power-of-two batch bucket; the other set is
+  re-measured on the next call when one is 3× slower than the other's mean, else one call in
+  max(32, 8 × slower ÷ faster)). A parallel region waits for every worker to be scheduled, so with a core taken by a
+  neighbour the serial kernels can be many times faster; on an idle machine the parallel ones
+  are. Always the serial ones in a child forked after OpenMP started
   (:func:`~model.engine.runtime.parallel_kernels_usable`).
 
 The figures behind these limits are in docs/benchmarks.md, "Engine design figures".
@@ -19,12 +24,16 @@ The figures behind these limits are in docs/benchmarks.md, "Engine design figure
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numba
 
 from model.engine import runtime
 from model.engine.kernels import PARALLEL, SERIAL, KernelSet
+from model.engine.measured import PARALLEL_KERNELS, MeasuredChoice
 from model.engine.ops import (
     BinaryConv,
     BinaryDense,
@@ -42,27 +51,38 @@ SERIAL_WORK_LIMIT = 1 << 16
 # Bit-planes assumed for the integer input layer (pixels 0..255) when estimating work.
 PLANES_ESTIMATE = 8
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class Dispatch:
     """The path choice for one program: calls of fewer than ``serial_rows`` rows run fused or
-    serial, the rest on the parallel kernels."""
+    serial, the rest the kernel set that ``measured`` finds faster."""
 
     serial_rows: int
+    measured: MeasuredChoice = field(default_factory=MeasuredChoice, compare=False)
 
     @classmethod
-    def for_program(cls, program: Program) -> Dispatch:
-        return cls(serial_rows(program))
+    def for_program(
+        cls, program: Program, clock: Callable[[], float] = time.perf_counter
+    ) -> Dispatch:
+        return cls(serial_rows(program), MeasuredChoice(clock))
 
     def fused(self, batch: int) -> bool:
         """Whether a call of ``batch`` rows tries the fused path first."""
         return batch < self.serial_rows
 
-    def kernel_set(self, batch: int) -> KernelSet:
-        """The kernels a call of ``batch`` rows runs (see the module docstring)."""
+    def run(self, batch: int, compute: Callable[[KernelSet], T]) -> T:
+        """``compute(kernels)`` for a call of ``batch`` rows, with the kernels of the module
+        docstring; a large call's wall time goes to ``measured``."""
         if batch < self.serial_rows or not runtime.parallel_kernels_usable():
-            return SERIAL
-        return PARALLEL
+            return compute(SERIAL)
+        choice = self.measured
+        kind = choice.choose(batch)
+        started = choice.clock()
+        result = compute(PARALLEL if kind == PARALLEL_KERNELS else SERIAL)
+        choice.record(batch, kind, choice.clock() - started)
+        return result
 
 
 def row_work(op: Op) -> int:
@@ -93,7 +113,7 @@ def ranges(kset: KernelSet) -> int:
 
 def serial_rows(program: Program) -> int:
     """The smallest batch whose work reaches SERIAL_WORK_LIMIT: smaller batches run the fused
-    path or the serial kernels, this one and larger the parallel ones."""
+    path or the serial kernels, this one and larger the measured choice."""
     return rows_below(program, SERIAL_WORK_LIMIT)
 
 
