@@ -136,7 +136,10 @@ def test_the_bound_holds_for_what_a_call_allocates(tmp_path, spec, tensors, batc
     model = load_model(path, memory_limit=limit)
     estimate = check_memory(spec, limit)
     x = np.random.default_rng(0).uniform(0, 1, (batch, *spec.input.shape)).astype(np.float32)
-    model.predict(x)  # compiled kernels are not part of the measurement
+    # compiled kernels are not part of the measurement: measured dispatch runs a large call's
+    # first two calls on the parallel and then the serial kernels, so warm both
+    model.predict(x)
+    model.predict(x)
     allocated = traced_peak(lambda: model.predict(x))
     assert 0 < allocated <= estimate.peak_bytes(batch)  # (weights: per-call copies included)
 
@@ -218,6 +221,7 @@ def test_the_bound_holds_for_what_a_graph_call_allocates(tmp_path, reactnet):
     model = load_model(path, memory_limit=limit)
     estimate = check_memory(spec, limit)
     x = np.random.default_rng(0).uniform(0, 16, (batch, *spec.input.shape)).astype(np.float32)
+    model.predict(x)  # both kernel sets of measured dispatch, compiled outside the measurement
     model.predict(x)
     allocated = traced_peak(lambda: model.predict(x))
     if not 0 < allocated <= estimate.peak_bytes(batch):
