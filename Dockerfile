@@ -41,12 +41,16 @@ RUN apt-get update \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin bnn \
     && mkdir -p /models /var/cache/bnnserve/kernels \
     && chown -R bnn /models /var/cache/bnnserve
+# numba fixes each kernel's cache location when the engine is imported, before any EngineOptions
+# apply: with site-packages read-only and no home directory it has nowhere else to put it, so
+# NUMBA_CACHE_DIR (numba's own variable) and BNN_KERNEL_CACHE_DIR name the same directory.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     BNN_MODEL_REPO=/models \
     BNN_KERNEL_CACHE_DIR=/var/cache/bnnserve/kernels \
+    NUMBA_CACHE_DIR=/var/cache/bnnserve/kernels \
     BNN_HOST=0.0.0.0 \
     BNN_PORT=8000 \
     BNN_GRPC_PORT=8001

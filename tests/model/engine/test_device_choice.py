@@ -100,6 +100,22 @@ def test_wsl2_gpu_device_counts_as_a_driver():
     assert "/dev/dxg" in engine.GPU_DRIVER_FILES
 
 
+class TorchStandsInForTheGpu:
+    """An executor factory whose first executor (the CPU candidate) is the numba engine and
+    whose second (the "GPU", here on "cpu" too) is the torch backend."""
+
+    def __init__(self, program, torch_options):
+        self.factories = [
+            engine.ExecutorFactory(program, backend, engine.EngineOptions(), torch_options)
+            for backend in ("numba", "torch")
+        ]
+        self.asked: list[str] = []
+
+    def on(self, device):
+        self.asked.append(device)
+        return self.factories[min(len(self.asked), 2) - 1].on(device)
+
+
 def test_measuring_keeps_the_faster_candidate(tmp_path):
     """The measurement path run on the CPU (the torch backend standing in for the GPU): the
     executor kept is the one the choice names, with figures at every served size."""
@@ -108,8 +124,9 @@ def test_measuring_keeps_the_faster_candidate(tmp_path):
     program = engine.load_model(path).program
     inputs = engine.warmup_inputs(engine.read_artifact(path).spec.input, (1, 16))
     options = {"input_range": None, "max_batch": 16, "max_memory_bytes": None}
-    executors = engine.ExecutorFactory(program, "auto", engine.EngineOptions(), options)
+    executors = TorchStandsInForTheGpu(program, options)
     executor, choice = engine._measure_and_choose(executors, "cpu", inputs)
+    assert executors.asked == ["cpu", "cpu"]  # the CPU candidate first, then the "GPU"
     assert set(choice.cpu_seconds) == set(choice.gpu_seconds) == {1, 16}
     faster = all(choice.gpu_seconds[b] < choice.cpu_seconds[b] for b in (1, 16))
     assert executor.name == ("torch" if faster else "numba")
