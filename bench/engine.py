@@ -775,6 +775,18 @@ def timing_arguments(prog: str, description: str, argv: list[str] | None) -> arg
     return parser.parse_args(argv)
 
 
+def report(
+    results: dict, results_path: Path, markdown: str, *, title: str, write_docs: bool
+) -> None:
+    """Save a timing benchmark's results as JSON, print its markdown and, with --write-docs,
+    put it in its section of docs/benchmarks.md."""
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=2))
+    print(markdown)
+    if write_docs:
+        write_docs_section(markdown, title=title)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = timing_arguments("python -m bench engine", __doc__, argv)
     results = run(quick=args.quick)

@@ -18,7 +18,6 @@ graphs" section of docs/benchmarks.md.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.engine import ROOT, machine, timed_together, timing_arguments, write_docs_section
+from bench.engine import ROOT, machine, report, timed_together, timing_arguments
 
 RESULTS = ROOT / "bench" / "results" / "graph.json"
 SECTION = "Inference engine: layer graphs"
@@ -353,12 +352,8 @@ def run(quick: bool = False) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = timing_arguments("python -m bench graph", __doc__, argv)
     results = run(quick=args.quick)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
     markdown = render_markdown(results)
-    print(markdown)
-    if args.write_docs:
-        write_docs_section(markdown, title=SECTION)
+    report(results, RESULTS, markdown, title=SECTION, write_docs=args.write_docs)
     return 0
 
 

@@ -17,7 +17,6 @@ this machine:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -30,9 +29,9 @@ from bench.engine import (
     build_artifact,
     machine,
     pixels,
+    report,
     timed_together,
     timing_arguments,
-    write_docs_section,
 )
 
 RESULTS = ROOT / "bench" / "results" / "onnx.json"
@@ -177,12 +176,8 @@ def _bytes(size: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = timing_arguments("python -m bench onnx", __doc__, argv)
     results = run(quick=args.quick)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
     markdown = render_markdown(results)
-    print(markdown)
-    if args.write_docs:
-        write_docs_section(markdown, title=SECTION)
+    report(results, RESULTS, markdown, title=SECTION, write_docs=args.write_docs)
     return 0
 
 
