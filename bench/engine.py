@@ -679,8 +679,8 @@ def gemm_bound_lines(bound: dict[str, Any], g1: dict[str, Any]) -> list[str]:
         "**What bounds the batch-1 GEMM.** One call streams the 2 MiB of packed weights once. "
         "The fused kernel on one thread, best of many calls: "
         + ", ".join(f"{v:.0f} GB/s over {k}" for k, v in rates.items())
-        + " of weight rows (from L2, and from L3 past it; Zen 4 fills L1 from L2 at 32 bytes a "
-        f"cycle). With each core streaming its 1 MiB half, exactly the size of its L2, that is "
+        + " of weight rows (from L2, and from L3 past what L2 holds). With each core "
+        f"streaming its 1 MiB half at the 1 MiB rate, that is "
         f"{stream_s * 1e6:.1f} µs ({macs / stream_s:.2e} MAC/s). The OpenMP kernel adds "
         f"{region_s * 1e6:.1f} µs to start and join an empty parallel region (numba's launch "
         "and libgomp's two barriers, each a futex call): "

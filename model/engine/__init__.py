@@ -61,6 +61,8 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "numba", "torch")
+# Calls per batch size in warmup(): measured dispatch's first timed call of each kernel set.
+WARMUP_CALLS = 4
 # Files whose presence says a GPU driver is installed: NVIDIA on Linux, and WSL2's GPU
 # paravirtualization device (which has no /dev/nvidia*).
 GPU_DRIVER_FILES = ("/proc/driver/nvidia/gpus", "/dev/nvidia0", "/dev/dxg")
@@ -189,16 +191,17 @@ class CompiledModel:
         )
 
     def warmup(self, batch_sizes: Iterable[int] = (1, 64)) -> float:
-        """Compile (or load cached) kernels and run each batch size twice; returns seconds.
+        """Compile (or load cached) kernels and run each batch size four times; returns seconds.
 
-        Twice, because the CPU engine's measured dispatch (:mod:`model.engine.measured`) runs a
-        large call's first two calls in a batch bucket on the parallel and then the serial
-        kernels: both get compiled here, not on a served request, and both get a first timing.
+        Four times, because the CPU engine's measured dispatch (:mod:`model.engine.measured`)
+        runs a large call's first four calls in a batch bucket twice on the parallel and then
+        twice on the serial kernels, and times each set's second call: both sets get compiled
+        here, not on a served request, and both get a first timing.
         The inputs are drawn from ``input.value_range``; NonFiniteOutputError if any logit is
         NaN or infinite (weights that overflow float32 on the data the model was made for)."""
         start = time.perf_counter()
         for x in warmup_inputs(self.spec.input, batch_sizes):
-            for _ in range(2):
+            for _ in range(WARMUP_CALLS):
                 with np.errstate(over="ignore", invalid="ignore"):  # checked just below
                     logits = self.predict(x)
                 self._check_finite_output(logits)

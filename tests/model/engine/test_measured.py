@@ -32,18 +32,34 @@ def run_calls(choice: MeasuredChoice, batch: int, seconds: dict[str, float], cal
 def test_tries_both_sets_then_runs_the_faster():
     choice = MeasuredChoice(probe_every=32)
     ran = run_calls(choice, 1, {SERIAL_KERNELS: 2e-3, PARALLEL_KERNELS: 1e-3}, 30)
-    assert ran[:2] == [PARALLEL_KERNELS, SERIAL_KERNELS]
-    assert set(ran[2:]) == {PARALLEL_KERNELS}
+    assert ran[:4] == [PARALLEL_KERNELS, PARALLEL_KERNELS, SERIAL_KERNELS, SERIAL_KERNELS]
+    assert set(ran[4:]) == {PARALLEL_KERNELS}
     choice = MeasuredChoice(probe_every=32)
     ran = run_calls(choice, 1, {SERIAL_KERNELS: 2e-3, PARALLEL_KERNELS: 70e-3}, 30)
-    assert set(ran[2:]) == {SERIAL_KERNELS}
+    assert set(ran[4:]) == {SERIAL_KERNELS}
+
+
+def test_a_sets_first_call_is_not_a_sample():
+    """A first call pays for compiling the kernels: 0.8 s against 0.4 ms steady must not keep
+    the bucket on the other set (a 2000× ratio would probe only every 16,000 calls)."""
+    choice = MeasuredChoice(probe_every=32)
+    for kind, seconds in [(PARALLEL_KERNELS, 0.8), (PARALLEL_KERNELS, 4e-4)]:
+        assert choice.choose(1) == kind
+        choice.record(1, kind, seconds)
+    for kind, seconds in [(SERIAL_KERNELS, 0.5), (SERIAL_KERNELS, 6e-4)]:
+        assert choice.choose(1) == kind
+        choice.record(1, kind, seconds)
+    assert choice.estimates(1) == {SERIAL_KERNELS: 6e-4, PARALLEL_KERNELS: 4e-4}
+    assert run_calls(choice, 1, {SERIAL_KERNELS: 6e-4, PARALLEL_KERNELS: 4e-4}, 20) == (
+        [PARALLEL_KERNELS] * 20
+    )
 
 
 def test_probes_the_slower_set_once_every_probe_every_calls():
     choice = MeasuredChoice(probe_every=32)
     ran = run_calls(choice, 1, {SERIAL_KERNELS: 2e-3, PARALLEL_KERNELS: 5e-3}, 3 * 32 + 2)
     probes = [i + 1 for i, kind in enumerate(ran) if kind == PARALLEL_KERNELS]
-    assert probes == [1, 32, 64, 96]
+    assert probes == [1, 2, 32, 64, 96]  # the first two calls: a warm-up and a sample
 
 
 def test_probes_cost_at_most_an_eighth_of_the_faster_sets_time():
@@ -52,7 +68,7 @@ def test_probes_cost_at_most_an_eighth_of_the_faster_sets_time():
     choice = MeasuredChoice(probe_every=32)
     ran = run_calls(choice, 1, {SERIAL_KERNELS: 2e-3, PARALLEL_KERNELS: 80e-3}, 2 + 3 * 320)
     probes = [i + 1 for i, kind in enumerate(ran) if kind == PARALLEL_KERNELS]
-    assert probes == [1, 320, 640, 960]
+    assert probes == [1, 2, 320, 640, 960]
 
 
 def test_a_probe_replaces_the_probed_sets_time():
@@ -101,8 +117,8 @@ def test_dispatch_times_each_large_call_with_its_clock():
         return kset
 
     policy = Dispatch(serial_rows=4, measured=MeasuredChoice(lambda: now[0], probe_every=100))
-    ran = [policy.run(4, compute) for _ in range(5)]
-    assert ran == [PARALLEL, SERIAL, SERIAL, SERIAL, SERIAL]
+    ran = [policy.run(4, compute) for _ in range(7)]
+    assert ran == [PARALLEL, PARALLEL, SERIAL, SERIAL, SERIAL, SERIAL, SERIAL]
     assert policy.measured.estimates(4) == {SERIAL_KERNELS: 0.25, PARALLEL_KERNELS: 1.25}
     assert policy.run(3, compute) is SERIAL  # small: serial, not measured
     assert policy.measured.estimates(3) == {SERIAL_KERNELS: None, PARALLEL_KERNELS: None}

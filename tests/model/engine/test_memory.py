@@ -10,6 +10,7 @@ import pytest
 
 from model import load_model, write_artifact
 from model.engine.memory import MemoryLimit, check_memory, estimate_memory
+from model.engine import WARMUP_CALLS
 from model.engine.warm import random_tensors
 from model.errors import ModelTooLargeError
 from model.spec import (
@@ -137,9 +138,9 @@ def test_the_bound_holds_for_what_a_call_allocates(tmp_path, spec, tensors, batc
     estimate = check_memory(spec, limit)
     x = np.random.default_rng(0).uniform(0, 1, (batch, *spec.input.shape)).astype(np.float32)
     # compiled kernels are not part of the measurement: measured dispatch runs a large call's
-    # first two calls on the parallel and then the serial kernels, so warm both
-    model.predict(x)
-    model.predict(x)
+    # first four calls on the parallel and then the serial kernels, so warm both
+    for _ in range(WARMUP_CALLS):
+        model.predict(x)
     allocated = traced_peak(lambda: model.predict(x))
     assert 0 < allocated <= estimate.peak_bytes(batch)  # (weights: per-call copies included)
 
