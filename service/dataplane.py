@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from model.engine import check_finite_logits
+from model.engine.floatmath import all_finite
 from model.errors import BnnError, InvalidInputError
 from model.spec import ModelSpec
 from service.decoding import RequestDecoder
@@ -262,7 +263,7 @@ def conform_input(
     tensor = inputs[0]
     batch = tensor.array.shape[0]
     rows = tensor.array.reshape(batch, *spec.shape).astype(np.float32, copy=False)
-    if not np.isfinite(rows).all():  # one reduction in the common case; per row on failure
+    if not all_finite(rows):  # one reduction in the common case; per row on failure
         row = int(np.argmin(np.isfinite(rows.reshape(batch, -1)).all(axis=1)))
         raise InvalidInputError(f"input {spec.name!r}: instance {row} contains NaN or infinity")
     return rows

@@ -35,6 +35,7 @@ import numpy as np
 from model.artifact import ARTIFACT_FILENAME, read_artifact
 from model.engine.compiler import compile_program
 from model.engine.device_choice import DeviceChoice, choose_device, time_calls
+from model.engine.floatmath import all_finite
 from model.engine.memory import MemoryLimit, check_memory
 from model.engine.ops import Program
 from model.engine.options import EngineOptions
@@ -159,7 +160,7 @@ class CompiledModel:
                 f"got {x.dtype}"
             )
         batch = self._batch_shaped(x)
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
+        if x.dtype.kind == "f" and not all_finite(x):
             where = np.argwhere(~np.isfinite(x))[0].tolist()
             raise InvalidInputError(
                 f"input {name!r}: values must be finite, got {x[tuple(where)]} at index {where}"
@@ -168,7 +169,7 @@ class CompiledModel:
             return np.ascontiguousarray(batch)
         with np.errstate(over="ignore"):
             batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if x.dtype.kind == "f" and not np.isfinite(batch).all():
+        if x.dtype.kind == "f" and not all_finite(batch):
             where = np.argwhere(~np.isfinite(batch.reshape(x.shape)))[0].tolist()
             raise InvalidInputError(
                 f"input {name!r}: values must be finite in float32, got {x[tuple(where)]} at "
@@ -232,10 +233,9 @@ def check_finite_logits(logits: np.ndarray, input_spec: InputSpec) -> None:
     from ``value_range``, were finite: non-finite logits then come from an input far outside
     that range (e.g. 3e38 into a real-valued layer), the client's to correct.
     """
-    finite = np.isfinite(logits)
-    if finite.all():
+    if all_finite(logits):
         return
-    row = int(np.argmin(finite.all(axis=1)))
+    row = int(np.argmin(np.isfinite(logits).all(axis=1)))
     trained = input_spec.value_range
     expected = f"; the model expects values in {list(trained)}" if trained else ""
     raise InputOutOfRangeError(

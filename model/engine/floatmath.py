@@ -80,3 +80,12 @@ def affine_f32(x: np.ndarray, scale: np.ndarray | None, bias: np.ndarray | None)
         if bias is not None:
             y = (y + bias).astype(F32)
     return y
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every value of ``x`` is finite (True for an empty array).
+
+    ``np.logical_and.reduce(np.isfinite(x), axis=None)``: the same as ``np.isfinite(x).all()``
+    without the Python wrapper of ``ndarray.all``, which costs more than the reduction itself on
+    a small request (a served request checks its input and its logits)."""
+    return bool(np.logical_and.reduce(np.isfinite(x), axis=None))

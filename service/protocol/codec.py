@@ -21,6 +21,7 @@ import numpy as np
 import pydantic_core
 from pydantic import ValidationError
 
+from model.engine.floatmath import all_finite
 from service.errors import BadRequestError, NonFiniteResponseError, describe_request_errors
 from service.protocol.v2 import MAX_TENSOR_ELEMENTS, InferenceRequest, RequestInput
 from service.tensors import DecodedRequest, InputExpectation, Tensor
@@ -131,7 +132,7 @@ def json_data(tensor: Tensor) -> list:
     flat = tensor.array.ravel()
     if tensor.datatype == "BYTES":
         return [item.decode("utf-8", errors="replace") for item in flat]
-    if flat.dtype.kind == "f" and not np.isfinite(flat).all():  # JSON has no NaN or Infinity
+    if flat.dtype.kind == "f" and not all_finite(flat):  # JSON has no NaN or Infinity
         raise NonFiniteResponseError(f"output {tensor.name!r}: the model produced NaN or infinity")
     return flat.tolist()
 
