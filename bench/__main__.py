@@ -19,8 +19,8 @@ BENCHMARKS = {
     "graph": "bench.graph",  # v2 layer graphs: a Bi-Real-Net-18 at 224² vs eager, tie rates
     "flood": "bench.flood",  # health probes while clients flood the server with 16 MB bodies
     "request-cost": "bench.request_cost",  # CPU µs per served request, in process (steady)
-    "training": "bench.training",
-    "contention": "bench.contention",  # large calls under a busy neighbour: OpenMP/serial/measured  # training steps per second on CPU, per architecture and option
+    "training": "bench.training",  # training steps per second on CPU, per architecture and option
+    "contention": "bench.contention",  # large calls under a busy neighbour: OpenMP/serial/measured
 }
 
 
