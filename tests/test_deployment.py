@@ -24,6 +24,7 @@ from sklearn.datasets import load_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "digits-mlp"
+FASHION_MODEL = "fashion-reactnet"
 BUILD_TIMEOUT_S = 1800
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -133,6 +134,25 @@ def test_compose_serves_predicts_and_picks_up_a_new_version(compose):
     outputs = {output["name"]: output for output in body["outputs"]}
     assert outputs["logits"]["shape"] == [4, 10]
     first_version = body["model_version"]
+
+    # The Fashion-MNIST ReActNet shipped next to it (a format-v2 layer graph) serves too.
+    fashion = httpx.post(
+        f"{compose.url}/v2/models/{FASHION_MODEL}/infer",
+        json={
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [2, 1, 28, 28],
+                    "datatype": "UINT8",
+                    "data": np.arange(2 * 28 * 28, dtype=np.uint8).tolist(),
+                }
+            ],
+        },
+        timeout=30,
+    )
+    assert fashion.status_code == 200, fashion.text
+    fashion_outputs = {output["name"]: output for output in fashion.json()["outputs"]}
+    assert fashion_outputs["logits"]["shape"] == [2, 10]
 
     rest = httpx.post(
         f"{compose.url}/v1/models/{MODEL}:predict",
