@@ -34,6 +34,7 @@ def test_the_image_ships_a_digits_and_a_fashion_residual_model():
         assert list_versions(SHIPPED, name) == [1], f"{name}: ship exactly one version"
 
 
+@pytest.mark.kernels  # loads and runs the compiled engine
 def test_the_fashion_model_is_a_residual_graph_trained_on_fashion():
     version = resolve(SHIPPED, "fashion-reactnet")
     model = load_model(version.artifact_path)
@@ -45,6 +46,7 @@ def test_the_fashion_model_is_a_residual_graph_trained_on_fashion():
     assert metrics["dataset"] == "fashion" and metrics["arch"] == "reactnet"
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("name", shipped())
 def test_a_shipped_model_answers_as_eager_pytorch(name):
     torch = pytest.importorskip("torch")
