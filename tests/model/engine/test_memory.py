@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from model import load_model, write_artifact
-from model.engine.memory import MemoryLimit, check_memory, estimate_memory
 from model.engine import WARMUP_CALLS
+from model.engine.memory import MemoryLimit, check_memory, estimate_memory
 from model.engine.warm import random_tensors
 from model.errors import ModelTooLargeError
 from model.spec import (
