@@ -15,8 +15,12 @@ server does per request is counted except uvicorn's HTTP parsing and writing (th
 both), so ``bare ÷ bnnserve`` here bounds the benchmark's ratio from below.
 
 ``--compare REV`` (repeatable) measures the code of those git revisions too (``git archive``
-into a temporary directory, this file copied in; nothing in the repository changes), in
-alternating child processes against the working tree:
+into a temporary directory, this file copied in; nothing in the repository changes). Each code
+state is one child process that keeps its app and answers one round at a time; the rounds are
+interleaved (each state's bnnserve, then its bare, then the next state's), so that this VM's
+drifts of tens of percent over minutes fall on every state alike. Each state reports the median
+of its rounds and the median of its per-round ``bare ÷ bnnserve`` (the two measured back to
+back, in one process):
 
     python -m bench request-cost [--requests 3000] [--rounds 5] [--compare 19e7fe6]
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import statistics
@@ -32,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +111,10 @@ async def cpu_us_per_request(app: Callable, body: bytes, requests: int) -> float
     return elapsed / requests * 1e6
 
 
-async def measure(repo: Path, requests: int, rounds: int) -> dict[str, list[float]]:
-    """CPU µs per request, ``rounds`` alternating rounds each of bnnserve and bare."""
+@contextlib.asynccontextmanager
+async def contenders(repo: Path, requests: int) -> AsyncIterator[dict[str, Callable]]:
+    """The two contenders, "bnnserve" and "bare", served and warmed up: each a function of no
+    arguments that measures one round of ``requests`` (:func:`cpu_us_per_request`)."""
     from bench.service import bare_app, infer_body
     from service.app import create_app
     from service.settings import Settings
@@ -122,15 +129,33 @@ async def measure(repo: Path, requests: int, rounds: int) -> dict[str, list[floa
         load_timeout_s=LOAD_TIMEOUT_S,
     )
     app, bare = create_app(settings), bare_app()
-    results: dict[str, list[float]] = {"bnnserve": [], "bare": []}
     async with app.router.lifespan_context(app):
         await wait_until_ready(app.state.dataplane)
         for contender in (app, bare):  # warm-up: caches, the engine's first calls, the stacks
             await cpu_us_per_request(contender, body, min(requests, 500))
+        yield {
+            "bnnserve": lambda: cpu_us_per_request(app, body, requests),
+            "bare": lambda: cpu_us_per_request(bare, body, requests),
+        }
+
+
+async def measure(repo: Path, requests: int, rounds: int) -> dict[str, list[float]]:
+    """CPU µs per request, ``rounds`` alternating rounds each of bnnserve and bare."""
+    results: dict[str, list[float]] = {"bnnserve": [], "bare": []}
+    async with contenders(repo, requests) as rounds_of:
         for _ in range(rounds):
-            results["bnnserve"].append(await cpu_us_per_request(app, body, requests))
-            results["bare"].append(await cpu_us_per_request(bare, body, requests))
+            for name, one_round in rounds_of.items():
+                results[name].append(await one_round())
     return results
+
+
+async def serve_rounds(repo: Path, requests: int) -> None:
+    """Child mode: print "ready", then for each line read ("bnnserve" or "bare") measure one
+    round of that contender and print its µs per request, until stdin closes."""
+    async with contenders(repo, requests) as rounds_of:
+        print("ready", flush=True)
+        for line in sys.stdin:  # blocking the loop is fine: nothing else runs meanwhile
+            print(json.dumps(await rounds_of[line.strip()]()), flush=True)
 
 
 async def wait_until_ready(dataplane: Any) -> None:
@@ -156,22 +181,63 @@ def snapshot(revision: str, into: Path) -> Path:
     return into
 
 
-def run_child(tree: Path, repo: Path, requests: int, rounds: int) -> dict[str, list[float]]:
-    """:func:`measure` in a fresh process on the code under ``tree``."""
-    command = [sys.executable, "-m", "bench.request_cost", "--repo", str(repo), "--json",
-               "--requests", str(requests), "--rounds", str(rounds)]  # fmt: skip
-    out = subprocess.run(command, cwd=tree, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"measuring {tree} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class Child:
+    """A :func:`serve_rounds` process on the code under ``tree``."""
+
+    def __init__(self, tree: Path, repo: Path, requests: int) -> None:
+        command = [sys.executable, "-m", "bench.request_cost", "--repo", str(repo), "--child",
+                   "--requests", str(requests)]  # fmt: skip
+        self.tree = tree
+        self.process = subprocess.Popen(
+            command, cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._expect("ready")
+
+    def round(self, contender: str) -> float:
+        """One round of ``contender``: CPU µs per request."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(contender + "\n")
+        self.process.stdin.flush()
+        return float(self._expect(None))
+
+    def _expect(self, line: str | None) -> str:
+        assert self.process.stdout is not None
+        got = self.process.stdout.readline().strip()
+        if not got or (line is not None and got != line):
+            self.process.kill()
+            raise RuntimeError(f"measuring {self.tree} failed (exit {self.process.wait()})")
+        return got
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def compare(trees: dict[str, Path], repo: Path, requests: int, rounds: int) -> None:
+    """Interleaved rounds of every code state in ``trees`` (name → tree), then a line each."""
+    children = {name: Child(tree, repo, requests) for name, tree in trees.items()}
+    collected = {name: {"bnnserve": [], "bare": []} for name in trees}
+    try:
+        for _ in range(rounds):
+            for name, child in children.items():
+                for contender, values in collected[name].items():
+                    values.append(child.round(contender))
+    finally:
+        for child in children.values():
+            child.close()
+    for name, results in collected.items():
+        print(report(name, results))
 
 
 def report(name: str, results: dict[str, list[float]]) -> str:
     ours, bare = statistics.median(results["bnnserve"]), statistics.median(results["bare"])
     rounds = ", ".join(f"{x:.0f}" for x in results["bnnserve"])
+    pairs = zip(results["bare"], results["bnnserve"], strict=True)
+    paired = statistics.median([bare_us / ours_us for bare_us, ours_us in pairs])
     return (
         f"{name}: bnnserve {ours:.0f} µs/request (rounds {rounds}), bare {bare:.0f} µs; "
-        f"bare/bnnserve {bare / ours:.0%}"
+        f"bare/bnnserve {paired:.0%} (median of the rounds' ratios)"
     )
 
 
@@ -184,33 +250,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare", action="append", default=[], metavar="REV", help="a git revision to measure"
     )
-    parser.add_argument(
-        "--repeats", type=int, default=2, help="alternating child processes per code state"
-    )
     parser.add_argument("--repo", type=Path, help="(internal) an existing model repository")
-    parser.add_argument("--json", action="store_true", help="(internal) print the results")
+    parser.add_argument("--child", action="store_true", help="(internal) measure on request")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         repo = args.repo
         if repo is None:
             repo = Path(tmp) / "repo"
             build_repo(repo)
-        if args.json or not args.compare:
-            results = asyncio.run(measure(repo, args.requests, args.rounds))
-            print(json.dumps(results) if args.json else report("working tree", results))
-            return 0
-        trees = {"working tree": ROOT}
-        for revision in args.compare:
-            trees[revision] = snapshot(revision, Path(tmp) / "trees" / revision)
-        collected: dict[str, dict[str, list[float]]] = {
-            name: {"bnnserve": [], "bare": []} for name in trees
-        }
-        for _ in range(args.repeats):
-            for name, tree in trees.items():
-                for key, values in run_child(tree, repo, args.requests, args.rounds).items():
-                    collected[name][key] += values
-        for name, results in collected.items():
-            print(report(name, results))
+        if args.child:
+            asyncio.run(serve_rounds(repo, args.requests))
+        elif not args.compare:
+            print(report("working tree", asyncio.run(measure(repo, args.requests, args.rounds))))
+        else:
+            trees = {"working tree": ROOT}
+            for revision in args.compare:
+                trees[revision] = snapshot(revision, Path(tmp) / "trees" / revision)
+            compare(trees, repo, args.requests, args.rounds)
     return 0
 
 

@@ -14,10 +14,7 @@ from service.auth import protected_by_key
 from service.dataplane import SERVER_VERSION, DataPlane
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import (
-    BodyLimitsMiddleware,
-    RequestContextMiddleware,
-)
+from service.middleware import BodyLimits, RequestContextMiddleware
 from service.openapi import install_openapi
 from service.protocol.rest import PredictRequest
 from service.protocol.v2 import InferenceRequest, RepositoryIndexRequest, RepositoryLoadRequest
@@ -40,21 +37,18 @@ Every error body is `{"error": "..."}`. When `BNN_API_KEY` is set, send
 
 
 class ServingApp(FastAPI):
-    """FastAPI with the service's own layers outermost: the request context (request id, access
-    log, HTTP metrics, last-resort 500) and the body's limits (size and deadline). Inside them
+    """FastAPI with the service's own layer outermost: the request context (request id, access
+    log, HTTP metrics, last-resort 500) and the body's limits (size and deadline). Inside it
     every request, inference included, takes FastAPI's one path: its error middleware, the middleware users add with
     ``add_middleware`` (CORS, tracing...), exception handling, and the router."""
 
     def build_middleware_stack(self) -> ASGIApp:
         settings: Settings = self.state.settings
-        app = super().build_middleware_stack()
-        app = BodyLimitsMiddleware(
-            app, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
-        )
         return RequestContextMiddleware(
-            app,
+            super().build_middleware_stack(),
             metrics=self.state.metrics,
             access_log_enabled=settings.access_log,
+            limits=BodyLimits(settings.max_body_bytes, settings.body_timeout_s),
             tracing=self.state.tracing,
         )
 

@@ -1,6 +1,6 @@
-"""Pure ASGI middleware: request context (id, access log, HTTP metrics, last-resort 500) and the
-request body's limits (size and deadline). Pure ASGI rather than ``BaseHTTPMiddleware``: no extra task per request, and
-the body is never buffered here."""
+"""The service's one pure ASGI layer: request context (id, access log, HTTP metrics,
+last-resort 500) and the request body's limits (size and deadline). Pure ASGI rather than
+``BaseHTTPMiddleware``: no extra task per request, and the body is never buffered here."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import BodyTimeoutError, PayloadTooLargeError, error_response
@@ -23,22 +24,71 @@ CLIENT_CLOSED_REQUEST = 499
 log = logging.getLogger("service.errors")
 
 
+class BodyLimits:
+    """The request body's two limits:
+
+    * size: 413 for bodies over ``max_body_bytes``, at once from Content-Length, or as soon as
+      a chunked body's running total passes the limit — never reading more than that;
+    * time: 408 (and the connection closed) for a client that has not sent its whole body
+      within ``body_timeout_s`` of the request's start: a client stalled mid-body holds a
+      connection and a buffered body for at most that long, however slowly it trickles.
+      Waiting after the body (for a disconnect) is not bounded.
+
+    Not a layer of its own: :class:`RequestContextMiddleware` applies them (one ASGI layer
+    costs a small model's request about 15 µs, docs/benchmarks.md). The deadline is one timer
+    per request that reads a body (:class:`_BodyReader`), armed at its first ``receive`` and
+    cancelled when the body is complete, rather than a timeout scope around each ``receive``:
+    a request whose body came whole costs one timer, a GET none."""
+
+    def __init__(self, max_body_bytes: int, body_timeout_s: float) -> None:
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+
+    def refusal(self, scope: Scope) -> Response | None:
+        """The 413 for a request whose Content-Length is over the limit (None otherwise); the
+        connection is closed rather than the body read."""
+        declared = scope_header(scope, b"content-length")
+        if declared is None or not declared.isdigit() or int(declared) <= self.max_body_bytes:
+            return None
+        response = error_response(PayloadTooLargeError(self.too_large(declared)))
+        response.headers["Connection"] = "close"
+        return response
+
+    def reader(self, receive: Receive) -> _BodyReader:
+        """``receive`` within the limits (``reader(receive).receive``); close it when the
+        request is over."""
+        return _BodyReader(self, receive)
+
+    def too_large(self, size: str) -> str:
+        return (
+            f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes "
+            "(BNN_MAX_BODY_BYTES)"
+        )
+
+    def too_slow(self) -> str:
+        return (
+            f"the request body did not arrive within {self.body_timeout_s:g} s (BNN_BODY_TIMEOUT_S)"
+        )
+
+
 class RequestContextMiddleware:
-    """Gives each request an id (``X-Request-ID`` in, echoed out), counts it by route template
-    and status, logs one access line (always for errors, for successes when enabled), and turns
-    an unexpected exception into a logged 500. A request left unanswered because its client went
-    away counts as 499."""
+    """Gives each request an id (``X-Request-ID`` in, echoed out), applies the body's
+    :class:`BodyLimits`, counts the request by route template and status, logs one access line
+    (always for errors, for successes when enabled), and turns an unexpected exception into a
+    logged 500. A request left unanswered because its client went away counts as 499."""
 
     def __init__(
         self,
         app: ASGIApp,
         metrics: ServiceMetrics,
         access_log_enabled: bool,
+        limits: BodyLimits,
         tracing: Tracing = NO_TRACING,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log_enabled = access_log_enabled
+        self.limits = limits
         self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -78,7 +128,7 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self._within_limits(scope, receive, send_with_id)
             if not response_started:
                 status = CLIENT_CLOSED_REQUEST  # the app had no one left to answer
         except Exception as exc:
@@ -103,56 +153,22 @@ class RequestContextMiddleware:
                     extra={"status": status, "duration_ms": round(elapsed * 1000, 3)},
                 )
 
-
-class BodyLimitsMiddleware:
-    """The request body's two limits, in one layer (one wrapper around ``receive``):
-
-    * size: 413 for bodies over ``max_body_bytes``, at once from Content-Length, or as soon as
-      a chunked body's running total passes the limit — never reading more than that;
-    * time: 408 (and the connection closed) for a client that has not sent its whole body
-      within ``body_timeout_s`` of the request's start: a client stalled mid-body holds a
-      connection and a buffered body for at most that long, however slowly it trickles.
-      Waiting after the body (for a disconnect) is not bounded.
-
-    The deadline is one timer per request that reads a body (:class:`_BodyReader`), armed at
-    its first ``receive`` and cancelled when the body is complete, rather than a timeout scope
-    around each ``receive``: a request whose body came whole costs one timer, a GET none."""
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.body_timeout_s = body_timeout_s
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+    async def _within_limits(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app, its ``receive`` held to the :class:`BodyLimits` (413 at once for a
+        declared Content-Length over the limit)."""
+        refusal = self.limits.refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
             return
-        declared = scope_header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            response = error_response(PayloadTooLargeError(self.too_large(declared)))
-            response.headers["Connection"] = "close"
-            await response(scope, receive, send)
-            return
-        reader = _BodyReader(self, receive)
+        reader = self.limits.reader(receive)
         try:
             await self.app(scope, reader.receive, send)
         finally:
             reader.close()
 
-    def too_large(self, size: str) -> str:
-        return (
-            f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes "
-            "(BNN_MAX_BODY_BYTES)"
-        )
-
-    def too_slow(self) -> str:
-        return (
-            f"the request body did not arrive within {self.body_timeout_s:g} s (BNN_BODY_TIMEOUT_S)"
-        )
-
 
 class _BodyReader:
-    """A request's ``receive`` within its :class:`BodyLimitsMiddleware` limits. When the
+    """A request's ``receive`` within its :class:`BodyLimits`. When the
     deadline (``body_timeout_s`` after the request's start) passes while a ``receive`` waits for
     more of the body, the waiting task is cancelled and that ``receive`` raises
     :class:`BodyTimeoutError`, as ``asyncio.timeout`` does (the cancellation is taken back with
@@ -169,7 +185,7 @@ class _BodyReader:
         "size",
     )
 
-    def __init__(self, limits: BodyLimitsMiddleware, receive: Receive) -> None:
+    def __init__(self, limits: BodyLimits, receive: Receive) -> None:
         self._limits = limits
         self._receive = receive
         self._deadline = asyncio.get_running_loop().time() + limits.body_timeout_s

@@ -1,4 +1,4 @@
-"""The body-limits layer in process: its deadline timer (one per request) against a stalled
+"""The body's limits in process: the deadline timer (one per request) against a stalled
 ``receive``, a cancellation that is not its own, and the size limit on a chunked body."""
 
 from __future__ import annotations
@@ -8,23 +8,26 @@ import asyncio
 import pytest
 
 from service.errors import BodyTimeoutError, PayloadTooLargeError
-from service.middleware import BodyLimitsMiddleware
-
-SCOPE = {"type": "http", "method": "POST", "path": "/x", "headers": []}
+from service.middleware import BodyLimits
 
 
-async def read_all(scope, receive, send) -> None:
-    while (await receive()).get("more_body", False):
-        pass
+async def read_all(limits: BodyLimits, receive) -> None:
+    """Read the whole body through ``limits``, as an app inside the request context does."""
+    reader = limits.reader(receive)
+    try:
+        while (await reader.receive()).get("more_body", False):
+            pass
+    finally:
+        reader.close()
 
 
 def test_a_stalled_body_raises_the_body_timeout():
     async def stalled():
         await asyncio.Event().wait()  # never set: the client sends nothing more
 
-    layer = BodyLimitsMiddleware(read_all, max_body_bytes=1024, body_timeout_s=0.05)
+    limits = BodyLimits(max_body_bytes=1024, body_timeout_s=0.05)
     with pytest.raises(BodyTimeoutError, match="within 0.05 s"):
-        asyncio.run(layer(dict(SCOPE), stalled, None))
+        asyncio.run(read_all(limits, stalled))
 
 
 def test_a_cancellation_from_elsewhere_is_not_a_body_timeout():
@@ -35,8 +38,8 @@ def test_a_cancellation_from_elsewhere_is_not_a_body_timeout():
             started.set()
             await asyncio.Event().wait()
 
-        layer = BodyLimitsMiddleware(read_all, max_body_bytes=1024, body_timeout_s=30)
-        task = asyncio.ensure_future(layer(dict(SCOPE), stalled, None))
+        limits = BodyLimits(max_body_bytes=1024, body_timeout_s=30)
+        task = asyncio.ensure_future(read_all(limits, stalled))
         await started.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -54,7 +57,7 @@ def test_a_chunked_body_over_the_limit_is_refused_once_past_it():
         read.append(body)
         return {"type": "http.request", "body": body, "more_body": True}
 
-    layer = BodyLimitsMiddleware(read_all, max_body_bytes=1024, body_timeout_s=30)
+    limits = BodyLimits(max_body_bytes=1024, body_timeout_s=30)
     with pytest.raises(PayloadTooLargeError, match="more than 1024"):
-        asyncio.run(layer(dict(SCOPE), receive, None))
+        asyncio.run(read_all(limits, receive))
     assert len(read) == 2
