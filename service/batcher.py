@@ -35,7 +35,7 @@ from service.tracing import StageTimes
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # plain, not frozen: made per engine call
 class BatchStats:
     """What one engine call did: its rows, each request's wait in the queue, the compute time."""
 

@@ -519,7 +519,7 @@ class ModelRegistry:
     def _batcher(self, name: str, version: int, engine: Predictor) -> DynamicBatcher:
         settings = self._settings
         return DynamicBatcher(
-            engine.predict,
+            engine.predict_rows,  # the data plane conforms each request's rows
             max_batch_size=settings.max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_s,
             max_queue_size=settings.max_queue_size,

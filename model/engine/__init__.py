@@ -95,6 +95,8 @@ class Predictor(Protocol):
 
     def predict(self, x: np.ndarray) -> np.ndarray: ...
 
+    def predict_rows(self, rows: np.ndarray) -> np.ndarray: ...
+
     def warmup(self, batch_sizes: Iterable[int] = (1, 64)) -> float: ...
 
 
@@ -146,6 +148,14 @@ class CompiledModel:
         if batch.shape[0] == 0:
             return np.zeros((0, len(self.labels)), np.float32)
         return self._executor.run(batch)
+
+    def predict_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Logits of ``rows`` that the caller has already made what :meth:`check_input`
+        returns: float32, C-contiguous, (batch ≥ 1, *input.shape), every value finite. The
+        service's data plane conforms each request so (``service.dataplane.conform_input``)
+        and calls this, so that a small model's request is not checked twice; anything else
+        calls :meth:`predict`."""
+        return self._executor.run(rows)
 
     def check_input(self, x: Any) -> np.ndarray:
         """Validate ``x`` and return it as float32 (batch, *input.shape)."""

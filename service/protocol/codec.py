@@ -78,11 +78,15 @@ def array_from_json(data: Any, datatype: str, tensor: str) -> np.ndarray:
     return raw.astype(dtype, copy=False)
 
 
+# The numpy kinds of JSON data each datatype kind takes: integer datatypes take integral JSON
+# numbers too (some encoders write 3 as 3.0), and floats take integers.
+_JSON_KINDS = {"b": "b", "i": "iuf", "u": "iuf", "f": "iuf"}
+_JSON_EXPECTED = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
+
+
 def _check_json_kind(raw: np.ndarray, datatype: str, dtype: np.dtype, tensor: str) -> None:
-    # Integer datatypes take integral JSON numbers (some encoders write 3 as 3.0).
-    allowed = {"b": "b", "i": "iuf", "u": "iuf", "f": "iuf"}[dtype.kind]
-    if raw.dtype.kind not in allowed or (dtype.kind in "iu" and not _integral(raw)):
-        expected = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}[dtype.kind]
+    if raw.dtype.kind not in _JSON_KINDS[dtype.kind] or (dtype.kind in "iu" and not _integral(raw)):
+        expected = _JSON_EXPECTED[dtype.kind]
         example = raw.ravel()[0]
         raise BadRequestError(
             f"tensor {tensor!r}: {datatype} data must be {expected}, got values like "
@@ -185,7 +189,7 @@ def binary_data(tensor: Tensor) -> bytes:
 
 
 # --- inference request / response ----------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DecodedInferRequest(DecodedRequest):
     """A decoded V2 inference request: its tensors, the outputs asked for (None: all), the
     outputs to send as binary data (``"*"``: all) and the request id to echo."""
@@ -194,7 +198,7 @@ class DecodedInferRequest(DecodedRequest):
     id: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EncodedInferRequest:
     """A V2 inference request body (JSON, or a JSON header of ``header_length`` bytes followed
     by binary tensor data), decoded by :meth:`decode` once the model's input is known."""

@@ -39,7 +39,7 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EncodedPredictRequest:
     """A predict body, decoded by the data plane once the model's input is known."""
 

@@ -56,6 +56,8 @@ class LinearModel:
             time.sleep(self.delay_s)
         return (x.reshape(len(x), -1) @ self.weights + self.bias).astype(np.float32)
 
+    predict_rows = predict  # checks anyway: the service's conformed rows pass them
+
     def warmup(self, batch_sizes=(1, 64)) -> float:
         for size in batch_sizes:
             self.predict(np.zeros((size, *self.input_spec.shape), np.float32))

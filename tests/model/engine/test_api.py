@@ -32,6 +32,13 @@ def mlp(mlp_path):
     return load_model(mlp_path)
 
 
+def test_predict_rows_is_predict_without_its_checks_for_conformed_rows(mlp):
+    x = np.random.default_rng(1).integers(0, 17, (5, 64)).astype(np.float64)  # flat, float64
+    rows = mlp.check_input(x)  # what the service's data plane makes of a request
+    assert rows.dtype == np.float32 and rows.shape == (5, 1, 8, 8) and rows.flags.c_contiguous
+    np.testing.assert_array_equal(mlp.predict_rows(rows), mlp.predict(x))
+
+
 def test_attributes(mlp, mlp_path):
     assert mlp.spec.name == "test-mlp"
     assert mlp.labels == tuple(str(i) for i in range(10))
