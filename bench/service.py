@@ -51,7 +51,14 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 CONCURRENCY = (1, 8, 32)
 GRPC_CONCURRENCY = (8, 32)
 SECTIONS = ("digits", "grpc", "mlp4096")
-ROUNDS = 5  # alternating windows per contender and concurrency (see run_interleaved)
+ROUNDS = 5  # alternating windows per contender and concurrency, at least (see run_interleaved)
+WINDOW_S = 1.0  # a longer --duration measures more windows of this length, not longer ones
+
+
+def rounds_for(duration_s: float) -> int:
+    """Alternating windows per contender for ``duration_s`` in all: :data:`ROUNDS`, or one per
+    :data:`WINDOW_S` when that is more (a longer run averages more of this VM's spells)."""
+    return max(ROUNDS, round(duration_s / WINDOW_S))
 
 
 # --- load generator (runs in its own process) ----------------------------------------------------
@@ -452,7 +459,7 @@ def digits_vs_bare(repo: Path, duration_s: float) -> list[dict[str, Any]]:
     with service_server(repo, models="digits-mlp") as service, baseline_server("bare") as bare:
         contenders = {"service": (service, target, digits), "bare": (bare, target, digits)}
         for concurrency in CONCURRENCY:
-            measured = run_interleaved(contenders, concurrency, duration_s, ROUNDS)
+            measured = run_interleaved(contenders, concurrency, duration_s, rounds_for(duration_s))
             ours, base = measured["service"], measured["bare"]
             rows.append({"concurrency": concurrency, "service": ours, "bare": base,
                          "ratio": ours["rps"] / base["rps"]})  # fmt: skip
@@ -493,7 +500,7 @@ def grpc_vs_http_binary(repo: Path, duration_s: float) -> list[dict[str, Any]]:
             "http": (service, "/v2/models/digits-mlp/infer", http_body, {"headers": headers}),
         }
         for concurrency in GRPC_CONCURRENCY:
-            measured = run_interleaved(contenders, concurrency, duration_s, ROUNDS)
+            measured = run_interleaved(contenders, concurrency, duration_s, rounds_for(duration_s))
             grpc_row, http_row = measured["grpc"], measured["http"]
             rows.append({"concurrency": concurrency, "grpc": grpc_row, "http": http_row,
                          "ratio": grpc_row["rps"] / http_row["rps"]})  # fmt: skip
@@ -553,7 +560,7 @@ def run_workers_benchmark(duration_s: float) -> dict[str, Any]:
                     contenders = {"service": (service, target, body), "bare": (bare, target, body)}
                     for server, _, _ in contenders.values():  # a fresh server's first seconds
                         run_load(server.url, target, body, 32, WARMUP_S, warmup_s=0.0)
-                    measured = run_interleaved(contenders, 32, duration_s, ROUNDS)
+                    measured = run_interleaved(contenders, 32, duration_s, rounds_for(duration_s))
                 row = {"model": name, "workers": workers, **measured,
                        "ratio": measured["service"]["rps"] / measured["bare"]["rps"]}  # fmt: skip
                 results["rows"].append(row)
@@ -572,7 +579,8 @@ def render_workers_markdown(results: dict[str, Any]) -> str:
         f"{m['load_average_at_start'][0]:.1f} at the start and {results['load_average_end'][0]:.1f} "
         "at the end (a shared machine). Concurrency 32 on keep-alive connections, V2 JSON, one "
         f"instance per request; each pair measured for {results['duration_s']:g} s in all as "
-        f"{ROUNDS} alternating windows, after {WARMUP_S:g} s of unmeasured load on each fresh "
+        f"{rounds_for(results['duration_s'])} alternating windows, after {WARMUP_S:g} s of "
+        "unmeasured load on each fresh "
         "server. `BNN_WORKERS=N` against bare FastAPI (a route that parses "
         "the JSON body and returns a constant) under uvicorn with N workers; CPU is the whole "
         "process tree's.",
@@ -639,10 +647,11 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def _windows_note(results: dict[str, Any], first: str, second: str) -> str:
+    rounds = rounds_for(results["duration_s"])
     return (
-        f"Each contender measured for {results['duration_s']:g} s per concurrency, as {ROUNDS} "
+        f"Each contender measured for {results['duration_s']:g} s per concurrency, as {rounds} "
         f"alternating windows ({first}, {second}, {first}, …) of "
-        f"{results['duration_s'] / ROUNDS:g} s, each after 0.5 s of unmeasured load. CPU per "
+        f"{results['duration_s'] / rounds:g} s, each after 0.5 s of unmeasured load. CPU per "
         "request: the server process's user + system time from /proc over the windows, divided "
         "by the requests answered."
     )

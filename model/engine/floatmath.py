@@ -28,6 +28,8 @@ is detected and resolved with the exact error term of the float64 addition (TwoS
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 F32 = np.float32
@@ -82,10 +84,22 @@ def affine_f32(x: np.ndarray, scale: np.ndarray | None, bias: np.ndarray | None)
     return y
 
 
+# Up to this many values, all_finite sums Python floats rather than running numpy ufuncs.
+SMALL_FINITE_CHECK = 256
+
+
 def all_finite(x: np.ndarray) -> bool:
     """Whether every value of ``x`` is finite (True for an empty array).
 
-    ``np.logical_and.reduce(np.isfinite(x), axis=None)``: the same as ``np.isfinite(x).all()``
-    without the Python wrapper of ``ndarray.all``, which costs more than the reduction itself on
-    a small request (a served request checks its input and its logits)."""
+    A served request checks its input and its logits, small arrays both, where two numpy
+    ufunc calls (``isfinite``, then an ``and`` reduction) cost a digits-sized request 13–18 µs
+    in the server (docs/benchmarks.md) though 2 µs alone. So an array of at most
+    :data:`SMALL_FINITE_CHECK` float16/float32 values is checked as ``isfinite(Σ values)``,
+    summed in float64 Python floats: exact, since a NaN or an infinity makes the sum NaN or
+    infinite (∞ − ∞ is NaN) and finite values cannot overflow it (each is below 2¹²⁸, so fewer
+    than 2⁸⁹⁵ of them sum below 2¹⁰²⁴). Larger or float64 arrays take the numpy reduction
+    ``np.logical_and.reduce(np.isfinite(x), axis=None)`` (``ndarray.all`` without its Python
+    wrapper)."""
+    if x.size <= SMALL_FINITE_CHECK and x.dtype.itemsize <= 4 and x.dtype.kind == "f":
+        return math.isfinite(sum(x.ravel().tolist()))
     return bool(np.logical_and.reduce(np.isfinite(x), axis=None))

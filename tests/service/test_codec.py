@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from service.errors import BadRequestError
+from service.errors import BadRequestError, NonFiniteResponseError
 from service.protocol import codec
 from service.tensors import Tensor
 
@@ -233,3 +233,23 @@ def test_requested_outputs_and_binary_flags():
     )
     assert request.outputs == ["label", "logits", "probabilities"]
     assert request.binary_outputs == {"label", "logits"}  # an output's own flag wins
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "finite"),
+    [
+        ([1.0, -2.5], np.float32, True),
+        ([3.4e38] * 1000, np.float32, True),  # a large finite sum stays finite in float64
+        ([np.inf, -np.inf], np.float32, False),  # ∞ − ∞: NaN
+        ([1.0, np.nan], np.float16, False),
+        ([1e308, 1e308], np.float64, True),  # would overflow a float64 sum: numpy decides
+        ([1.0, -np.inf], np.float64, False),
+    ],
+)
+def test_json_outputs_refuse_exactly_the_non_finite(values, dtype, finite):
+    tensor = Tensor("logits", "FP32", np.array(values, dtype))
+    if finite:
+        assert codec.json_data(tensor) == np.array(values, dtype).tolist()
+    else:
+        with pytest.raises(NonFiniteResponseError, match="NaN or infinity"):
+            codec.json_data(tensor)

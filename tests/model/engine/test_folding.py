@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.engine.floatmath import batchnorm_coefficients, fma_f32
+from model.engine.floatmath import all_finite, batchnorm_coefficients, fma_f32
 from model.engine.folding import (
     AffineStep,
     BatchNormStep,
@@ -164,3 +164,23 @@ def test_pool_and_mask_follows_direction_after_the_pool():
     np.testing.assert_array_equal(pool_and_mask([inc], 3, SIGN), [True, False, True])
     np.testing.assert_array_equal(pool_and_mask([inc], 3, STEP), [False, True, False])
     np.testing.assert_array_equal(pool_and_mask([], 3, SIGN), [True, True, True])
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype"),
+    [
+        ([1.0, -2.5], np.float32),
+        ([3.4e38] * 256, np.float32),  # the float64 sum of large finite values stays finite
+        ([np.inf, -np.inf], np.float32),  # ∞ − ∞ sums to NaN
+        ([1.0, np.nan], np.float16),
+        ([-np.inf], np.float32),
+        ([1e308, 1e308], np.float64),  # a float64 sum would overflow: numpy decides
+        ([3.4e38] * 257, np.float32),  # past the small-array path
+        ([np.nan] + [0.0] * 300, np.float32),
+        ([], np.float32),
+    ],
+)
+def test_all_finite_agrees_with_numpy_on_both_paths(values, dtype):
+    x = np.array(values, dtype)
+    assert all_finite(x) == bool(np.isfinite(x).all())
+    assert all_finite(x.reshape(1, -1, 1)) == all_finite(x)
