@@ -34,8 +34,8 @@ class BodyLimits:
       connection and a buffered body for at most that long, however slowly it trickles.
       Waiting after the body (for a disconnect) is not bounded.
 
-    Not a layer of its own: :class:`RequestContextMiddleware` applies them (one ASGI layer
-    costs a small model's request about 15 µs, docs/benchmarks.md). The deadline is one timer
+    Not a layer of its own: :class:`RequestContextMiddleware` applies them, so a request
+    passes one service layer, not two. The deadline is one timer
     per request that reads a body (:class:`_BodyReader`), armed at its first ``receive`` and
     cancelled when the body is complete, rather than a timeout scope around each ``receive``:
     a request whose body came whole costs one timer, a GET none."""
