@@ -254,17 +254,17 @@ def conform_input(
     expected: InputExpectation,
     checked: InputExpectation | None = None,
 ) -> np.ndarray:
-    """The one input tensor as C-contiguous float32 (batch, *spec.shape), or InvalidInputError naming what is
-    wrong: the name, the shape (per instance, or flattened), the datatype, the batch size
+    """The one input tensor as C-contiguous float32 (batch, *spec.shape) — what the engine's
+    ``predict_rows`` takes — or InvalidInputError naming what is wrong: the name, the shape
+    (per instance, or flattened), the datatype, the batch size
     (``expected``: :func:`expectation` of ``spec``; not checked again when the decoder
     ``checked`` the inputs against that same one), or NaN/infinity in an instance."""
     if checked is not expected:
         expected.check([(t.name, t.datatype, t.array.shape) for t in inputs])
     tensor = inputs[0]
     batch = tensor.array.shape[0]
-    # What the engine's predict_rows takes: float32, C-contiguous, checked finite below.
     rows = np.ascontiguousarray(tensor.array.reshape(batch, *spec.shape), dtype=np.float32)
-    if not all_finite(rows):  # one reduction in the common case; per row on failure
+    if not all_finite(rows):  # one check in the common case; per row on failure
         row = int(np.argmin(np.isfinite(rows.reshape(batch, -1)).all(axis=1)))
         raise InvalidInputError(f"input {spec.name!r}: instance {row} contains NaN or infinity")
     return rows
