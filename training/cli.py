@@ -225,7 +225,9 @@ def _describe_run(config: TrainConfig, distributed: Any) -> str:
         f"{config.epochs} epochs, batch {config.batch_size}, {config.optimizer} lr {config.lr:g} "
         f"{config.lr_schedule}"
         + (f" after {config.warmup_epochs} warm-up epoch(s)" if config.warmup_epochs else "")
-        + f", augmentation {' + '.join(augment) or 'off'}; {runtime.describe()}"
+        + f", augmentation {' + '.join(augment) or 'off'}"
+        + (", compiled" if config.compile else "")
+        + f"; {runtime.describe()}"
     )
 
 

@@ -89,6 +89,7 @@ class TrainConfig:
     label_smoothing: float = None  # type: ignore[assignment]
     augment_shift: int = None  # type: ignore[assignment]
     augment_flip: bool = None  # type: ignore[assignment]
+    compile: bool = None  # type: ignore[assignment]
     seed: int = 0
     split_seed: int = 0
     val_fraction: float = 0.15
@@ -97,7 +98,6 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"
     num_threads: int | None = None
-    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.data_dir is not None:

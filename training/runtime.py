@@ -8,6 +8,10 @@ the CPU) and an explicit device must agree with it.
 ``--threads`` defaults to every usable core, ``usable_cores() = min(|affinity mask|, ⌊cgroup CPU
 quota⌋)`` (:mod:`model.cpus`), divided among the processes of a distributed run:
 ``max(1, usable_cores() // world_size)``.
+
+``compile`` on a CPU needs a C++ compiler: inductor writes and builds C++ for the CPU kernels.
+Where it finds none (no ``$CXX``, no ``g++``; e.g. a slim container) the run is refused before
+it starts with a :class:`CompilerNotFoundError`, not a traceback at the first step.
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from model.cpus import usable_cores
-from training.config import DeviceError, TrainConfig
+from training.config import ConfigError, DeviceError, TrainConfig
 from training.distributed import SINGLE_PROCESS, DistributedContext
 
 CPU = torch.device("cpu")
+
+
+class CompilerNotFoundError(ConfigError):
+    """``compile`` on a CPU where torch.compile's inductor finds no C++ compiler."""
 
 
 @dataclass(frozen=True)
@@ -40,14 +48,30 @@ def resolve_runtime(
     """The device and thread count ``config`` asks for on this machine (see the module doc)."""
     threads = config.num_threads or max(1, usable_cores() // distributed.world_size)
     if distributed.backend is None:
-        return Runtime(resolve_device(config.device), threads)
-    device = distributed.device
-    if config.device != "auto" and resolve_device(config.device) != device:
-        raise DeviceError(
-            f"device {config.device!r}: under torchrun the process group ({distributed.backend}) "
-            f"runs this process on {device}; leave --device auto"
+        device = resolve_device(config.device)
+    else:
+        device = distributed.device
+        if config.device != "auto" and resolve_device(config.device) != device:
+            raise DeviceError(
+                f"device {config.device!r}: under torchrun the process group "
+                f"({distributed.backend}) runs this process on {device}; leave --device auto"
+            )
+    if config.compile and device.type == "cpu" and cpp_compiler() is None:
+        raise CompilerNotFoundError(
+            "compile: torch.compile builds C++ for the CPU and found no C++ compiler here "
+            "(neither $CXX nor g++); install one (apt-get install g++) or train with --no-compile"
         )
     return Runtime(device, threads)
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor would build CPU kernels with, None if none."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        return get_cpp_compiler()
+    except Exception:  # inductor raises InvalidCxxCompiler (a RuntimeError) when none is found
+        return None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -192,5 +192,5 @@ def test_fashion_without_package_or_data_dir_says_how_to_install(capsys, tmp_pat
 def test_compile_flag_reaches_the_config():
     train = build_parser().parse_args(["train", "--compile"])
     assert train.compile is True
-    assert build_parser().parse_args(["train"]).compile is False
     assert build_parser().parse_args(["train", "--no-compile"]).compile is False
+    assert build_parser().parse_args(["train"]).compile is None  # the recipe's

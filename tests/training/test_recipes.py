@@ -108,3 +108,11 @@ def test_cli_flags_left_unset_take_the_recipe_and_given_ones_win():
     assert args.num_threads is None and args.device == "auto"
     args = parser.parse_args(["train", "--no-augment-flip", "--threads", "2", "--device", "cpu"])
     assert args.augment_flip is False and args.num_threads == 2 and args.device == "cpu"
+
+
+def test_compile_is_a_recipe_field(monkeypatch):
+    compiled = Recipe(epochs=2, batch_size=64, lr=1e-2, compile=True)
+    monkeypatch.setitem(RECIPES, ("mlp", "digits", "fast"), compiled)
+    assert TrainConfig(arch="mlp", recipe="fast").compile is True
+    assert TrainConfig(arch="mlp", recipe="fast", compile=False).compile is False
+    assert TrainConfig(arch="mlp").compile is False  # the full recipe's default

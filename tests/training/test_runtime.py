@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from model.cpus import usable_cores
+from training import runtime as runtime_module
 from training.architectures import MLPConfig
 from training.config import DeviceError, TrainConfig
 from training.distributed import DistributedContext
 from training.loop import train
-from training.runtime import resolve_device, resolve_runtime
+from training.runtime import CompilerNotFoundError, resolve_device, resolve_runtime
 
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = "needs a CUDA device; torch sees none here"
@@ -64,6 +67,23 @@ def test_distributed_processes_share_the_cores_and_follow_the_process_group():
     nccl = DistributedContext(rank=0, world_size=2, local_rank=1, backend="nccl")
     with pytest.raises(DeviceError, match="process group \\(nccl\\) runs this process on cuda:1"):
         resolve_runtime(tiny(device="cpu"), nccl)
+
+
+def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_training(monkeypatch):
+    monkeypatch.setattr(runtime_module, "cpp_compiler", lambda: None)
+    with pytest.raises(CompilerNotFoundError, match="no C\\+\\+ compiler.*--no-compile"):
+        resolve_runtime(tiny(device="cpu", compile=True))
+    assert resolve_runtime(tiny(device="cpu")).device == torch.device("cpu")  # eager: no need
+
+
+def test_the_cpp_compiler_probe_runs_the_compilers_inductor_would_try(monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/c++"))
+    assert runtime_module.cpp_compiler() is None
+    if shutil.which("g++") is not None:
+        monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "g++"))
+        assert runtime_module.cpp_compiler() == "g++"
 
 
 @pytest.mark.slow  # trains (a tiny model, one epoch)
