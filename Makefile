@@ -55,7 +55,7 @@ default-model: install
 	$(PY) -m training train --arch mlp --dataset digits --seed 0 --repo deploy/models --name $(DEFAULT_MODEL) --no-progress
 
 # Regenerate the Fashion-MNIST residual model served next to it (ReActNet, the `fast` recipe;
-# needs Debian's dataset-fashion-mnist package, about 25 minutes on 2 cores).
+# needs Debian's dataset-fashion-mnist package and a C++ compiler, about 30 minutes on 2 cores).
 fashion-model: install
 	rm -rf deploy/models/$(FASHION_MODEL)
 	$(PY) -m training train --arch reactnet --dataset fashion --recipe fast --seed 0 --repo deploy/models --name $(FASHION_MODEL) --no-progress
