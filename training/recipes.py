@@ -109,8 +109,8 @@ RECIPES: dict[tuple[str, str, str], Recipe] = {
         for name, epochs in (("full", 60), ("fast", 15))
     },
     **{
-        (arch, "fashion", "full"): Recipe(
-            epochs=30,
+        (arch, "fashion", name): Recipe(
+            epochs=epochs,
             batch_size=128,
             lr=2e-3,
             warmup_epochs=1,
@@ -119,18 +119,7 @@ RECIPES: dict[tuple[str, str, str], Recipe] = {
             compile=True,
         )
         for arch in ("birealnet", "reactnet")
-    },
-    **{
-        (arch, "fashion", "fast"): Recipe(
-            epochs=10,
-            batch_size=128,
-            lr=2e-3,
-            warmup_epochs=1,
-            augment_shift=0,
-            augment_flip=True,
-            compile=True,
-        )
-        for arch in ("birealnet", "reactnet")
+        for name, epochs in (("full", 30), ("fast", 10))
     },
 }
 
