@@ -321,7 +321,7 @@ def _producer(
 
             return _Producer(planes_dense, False, steps, affine, channels, None)
 
-        w = np.ascontiguousarray(weight if binary else weight.astype(np.float32))
+        w = np.ascontiguousarray(weight if binary else weight.astype(np.float32).T)
 
         def float_dense(ep: Epilogue) -> Op:
             return FloatDense(layer.name, w, layer.in_features, None, ep)

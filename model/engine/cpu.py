@@ -1,12 +1,13 @@
 """The numba CPU backend: runs a :class:`~model.engine.ops.Program` on numpy arrays.
 
 Binary layers go through the packed kernels of :mod:`model.engine.kernels`. Real-valued
-layers run in float32, as eager torch does: the full-precision stem convolution (followed by its
-folded thresholds) and a real input to packed ±1 weights (a float model input) have numba
-kernels whose float32 sums are the same on every CPU (at these sizes a BLAS call costs more in
-im2col copies and thread wake-ups than in arithmetic); any other real-valued layer uses numpy's
-float32 BLAS. The full-precision output layer on packed bits sums in float64 (an integer input
-keeps its logits within rounding of eager's). Every call allocates its own buffers, so concurrent
+layers run in float32, as eager torch does, in numba kernels whose float32 sums are the same on
+every CPU: full-precision convolutions and dense layers (a dense layer is a 1×1 convolution of
+one position), and a real input to packed ±1 weights (a float model input). No layer calls
+numpy's BLAS: OpenBLAS's workers busy-wait for about 0.1 s after each call, and on cores that
+numba's threads need that made a Bi-Real-Net-18 at batch 1 on two threads 2.2× slower (44 ms
+against 20 ms with one BLAS thread; docs/benchmarks.md). The full-precision output layer on
+packed bits sums in float64 (an integer input keeps its logits within rounding of eager's). Every call allocates its own buffers, so concurrent
 calls share nothing mutable; packed buffers start on a cache line (see
 :func:`~model.engine.kernels.aligned_words`).
 
@@ -199,10 +200,13 @@ class NumbaExecutor:
         x = x.reshape(x.shape[0], -1)
         if op.weight.dtype == np.uint64:
             raw = packed_dense(x, op.weight, op.features, kset)
-        else:
-            raw = np.ascontiguousarray(x, dtype=F32) @ op.weight.T  # float32 BLAS
-        if op.bias_in_raw is not None:
-            raw += op.bias_in_raw
+            if op.bias_in_raw is not None:
+                raw += op.bias_in_raw
+        else:  # a 1×1 convolution of (M, 1, 1, F) rows: fixed-order sums on numba's threads
+            raw = np.empty((x.shape[0], op.outputs), F32)
+            bias = np.zeros(op.outputs, F32) if op.bias_in_raw is None else op.bias_in_raw
+            rows = np.ascontiguousarray(x, dtype=F32).reshape(x.shape[0], 1, 1, -1)
+            real_kernels.real_conv_rows(rows, op.weight, bias, 1, 1, 1, 1, None, None, raw)
         return _decide_or_real(op.epilogue, raw, kset)
 
     def _signed_dense(
@@ -214,51 +218,28 @@ class NumbaExecutor:
         return _decide_or_real(op.epilogue, raw64.astype(F32), kset)
 
     def _float_conv(self, op: FloatConv, x: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
+        """Fixed-order float32 sums on numba's threads (:mod:`model.engine.real_kernels`):
+        packed into the next layer's bits when thresholds follow, else rows of real values."""
         n = x.shape[0]
         oh, ow = op.out_hw
-        ep = op.epilogue
-        if isinstance(ep, Decide) and op.weight.dtype != np.uint64:
-            out = kernels.aligned_words((n, oh, ow, words_for(op.weight.shape[1])))
-            (kh, kw), (sh, sw) = op.kernel, op.stride
-            padded = pad_nhwc(x, op.padding, op.pad_value)
-            bias = np.zeros(op.weight.shape[1], F32)
-            if op.bias_in_raw is not None:
-                bias[:] = op.bias_in_raw
-            kset.real_conv_threshold_pack(
-                padded, op.weight, bias, kh, kw, sh, sw, ep.cut, ep.invert, out
-            )
-            return self._pools(ep, out, kset)
-        if isinstance(ep, ToReal) and ep.affine is None and op.weight.dtype != np.uint64:
-            return self._float_conv_rows(op, x)
-        cols = real_im2col(x, op.kernel, op.stride, op.padding, op.pad_value)
-        if op.weight.dtype == np.uint64:
-            c = op.in_shape[0]
-            signs = unpack_signs(op.weight, c, axis=1, dtype=F32)  # (O, C, kh, kw), transient
-            w = signs.transpose(2, 3, 1, 0).reshape(-1, signs.shape[0])
-        else:
-            w = op.weight
-        raw = cols @ w  # (N·OH·OW, O) float32 BLAS
-        if op.bias_in_raw is not None:
-            raw += op.bias_in_raw
-        if isinstance(ep, ToReal):
-            return _to_real(ep, raw).reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
-        return self._pools(ep, _threshold_rows(ep, raw, kset).reshape(n, oh, ow, -1), kset)
-
-    def _float_conv_rows(self, op: FloatConv, x: np.ndarray) -> np.ndarray:
-        """A float conv whose output stays real (a stem or a shortcut before an ``add``): rows
-        of fixed-order float32 sums and the epilogue's BatchNorm in one kernel; the result is
-        channels-last in memory (:mod:`model.engine.real_kernels`)."""
-        n, (oh, ow) = x.shape[0], op.out_hw
         (kh, kw), (sh, sw) = op.kernel, op.stride
-        bias = np.zeros(op.weight.shape[1], F32) if op.bias_in_raw is None else op.bias_in_raw
-        assert isinstance(op.epilogue, ToReal), "only a conv whose output stays real comes here"
-        bn = op.epilogue.batchnorm
-        out = np.empty((n * oh * ow, op.weight.shape[1]), F32)
+        ep = op.epilogue
+        w = op.weight if op.weight.dtype != np.uint64 else _conv_signs(op)
+        bias = np.zeros(w.shape[1], F32) if op.bias_in_raw is None else op.bias_in_raw.astype(F32)
+        padded = pad_nhwc(x, op.padding, op.pad_value)
+        if isinstance(ep, Decide):
+            out = kernels.aligned_words((n, oh, ow, words_for(w.shape[1])))
+            kset.real_conv_threshold_pack(padded, w, bias, kh, kw, sh, sw, ep.cut, ep.invert, out)
+            return self._pools(ep, out, kset)
+        # the epilogue's BatchNorm runs inside the kernel unless an affine part comes first
+        bn = ep.batchnorm if ep.affine is None else None
+        raw = np.empty((n * oh * ow, w.shape[1]), F32)
         real_kernels.real_conv_rows(
-            pad_nhwc(x, op.padding, op.pad_value), op.weight, bias.astype(F32), kh, kw, sh, sw,
-            None if bn is None else bn.alpha, None if bn is None else bn.beta, out,
+            padded, w, bias, kh, kw, sh, sw,
+            None if bn is None else bn.alpha, None if bn is None else bn.beta, raw,
         )  # fmt: skip
-        return out.reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
+        y = raw if ep.affine is None else _to_real(ep, raw)
+        return y.reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
 
     def _quantize(self, op: Quantize, x: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
         if x.ndim == 4:
@@ -362,22 +343,6 @@ def pad_nhwc(x: np.ndarray, padding: tuple[int, int], pad_value: float) -> np.nd
     return padded
 
 
-def real_im2col(
-    x: np.ndarray,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    pad_value: float,
-) -> np.ndarray:
-    """(N, C, H, W) → (N·OH·OW, kh·kw·C) float32 patches in (dy, dx, c) order."""
-    c = x.shape[1]
-    (kh, kw), (sh, sw) = kernel, stride
-    padded = pad_nhwc(x, padding, pad_value)
-    windows = sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
-    # (N, OH, OW, C, kh, kw) → (N, OH, OW, kh, kw, C)
-    return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3)).reshape(-1, kh * kw * c)
-
-
 def real_maxpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
     """Max over each window of (N, C, H, W) values; the result is channels-last in memory (see
     :mod:`model.engine.real_kernels`), which is how a binary layer reads it."""
@@ -409,6 +374,14 @@ def packed_dense(x: np.ndarray, weight: np.ndarray, features: int, kset: KernelS
     out = np.empty((x.shape[0], weight.shape[0]), F32)
     kset.real_packed_dense(rows, weight, out)
     return out
+
+
+def _conv_signs(op: FloatConv) -> np.ndarray:
+    """A conv's packed ±1 weights (O, kh, kw, ⌈C/64⌉ words) as float32 (kh·kw·C, O) rows in
+    (dy, dx, c) order, the layout of :func:`~model.engine.real_kernels.real_conv_rows`
+    (transient: unpacked per call)."""
+    signs = unpack_signs(op.weight, op.in_shape[0], axis=1, dtype=F32)  # (O, C, kh, kw)
+    return np.ascontiguousarray(signs.transpose(2, 3, 1, 0).reshape(-1, signs.shape[0]))
 
 
 def _threshold_rows(ep: Decide, rows: np.ndarray, kset: KernelSet) -> np.ndarray:

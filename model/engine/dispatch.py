@@ -95,7 +95,7 @@ def row_work(op: Op) -> int:
     if isinstance(op, PlanesDense):
         return PLANES_ESTIMATE * op.weight.size
     if isinstance(op, FloatDense):
-        return op.weight.shape[0] * op.features
+        return op.outputs * op.features
     if isinstance(op, SignedDense):
         return op.weight_t.size // 2  # about half the input bits are set
     if isinstance(op, FloatConv):

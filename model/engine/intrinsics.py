@@ -275,8 +275,8 @@ def signed_sum1(typingctx, x, w, signs, m, o):
 def _conv_sums_codegen(context, builder, sig, args, vectors, positions=1):
     """8·``vectors`` float32 sums acc ← fma(x, w[·, o + j], acc) from acc = bias[o + j] over one
     window, in (dy, dx, c) order; each of the ``vectors`` <8 x float> accumulators stays in a
-    register. ``positions`` = 2: the same for the windows at x0 and x0 + step (args then carry
-    ``step`` after x0), each weight vector loaded once for both; sums[8·vectors·p + j]."""
+    register. ``positions`` > 1: the same for the windows at x0 + p·step (args then carry
+    ``step`` after x0), each weight vector loaded once for all; sums[8·vectors·p + j]."""
     x_type, w_type, b_type = sig.args[:3]
     if positions == 1:
         x_val, w_val, b_val, i, y0, x0, kh, kw, o, _ = args
@@ -303,31 +303,32 @@ def _conv_sums_codegen(context, builder, sig, args, vectors, positions=1):
             builder.store(vector_at(b_arr.data, at), acc)
     zero8 = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
     shifts = [builder.mul(step, ir.Constant(_I64, p)) for p in range(positions)]
+    # A window row's kw·C values are contiguous in x (channels last), as are their weight
+    # rows in w: one loop over j < kw·C per dy, in (dx, c) order.
+    span = builder.mul(kw, c)
     with cgutils.for_range(builder, kh) as dy_loop:
         y = builder.add(y0, dy_loop.index)
-        with cgutils.for_range(builder, kw) as dx_loop:
-            dx = dx_loop.index
-            pixel = builder.add(builder.mul(builder.add(builder.mul(i, hp), y), wp), x0)
-            x_bases = [builder.mul(builder.add(builder.add(pixel, dx), s), c) for s in shifts]
-            row = builder.mul(builder.add(builder.mul(dy_loop.index, kw), dx), c)
-            with cgutils.for_range(builder, c) as ch_loop:
-                ch = ch_loop.index
-                broadcasts = []
-                for x_base in x_bases:
-                    v = builder.load(builder.gep(x_arr.data, [builder.add(x_base, ch)]))
-                    broadcasts.append(
-                        builder.shuffle_vector(
-                            builder.insert_element(ir.Constant(_F8, None), v, ir.Constant(_I32, 0)),
-                            ir.Constant(_F8, None),
-                            zero8,
-                        )
+        pixel = builder.add(builder.mul(builder.add(builder.mul(i, hp), y), wp), x0)
+        x_bases = [builder.mul(builder.add(pixel, s), c) for s in shifts]
+        row = builder.mul(dy_loop.index, span)
+        with cgutils.for_range(builder, span) as j_loop:
+            j = j_loop.index
+            broadcasts = []
+            for x_base in x_bases:
+                v = builder.load(builder.gep(x_arr.data, [builder.add(x_base, j)]))
+                broadcasts.append(
+                    builder.shuffle_vector(
+                        builder.insert_element(ir.Constant(_F8, None), v, ir.Constant(_I32, 0)),
+                        ir.Constant(_F8, None),
+                        zero8,
                     )
-                w_row = builder.mul(builder.add(row, ch), o_rows)
-                for v_index, at in enumerate(offsets):
-                    wv = vector_at(w_arr.data, builder.add(w_row, at))
-                    for vb, row_accs in zip(broadcasts, accs, strict=True):
-                        acc = row_accs[v_index]
-                        builder.store(builder.call(fma, [vb, wv, builder.load(acc)]), acc)
+                )
+            w_row = builder.mul(builder.add(row, j), o_rows)
+            for v_index, at in enumerate(offsets):
+                wv = vector_at(w_arr.data, builder.add(w_row, at))
+                for vb, row_accs in zip(broadcasts, accs, strict=True):
+                    acc = row_accs[v_index]
+                    builder.store(builder.call(fma, [vb, wv, builder.load(acc)]), acc)
     d_arr = context.make_array(sig.args[-1])(context, builder, args[-1])
     for p_index, row_accs in enumerate(accs):
         for v, acc in enumerate(row_accs):
@@ -351,63 +352,62 @@ def fma32(typingctx, a, b, c):
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
-def _conv_sums_intrinsic(vectors):
-    def typer(typingctx, x, w, bias, i, y0, x0, kh, kw, o, sums):
-        arrays_ok = (
-            isinstance(x, types.Array) and x.ndim == 4 and x.layout == "C"
-            and x.dtype == types.float32 and _is_array_2d(w, types.float32)
-            and all(
-                isinstance(v, types.Array) and v.ndim == 1 and v.layout == "C"
-                and v.dtype == types.float32
-                for v in (bias, sums)
-            )
-        )  # fmt: skip
-        if not arrays_ok:
-            return None
-        sig = types.none(x, w, bias, *(types.int64,) * 6, sums)
-
-        def codegen(context, builder, sig, args):
-            _conv_sums_codegen(context, builder, sig, args, vectors)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return typer
-
-
-def _conv_sums_doc(lanes):
+def _conv_sums_arrays_ok(x, w, bias, sums) -> bool:
     return (
-        f"sums[j] = bias[o + j] + Σ x·w[·, o + j] (fused multiply-adds) for j < {lanes} over the "
-        "window at (y0, x0) "
-        "of image i: x (N, Hp, Wp, C), w (kh·kw·C, O), bias (O,), sums (≥ lanes,) float32, "
-        "C-contiguous. Per input value one broadcast, and per 8 channels a multiply and an add "
-        "into an accumulator that stays in a register (a loop over an accumulator array loads "
-        "and stores it for every product)."
+        isinstance(x, types.Array) and x.ndim == 4 and x.layout == "C"
+        and x.dtype == types.float32 and _is_array_2d(w, types.float32)
+        and all(
+            isinstance(v, types.Array) and v.ndim == 1 and v.layout == "C"
+            and v.dtype == types.float32
+            for v in (bias, sums)
+        )
+    )  # fmt: skip
+
+
+def _conv_sums_intrinsic(vectors, positions=1):
+    """The intrinsic of ``positions`` windows × 8·``vectors`` channels, with arguments
+    (x, w, bias, i, y0, x0, kh, kw, o, sums), and ``step`` after x0 for several windows."""
+
+    def codegen(context, builder, sig, args):
+        _conv_sums_codegen(context, builder, sig, args, vectors, positions)
+        return context.get_dummy_value()
+
+    def one_window(typingctx, x, w, bias, i, y0, x0, kh, kw, o, sums):
+        if not _conv_sums_arrays_ok(x, w, bias, sums):
+            return None
+        return types.none(x, w, bias, *(types.int64,) * 6, sums), codegen
+
+    def windows(typingctx, x, w, bias, i, y0, x0, step, kh, kw, o, sums):
+        if not _conv_sums_arrays_ok(x, w, bias, sums):
+            return None
+        return types.none(x, w, bias, *(types.int64,) * 7, sums), codegen
+
+    return one_window if positions == 1 else windows
+
+
+def _conv_sums_doc(lanes, positions=1):
+    where = (
+        "the window at (y0, x0)"
+        if positions == 1
+        else f"the {positions} windows at (y0, x0 + p·step), p < {positions}, into "
+        f"sums[{lanes}·p + j]"
+    )
+    return (
+        f"sums[j] = bias[o + j] + Σ x·w[·, o + j] (fused multiply-adds) for j < {lanes} over "
+        f"{where} of image i: x (N, Hp, Wp, C), w (kh·kw·C, O), bias (O,), sums float32. Per "
+        "input value one broadcast per window, and per 8 channels one weight load shared by the "
+        "windows and a fused multiply-add into an accumulator that stays in a register."
     )
 
 
-def _conv_sums_pair_intrinsic(vectors):
-    def typer(typingctx, x, w, bias, i, y0, x0, step, kh, kw, o, sums):
-        single = _conv_sums_intrinsic(vectors)(typingctx, x, w, bias, i, y0, x0, kh, kw, o, sums)
-        if single is None:
-            return None
-        sig = types.none(x, w, bias, *(types.int64,) * 7, sums)
-
-        def codegen(context, builder, sig, args):
-            _conv_sums_codegen(context, builder, sig, args, vectors, positions=2)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return typer
-
-
-conv_sums64 = intrinsic(_conv_sums_intrinsic(8))
-conv_sums64.__doc__ = _conv_sums_doc(64)
+# AVX2 has 16 vector registers: 3 windows × 32 channels keep 12 accumulators, 4 weight vectors
+# and a broadcast in registers, the fastest blocking measured for a 7×7 stem (docs/benchmarks.md,
+# "Engine design figures"); 64 channels × 2 windows (16 accumulators) spilled and ran 2× slower.
+CONV_BLOCK_POSITIONS = 3
+CONV_BLOCK_CHANNELS = 32
+conv_block_sums = intrinsic(_conv_sums_intrinsic(4, CONV_BLOCK_POSITIONS))
+conv_block_sums.__doc__ = _conv_sums_doc(CONV_BLOCK_CHANNELS, CONV_BLOCK_POSITIONS)
+conv_sums32 = intrinsic(_conv_sums_intrinsic(4))
+conv_sums32.__doc__ = _conv_sums_doc(32)
 conv_sums8 = intrinsic(_conv_sums_intrinsic(1))
 conv_sums8.__doc__ = _conv_sums_doc(8)
-conv_pair_sums64 = intrinsic(_conv_sums_pair_intrinsic(8))
-conv_pair_sums64.__doc__ = (
-    "conv_sums64 for the windows at (y0, x0) and (y0, x0 + step) at once (sums[0:64] and "
-    "sums[64:128]): each weight vector is loaded once for both, the same sums in the same order."
-)

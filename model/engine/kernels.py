@@ -31,9 +31,12 @@ from numba import njit, prange
 
 from model.engine import runtime  # noqa: F401  (the threading layer before any kernel)
 from model.engine.intrinsics import (
+    CONV_BLOCK_CHANNELS,
+    CONV_BLOCK_POSITIONS,
     SIGNS_BY_BYTE,
+    conv_block_sums,
     conv_sums8,
-    conv_sums64,
+    conv_sums32,
     fma32,
     popcount,
     signed_sum1,
@@ -500,13 +503,66 @@ def _conv_sum(x, w, bias, i, y0, x0, kh, kw, o):
 
 
 @njit(**_JIT_EXACT, inline="always")
-def _or_decisions(sums, count, cut, invert, out, i, oy, ox, o):
-    """Set the decision bits of channels o … o + count − 1 (one word) from their float32 sums."""
-    j = o // WORD
-    word = np.uint64(0)
+def _store_sums(sums, at, count, alpha, beta, out, row, o):
+    """out[row, o + k] = sums[at + k] for k < count, through fma(·, alpha, beta) unless alpha
+    is None (a BatchNorm after the conv, rounded as eager torch rounds it)."""
     for k in range(count):
-        word |= _decide(np.float64(sums[k]), cut, invert, o + k, j * WORD)
-    out[i, oy, ox, j] |= word
+        y = sums[at + k]
+        if alpha is not None:
+            y = fma32(y, alpha[o + k], beta[o + k])
+        out[row, o + k] = y
+
+
+@njit(**_JIT_EXACT, inline="always")
+def _narrow_channels(x, w, bias, i, y0, x0, kh, kw, o, sums, alpha, beta, out, row):
+    """Channels o … O − 1 of one window (fewer than a block): 8, then 1 at a time."""
+    o_rows = w.shape[1]
+    while o + 8 <= o_rows:
+        conv_sums8(x, w, bias, i, y0, x0, kh, kw, o, sums)
+        _store_sums(sums, 0, 8, alpha, beta, out, row, o)
+        o += 8
+    while o < o_rows:
+        sums[0] = _conv_sum(x, w, bias, i, y0, x0, kh, kw, o)
+        _store_sums(sums, 0, 1, alpha, beta, out, row, o)
+        o += 1
+
+
+@njit(**_JIT_EXACT)
+def conv_output_row(x, w, bias, i, oy, sh, sw, kh, kw, alpha, beta, out, row0):
+    """Output row ``oy`` of image ``i`` of a full-precision convolution, in float32:
+    out[row0 + ox, o] = fma(raw, alpha[o], beta[o]) (just raw when alpha is None) for every
+    ox < OW, o < O, with raw = bias[o] + Σ x·w[·, o], one fused multiply-add per term in
+    (dy, dx, c) order. x (N, Hp, Wp, C) float32, already padded; w (kh·kw·C, O) float32, rows
+    in (dy, dx, c) order.
+
+    Blocks of 3 windows × 32 channels (:func:`~model.engine.intrinsics.conv_block_sums`), then
+    single windows; channels past the last block 8, then 1 at a time. Every block sums each
+    channel in the same order, so raw is the same whichever block computes it, on every CPU."""
+    ow = (x.shape[2] - kw) // sw + 1
+    y0 = oy * sh
+    wide = w.shape[1] - w.shape[1] % CONV_BLOCK_CHANNELS
+    sums = np.empty(CONV_BLOCK_POSITIONS * CONV_BLOCK_CHANNELS, np.float32)
+    ox = 0
+    while ox + CONV_BLOCK_POSITIONS <= ow:
+        for o in range(0, wide, CONV_BLOCK_CHANNELS):
+            conv_block_sums(x, w, bias, i, y0, ox * sw, sw, kh, kw, o, sums)
+            for p in range(CONV_BLOCK_POSITIONS):
+                at = p * CONV_BLOCK_CHANNELS
+                _store_sums(sums, at, CONV_BLOCK_CHANNELS, alpha, beta, out, row0 + ox + p, o)
+        for p in range(CONV_BLOCK_POSITIONS):
+            x0 = (ox + p) * sw
+            _narrow_channels(
+                x, w, bias, i, y0, x0, kh, kw, wide, sums, alpha, beta, out, row0 + ox + p
+            )
+        ox += CONV_BLOCK_POSITIONS
+    while ox < ow:
+        for o in range(0, wide, CONV_BLOCK_CHANNELS):
+            conv_sums32(x, w, bias, i, y0, ox * sw, kh, kw, o, sums)
+            _store_sums(sums, 0, CONV_BLOCK_CHANNELS, alpha, beta, out, row0 + ox, o)
+        _narrow_channels(
+            x, w, bias, i, y0, ox * sw, kh, kw, wide, sums, alpha, beta, out, row0 + ox
+        )
+        ox += 1
 
 
 @njit(**_PAR_EXACT)
@@ -516,32 +572,23 @@ def real_conv_threshold_pack(x, w, bias, kh, kw, sh, sw, cut, invert, out):
     x (N, Hp, Wp, C) float32, already padded; w (kh·kw·C, O) float32, rows in (dy, dx, c)
     order; bias (O,) float32, the sum's first term (F.conv2d adds it too); out (N, OH, OW,
     ⌈O/64⌉) gets bit o = (raw ≥ cut[o]) XOR invert[o] with raw = bias + Σ x·w in float32, one
-    fused multiply-add per term in (dy, dx, c) order (:func:`conv_sums64`). No reduction is
-    vectorized and no fast-math flag is set, so raw is the same on every CPU.
+    fused multiply-add per term in (dy, dx, c) order (:func:`conv_output_row`, one output row
+    at a time). No reduction is vectorized and no fast-math flag is set, so raw is the same on
+    every CPU.
     """
     n = x.shape[0]
     oh, ow, words = out.shape[1], out.shape[2], out.shape[3]
     o_rows = w.shape[1]
     for r in prange(n * oh):
         i, oy = r // oh, r % oh
-        sums = np.empty(WORD, np.float32)
+        raw = np.empty((ow, o_rows), np.float32)
+        conv_output_row(x, w, bias, i, oy, sh, sw, kh, kw, None, None, raw, 0)
         for ox in range(ow):
             for j in range(words):
-                out[i, oy, ox, j] = 0
-            o = 0
-            while o + 64 <= o_rows:  # a word at a time: eight independent chains of adds
-                conv_sums64(x, w, bias, i, oy * sh, ox * sw, kh, kw, o, sums)
-                _or_decisions(sums, 64, cut, invert, out, i, oy, ox, o)
-                o += 64
-            while o + 8 <= o_rows:
-                conv_sums8(x, w, bias, i, oy * sh, ox * sw, kh, kw, o, sums)
-                _or_decisions(sums, 8, cut, invert, out, i, oy, ox, o)
-                o += 8
-            while o < o_rows:
-                raw = _conv_sum(x, w, bias, i, oy * sh, ox * sw, kh, kw, o)
-                j = o // WORD
-                out[i, oy, ox, j] |= _decide(np.float64(raw), cut, invert, o, j * WORD)
-                o += 1
+                word = np.uint64(0)
+                for o in range(j * WORD, min(o_rows, (j + 1) * WORD)):
+                    word |= _decide(np.float64(raw[ox, o]), cut, invert, o, j * WORD)
+                out[i, oy, ox, j] = word
 
 
 @njit(**_PAR)

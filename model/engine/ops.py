@@ -139,7 +139,8 @@ class PlanesDense:
 
 @dataclass(frozen=True)
 class FloatDense:
-    """Real input × weights in float32: ``weight`` is float32 (O, F) (BLAS), or packed ±1
+    """Real input × weights in float32: ``weight`` is float32 (F, O), Wᵀ (read as a 1×1
+    convolution's weights, :func:`model.engine.real_kernels.real_conv_rows`), or packed ±1
     (O, ⌈F/64⌉) uint64 (summed over the bits, :func:`model.engine.kernels.real_packed_dense`).
     raw = fl(x·W) (+ bias when it is not part of the epilogue's affine)."""
 
@@ -148,6 +149,10 @@ class FloatDense:
     features: int
     bias_in_raw: np.ndarray | None
     epilogue: Epilogue
+
+    @property
+    def outputs(self) -> int:
+        return self.weight.shape[0] if self.weight.dtype == np.uint64 else self.weight.shape[1]
 
 
 @dataclass(frozen=True)

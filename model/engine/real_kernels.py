@@ -20,8 +20,8 @@ import numpy as np
 from numba import njit, prange
 
 from model.engine import runtime  # noqa: F401  (cache directory and threading layer first)
-from model.engine.intrinsics import conv_pair_sums64, conv_sums8, conv_sums64, fma32
-from model.engine.kernels import JitOptions, _conv_sum
+from model.engine.intrinsics import fma32
+from model.engine.kernels import JitOptions, conv_output_row
 
 # no fastmath: IEEE float32, every rounding eager's
 _EXACT: JitOptions = {"nogil": True, "cache": True}
@@ -63,45 +63,11 @@ def real_conv_rows(x, w, bias, kh, kw, sh, sw, alpha, beta, out):
     x (N, Hp, Wp, C) float32, already padded; w (kh·kw·C, O) float32, rows in (dy, dx, c)
     order; bias (O,) float32, the sum's first term; out (N·OH·OW, O) float32 rows, row
     (n, y, x) = fma(raw, alpha, beta) with raw = bias + Σ x·w in float32, one fused
-    multiply-add per term in (dy, dx, c) order, 64 (then 8, then 1) channels at a time in
-    registers (:func:`~model.engine.intrinsics.conv_sums64`) — the same sums as the packed
-    stem kernel :func:`~model.engine.kernels.real_conv_threshold_pack`."""
+    multiply-add per term in (dy, dx, c) order (:func:`~model.engine.kernels.conv_output_row`)
+    — the same sums as the packed stem kernel
+    :func:`~model.engine.kernels.real_conv_threshold_pack`."""
     n = x.shape[0]
     oh = (x.shape[1] - kh) // sh + 1
     ow = (x.shape[2] - kw) // sw + 1
-    o_rows = w.shape[1]
-    pairs = ow // 2 if o_rows % 64 == 0 else 0  # two positions per weight load, 64 channels
     for r in prange(n * oh):
-        i, oy = r // oh, r % oh
-        sums = np.empty(128, np.float32)
-        for q in range(pairs):
-            ox = 2 * q
-            row = r * ow + ox
-            for o in range(0, o_rows, 64):
-                conv_pair_sums64(x, w, bias, i, oy * sh, ox * sw, sw, kh, kw, o, sums)
-                _store(sums, 64, alpha, beta, out, row, o)
-                _store(sums[64:], 64, alpha, beta, out, row + 1, o)
-        for ox in range(2 * pairs, ow):
-            row = r * ow + ox
-            o = 0
-            while o + 64 <= o_rows:
-                conv_sums64(x, w, bias, i, oy * sh, ox * sw, kh, kw, o, sums)
-                _store(sums, 64, alpha, beta, out, row, o)
-                o += 64
-            while o + 8 <= o_rows:
-                conv_sums8(x, w, bias, i, oy * sh, ox * sw, kh, kw, o, sums)
-                _store(sums, 8, alpha, beta, out, row, o)
-                o += 8
-            while o < o_rows:
-                sums[0] = _conv_sum(x, w, bias, i, oy * sh, ox * sw, kh, kw, o)
-                _store(sums, 1, alpha, beta, out, row, o)
-                o += 1
-
-
-@njit(**_EXACT, inline="always")
-def _store(sums, count, alpha, beta, out, row, o):
-    for k in range(count):
-        y = sums[k]
-        if alpha is not None:
-            y = fma32(y, alpha[o + k], beta[o + k])
-        out[row, o + k] = y
+        conv_output_row(x, w, bias, r // oh, r % oh, sh, sw, kh, kw, alpha, beta, out, r * ow)
