@@ -623,8 +623,8 @@ def float_input_lines(r: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "The cnn's full-precision stem (3×32×32 → 128 channels, 3×3, folded thresholds) in "
-        "float32 with eight 8-lane accumulators held in registers and one fused multiply-add per "
-        "term (`intrinsics.conv_sums64`), "
+        "float32 with its 8-lane accumulators held in registers and one fused multiply-add per "
+        "term (`intrinsics.conv_block_sums`: 3 windows × 32 channels), "
         "against the float64 kernel it replaces (as of 884fda1, kept in `bench/float_inputs.py`), "
         "alone and inside the whole cnn (target: stem ≥ 2× faster):",
         "",

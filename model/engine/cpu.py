@@ -122,13 +122,17 @@ class NumbaExecutor:
         value = x
         with kernel_guard():
             if self.program.wiring is not None:
-                value = run_wired(
-                    self.program, x, lambda op, v: self._handlers[type(op)](op, v, kset)
-                )
+                value = run_wired(self.program, x, lambda op, v: self.execute(op, v, kset))
             else:
                 for op in self.program.ops:
-                    value = self._handlers[type(op)](op, value, kset)
+                    value = self.execute(op, value, kset)
         return np.ascontiguousarray(value, dtype=F32)
+
+    def execute(self, op: Op, value: np.ndarray, kset: KernelSet = PARALLEL) -> np.ndarray:
+        """One operation of the program on its input (a tuple of inputs for add and concat),
+        with ``kset``'s kernels; ``run`` calls it for each operation in turn (and
+        ``bench/graph.py`` to time each kind)."""
+        return self._handlers[type(op)](op, value, kset)
 
     # --- binary layers ----------------------------------------------------------------------------
     def _binary_dense(

@@ -13,8 +13,10 @@ For rows ``a`` and ``w`` of ``L`` words the kernels compute ``P = popcount(a XOR
 * integer inputs as bit-planes x = Σ_b 2^b x_b:  a·w = Σ_b 2^b (P_b − popcount(w))
 
 ``popcount`` is LLVM's ``ctpop`` (the hand-written intrinsics are in
-:mod:`model.engine.intrinsics`); on AVX-512 VPOPCNTDQ machines the word loops vectorize to
-``vpopcntq`` on zmm registers (``tests/model/engine/test_kernels.py`` checks the assembly).
+:mod:`model.engine.intrinsics`). On AVX-512 VPOPCNTDQ machines eight weight rows share each
+512-bit step, ``vpopcntq`` on zmm registers (``tests/model/engine/test_kernels.py`` checks the
+assembly); elsewhere four rows share each 256-bit step (:data:`~model.engine.layout.WIDE_POPCOUNT`
+chooses when the kernels compile).
 All kernels release the GIL; the parallel ones split work with ``prange``. Each parallel kernel
 has a serial twin (:data:`SERIAL`) for calls too small to pay for starting a parallel region.
 """
@@ -42,10 +44,11 @@ from model.engine.intrinsics import (
     signed_sum1,
     signed_sums8,
     trailing_zeros,
+    xor_popcount4,
     xor_popcount8,
     xor_popcount8_bits,
 )
-from model.engine.layout import CACHE_LINE_WORDS, WORD
+from model.engine.layout import CACHE_LINE_WORDS, WIDE_POPCOUNT, WORD
 
 # Rows of a batch that stream past one block of 64 weight rows (dense_threshold_pack).
 ROW_CHUNK = 64
@@ -80,19 +83,8 @@ def _xor_popcount(a, w, m, o):
 @njit(**_JIT, inline="always")
 def _xor_popcount4(a, w, m, o):
     """popcount(a[m] XOR w[o + i]) for i < 4: each word of a[m] is loaded once for four
-    weight rows (register blocking; faster than the single-row loop at batch ≥ 4, see
-    docs/benchmarks.md, "Engine design figures")."""
-    s0 = np.int64(0)
-    s1 = np.int64(0)
-    s2 = np.int64(0)
-    s3 = np.int64(0)
-    for k in range(a.shape[1]):
-        x = a[m, k]
-        s0 += np.int64(popcount(x ^ w[o, k]))
-        s1 += np.int64(popcount(x ^ w[o + 1, k]))
-        s2 += np.int64(popcount(x ^ w[o + 2, k]))
-        s3 += np.int64(popcount(x ^ w[o + 3, k]))
-    return s0, s1, s2, s3
+    weight rows (register blocking), 256 bits at a time (:func:`xor_popcount4`)."""
+    return xor_popcount4(a, w, m, o)
 
 
 @njit(**_JIT, inline="always")
@@ -145,7 +137,7 @@ def gemm_part(a, w, out, parts, t, reverse):
         item = _swept(i, first, last, reverse)
         b, m = item // m_rows, item % m_rows
         o, o1 = b * WORD, min(o_rows, (b + 1) * WORD)
-        if a.shape[1] % 8 == 0:
+        if WIDE_POPCOUNT and a.shape[1] % 8 == 0:
             while o + 8 <= o1:
                 s = xor_popcount8(a, w, m, o)
                 for i8 in range(8):
@@ -209,7 +201,7 @@ def dense_part(a, w, cut, invert, out, row_chunk, parts, t, reverse):
         for m in range(c * row_chunk, min(m_rows, (c + 1) * row_chunk)):
             word = np.uint64(0)
             o = o0
-            if a.shape[1] % 8 == 0:
+            if WIDE_POPCOUNT and a.shape[1] % 8 == 0:
                 while o + 8 <= o1:
                     bits = xor_popcount8_bits(a, w, m, o, cut, invert)
                     word |= bits << np.uint64(o - o0)
@@ -332,7 +324,7 @@ def planes_dense_acc(planes, w, pcw, out):
     for t in prange(m_rows * blocks):
         b, m = t // m_rows, t % m_rows
         o, o1 = b * WORD, min(o_rows, (b + 1) * WORD)
-        if planes.shape[2] % 8 == 0:
+        if WIDE_POPCOUNT and planes.shape[2] % 8 == 0:
             while o + 8 <= o1:
                 acc = _planes_acc8(planes, w, pcw, m, o)
                 for i in range(8):
@@ -370,7 +362,7 @@ def planes_part(planes, w, pcw, cut, invert, out, parts, t):
         o0, o1 = j * WORD, min(o_rows, (j + 1) * WORD)
         word = np.uint64(0)
         o = o0
-        if planes.shape[2] % 8 == 0:
+        if WIDE_POPCOUNT and planes.shape[2] % 8 == 0:
             while o + 8 <= o1:
                 acc = _planes_acc8(planes, w, pcw, m, o)
                 for i in range(8):

@@ -12,11 +12,33 @@ Shape = tuple[int, ...]
 WORD = 64
 
 
+def _compiles_for_vpopcntdq() -> bool:
+    """Whether the CPU numba compiles the kernels for counts the bits of 512-bit vectors (AVX-512
+    VPOPCNTDQ): the one ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` name when set, else this one."""
+    from llvmlite import binding
+    from numba.core import config
+
+    cpu_name = getattr(config, "CPU_NAME", None)
+    if cpu_name and cpu_name != "host":
+        features = getattr(config, "CPU_FEATURES", None) or ""
+    else:
+        features = binding.get_host_cpu_features().flatten()
+    return "+avx512vpopcntdq" in features.split(",")
+
+
+# Eight weight rows per 512-bit step (intrinsics.xor_popcount8) where the CPU has VPOPCNTQ;
+# elsewhere four rows per 256-bit step (intrinsics.xor_popcount4) beat it on AVX2 at every row
+# length measured (docs/benchmarks.md, "Engine design figures"), and rows stay unpadded.
+WIDE_POPCOUNT = _compiles_for_vpopcntdq()
+
+
 def row_words(words: int) -> int:
-    """Words per row in the kernels' layout: rows of ≥ 8 words are padded with zero words to a
-    multiple of 8 (whole 512-bit vectors) when that adds at most half; zeros never count."""
+    """Words per row in the kernels' layout: with :data:`WIDE_POPCOUNT`, rows of ≥ 8 words are
+    padded with zero words to a multiple of 8 (whole 512-bit vectors) when that adds at most
+    half; zeros never count. Otherwise rows are not padded."""
     padded = -(-words // 8) * 8
-    return padded if words >= 8 and 2 * (padded - words) <= words else words
+    wide = WIDE_POPCOUNT and words >= 8 and 2 * (padded - words) <= words
+    return padded if wide else words
 
 
 # Bytes of a cache line: kernel arrays start on one, so that with rows of a multiple of 8 words

@@ -382,8 +382,8 @@ class TorchExecutor:
     def _float_dense(self, op: FloatDense) -> Step:
         real = self.precision.real
         packed = op.weight.dtype == np.uint64
-        w_t = unpack_words(op.weight)[:, : op.features].T if packed else op.weight
-        w_t = self._hold(np.ascontiguousarray(w_t, np.float32), real)
+        rows = unpack_words(op.weight)[:, : op.features].T if packed else op.weight  # (F, O)
+        w_t = self._hold(np.ascontiguousarray(rows, np.float32), real)
         bias = None if op.bias_in_raw is None else self._hold(op.bias_in_raw, real)
         finish = self._real_epilogue(op.epilogue)
 

@@ -328,7 +328,8 @@ def ref_conv_sums(windows: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.nd
     stride=st.sampled_from([(1, 1), (2, 2)]),
 )
 def test_real_conv_threshold_pack(seed, c, o, hw, stride):
-    """Bit for bit the float32 sums of ref_conv_sums, through the 64-, 8- and 1-channel paths."""
+    """Bit for bit the float32 sums of ref_conv_sums, through blocks of 3 windows × 32
+    channels, single windows, and the 8- and 1-channel paths."""
     rng = np.random.default_rng(seed)
     (kh, kw), (sh, sw) = (3, 3), stride
     x = rng.normal(0, 50, size=(2, hw + 2, hw + 2, c)).astype(np.float32)  # padded NHWC

@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from model.engine.cpu import real_maxpool  # noqa: E402
 from model.engine.floatmath import affine_f32, fma_f32  # noqa: E402
 from model.engine.folding import BatchNormStep  # noqa: E402
 from model.engine.real_kernels import (  # noqa: E402
@@ -58,12 +59,13 @@ def test_accumulator_rows_is_the_eager_layer_then_its_batchnorm(sign_input, with
     np.testing.assert_array_equal(out, want)
 
 
-@pytest.mark.parametrize(("channels", "o"), [(3, 75), (70, 75), (3, 128)])
-def test_real_conv_rows_sums_in_the_documented_order(channels, o):
+@pytest.mark.parametrize(("channels", "o", "w"), [(3, 75, 8), (70, 75, 12), (3, 128, 10)])
+def test_real_conv_rows_sums_in_the_documented_order(channels, o, w):
     """bias, then one float32 fma per term in (dy, dx, c) order; then the BatchNorm's fma."""
     rng = np.random.default_rng(2)
-    # 75 outputs: the 64-, 8- and 1-wide paths; 128: pairs of positions, then the odd last one
-    n, h, w, kh, kw, stride = 2, 9, 8, 3, 3, 2
+    # 75 outputs: 32-channel blocks, then 8 and 1 at a time; output widths 3, 5 and 4: blocks
+    # of 3 windows, then single windows
+    n, h, kh, kw, stride = 2, 9, 3, 3, 2
     x = rng.normal(size=(n, h, w, channels)).astype(np.float32)
     weight = rng.normal(size=(kh * kw * channels, o)).astype(np.float32)
     bias = rng.normal(size=o).astype(np.float32)
@@ -87,3 +89,23 @@ def test_real_conv_rows_sums_in_the_documented_order(channels, o):
     plain = np.empty_like(out)
     real_conv_rows(x, weight, bias, kh, kw, stride, stride, None, None, plain)
     np.testing.assert_array_equal(plain, acc.reshape(-1, o))
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel", "stride"),
+    [
+        ((2, 5, 9, 7), (2, 2), (2, 2)),
+        ((1, 64, 12, 12), (3, 3), (2, 2)),
+        ((3, 1, 4, 6), (1, 3), (1, 1)),
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_real_maxpool_is_the_window_max(shape, kernel, stride, channels_last):
+    """The max of each window, as F.max_pool2d; the input may be either memory layout."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=shape).astype(np.float32)
+    if channels_last:  # how a conv's or an add's output arrives: NHWC strides
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    windows = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=(2, 3))
+    want = windows[:, :, :: stride[0], :: stride[1]].max(axis=(-2, -1))
+    np.testing.assert_array_equal(real_maxpool(x, kernel, stride), want)
