@@ -7,9 +7,9 @@ one position), and a real input to packed ±1 weights (a float model input). No 
 numpy's BLAS: OpenBLAS's workers busy-wait for about 0.1 s after each call, and on cores that
 numba's threads need that made a Bi-Real-Net-18 at batch 1 on two threads 2.2× slower (44 ms
 against 20 ms with one BLAS thread; docs/benchmarks.md). The full-precision output layer on
-packed bits sums in float64 (an integer input keeps its logits within rounding of eager's). Every call allocates its own buffers, so concurrent
-calls share nothing mutable; packed buffers start on a cache line (see
-:func:`~model.engine.kernels.aligned_words`).
+packed bits sums in float64 (an integer input keeps its logits within rounding of eager's).
+Every call allocates its own buffers, so concurrent calls share nothing mutable; packed buffers
+start on a cache line (see :func:`~model.engine.kernels.aligned_words`).
 
 Which kernels a call runs (serial or parallel), and whether a small call
 takes a fused path instead, is the dispatch policy's choice (:mod:`model.engine.dispatch`,
