@@ -112,6 +112,33 @@ def test_planes_dense(seed, m, o, f, high):
         np.testing.assert_array_equal(out, want)
 
 
+@pytest.mark.parametrize(
+    ("cpu_name", "features", "wide"),
+    [
+        ("skylake-avx512", "+avx512f,+avx512vpopcntdq", True),
+        ("haswell", "+avx2,+popcnt", False),
+        ("generic", None, False),
+        ("icelake-server", "+avx512f,-avx512vpopcntdq", False),
+    ],
+)
+def test_wide_popcount_follows_the_cpu_numba_compiles_for(monkeypatch, cpu_name, features, wide):
+    """The 8-row 512-bit path (and 8-word row padding) only for a VPOPCNTDQ target: the one
+    NUMBA_CPU_NAME/NUMBA_CPU_FEATURES name, else this machine."""
+    from llvmlite import binding
+    from numba.core import config
+
+    from model.engine import layout
+
+    monkeypatch.setattr(config, "CPU_NAME", cpu_name, raising=False)
+    monkeypatch.setattr(config, "CPU_FEATURES", features, raising=False)
+    assert layout._compiles_for_vpopcntdq() is wide
+    monkeypatch.setattr(config, "CPU_NAME", None, raising=False)
+    host = "+avx512vpopcntdq" in binding.get_host_cpu_features().flatten().split(",")
+    assert layout._compiles_for_vpopcntdq() is host
+    assert row_words(9) == 9  # 9 → 16 would add more than half: never padded
+    assert row_words(18) == (24 if layout.WIDE_POPCOUNT else 18)
+
+
 @SETTINGS
 @given(
     rows=st.integers(1, 9),
