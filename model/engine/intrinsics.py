@@ -89,27 +89,40 @@ def _is_words_2d(t) -> bool:
     )
 
 
-def _counts8(context, builder, a_type, w_type, a, w, row, col):
-    """<8 x i64>: popcount(a[row] XOR w[col + j]) in lane j (see :func:`xor_popcount8`)."""
+def _vector_counts(context, builder, a_type, w_type, a, w, row, col, lanes):
+    """The shared vector loop of the XOR-popcount intrinsics, for ``lanes`` weight rows with
+    <lanes x i64> vectors: per ``lanes``-word step of a[row] one vector load, then per weight
+    row a load, XOR, ``llvm.ctpop`` and add into that row's own accumulator. Returns the row
+    pointers, the accumulators (allocas) and ``whole``, the words the loop covered (the row
+    length rounded down to a multiple of ``lanes``)."""
+    vector = ir.VectorType(_I64, lanes)
     a_arr = context.make_array(a_type)(context, builder, a)
     w_arr = context.make_array(w_type)(context, builder, w)
     length = builder.extract_value(a_arr.shape, 1)
     ctpop = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_V8, [_V8]), "llvm.ctpop.v8i64"
+        builder.module, ir.FunctionType(vector, [vector]), f"llvm.ctpop.v{lanes}i64"
     )
     a_row = builder.gep(a_arr.data, [builder.mul(row, length)])
     w_rows = [
         builder.gep(w_arr.data, [builder.mul(builder.add(col, ir.Constant(_I64, j)), length)])
-        for j in range(8)
+        for j in range(lanes)
     ]
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8, [0] * 8)) for _ in range(8)]
-    eight = ir.Constant(_I64, 8)
-    with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), length, eight) as (k, _):
-        av = builder.load(builder.bitcast(builder.gep(a_row, [k]), _V8.as_pointer()), align=8)
-        for j in range(8):
-            ptr = builder.bitcast(builder.gep(w_rows[j], [k]), _V8.as_pointer())
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(vector, [0] * lanes)) for _ in w_rows]
+    step = ir.Constant(_I64, lanes)
+    whole = builder.sub(length, builder.urem(length, step))
+    with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), whole, step) as (k, _):
+        av = builder.load(builder.bitcast(builder.gep(a_row, [k]), vector.as_pointer()), align=8)
+        for w_row, acc in zip(w_rows, accs, strict=True):
+            ptr = builder.bitcast(builder.gep(w_row, [k]), vector.as_pointer())
             counts = builder.call(ctpop, [builder.xor(av, builder.load(ptr, align=8))])
-            builder.store(builder.add(builder.load(accs[j]), counts), accs[j])
+            builder.store(builder.add(builder.load(acc), counts), acc)
+    return length, a_row, w_rows, accs, whole
+
+
+def _counts8(context, builder, a_type, w_type, a, w, row, col):
+    """<8 x i64>: popcount(a[row] XOR w[col + j]) in lane j (see :func:`xor_popcount8`; rows
+    are a multiple of 8 words, so the vector loop covers them)."""
+    accs = _vector_counts(context, builder, a_type, w_type, a, w, row, col, 8)[3]
     return _transpose_sum8(builder, [builder.load(acc) for acc in accs])
 
 
@@ -156,30 +169,13 @@ def xor_popcount4(typingctx, a, w, m, o):
     sig = types.UniTuple(types.int64, 4)(a, w, types.int64, types.int64)
 
     def codegen(context, builder, sig, args):
-        a_arr = context.make_array(sig.args[0])(context, builder, args[0])
-        w_arr = context.make_array(sig.args[1])(context, builder, args[1])
-        row, col = args[2], args[3]
-        length = builder.extract_value(a_arr.shape, 1)
-        ctpop4 = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V4, [_V4]), "llvm.ctpop.v4i64"
+        a_val, w_val, row, col = args
+        length, a_row, w_rows, accs, whole = _vector_counts(
+            context, builder, sig.args[0], sig.args[1], a_val, w_val, row, col, 4
         )
         reduce4 = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_I64, [_V4]), "llvm.vector.reduce.add.v4i64"
         )
-        a_row = builder.gep(a_arr.data, [builder.mul(row, length)])
-        w_rows = [
-            builder.gep(w_arr.data, [builder.mul(builder.add(col, ir.Constant(_I64, j)), length)])
-            for j in range(4)
-        ]
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V4, [0] * 4)) for _ in range(4)]
-        four = ir.Constant(_I64, 4)
-        whole = builder.sub(length, builder.urem(length, four))
-        with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), whole, four) as (k, _):
-            av = builder.load(builder.bitcast(builder.gep(a_row, [k]), _V4.as_pointer()), align=8)
-            for j in range(4):
-                ptr = builder.bitcast(builder.gep(w_rows[j], [k]), _V4.as_pointer())
-                counts = builder.call(ctpop4, [builder.xor(av, builder.load(ptr, align=8))])
-                builder.store(builder.add(builder.load(accs[j]), counts), accs[j])
         totals = [
             cgutils.alloca_once_value(builder, builder.call(reduce4, [builder.load(acc)]))
             for acc in accs
