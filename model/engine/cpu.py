@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from model.engine import kernels, real_kernels, runtime
 from model.engine.dispatch import Dispatch, ranges
@@ -339,20 +338,48 @@ def unpack_bits(words: np.ndarray, bits: Bits) -> np.ndarray:
 
 
 def pad_nhwc(x: np.ndarray, padding: tuple[int, int], pad_value: float) -> np.ndarray:
-    """(N, C, H, W) → (N, H + 2·ph, W + 2·pw, C) float32 filled with ``pad_value`` around."""
+    """(N, C, H, W) → (N, H + 2·ph, W + 2·pw, C) float32 filled with ``pad_value`` around.
+
+    Values already channels-last in memory (a conv's or an add's output) are copied in one
+    assignment, rows of C contiguous values; channels-first ones (a model's input) one channel
+    at a time, contiguous image rows, which is 4× faster for an RGB image at 224² than the one
+    transposing assignment (docs/benchmarks.md, "Engine design figures")."""
     n, c, h, w = x.shape
     ph, pw = padding
     padded = np.full((n, h + 2 * ph, w + 2 * pw, c), pad_value, F32)
-    padded[:, ph : ph + h, pw : pw + w, :] = x.transpose(0, 2, 3, 1)
+    inner = padded[:, ph : ph + h, pw : pw + w, :]
+    if _channels_last(x):
+        inner[...] = x.transpose(0, 2, 3, 1)
+    else:
+        for ch in range(c):
+            inner[..., ch] = x[:, ch]
     return padded
 
 
+def _channels_last(x: np.ndarray) -> bool:
+    """Whether the (N, C, H, W) array x has channels-last strides, as this engine keeps real
+    values between operations (see :mod:`model.engine.real_kernels`)."""
+    return x.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
 def real_maxpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
-    """Max over each window of (N, C, H, W) values; the result is channels-last in memory (see
-    :mod:`model.engine.real_kernels`), which is how a binary layer reads it."""
+    """Max over each window of (N, C, H, W) values, NaN-propagating as ``F.max_pool2d``: the
+    element-wise maximum of the kh·kw strided window slices, each a run of contiguous channels
+    (3× faster than reducing a sliding-window view over its two small window axes). The
+    result is channels-last in memory (see :mod:`model.engine.real_kernels`), which is how a
+    binary layer reads it."""
+    (kh, kw), (sh, sw) = kernel, stride
     channels_last = x.transpose(0, 2, 3, 1)
-    windows = sliding_window_view(channels_last, kernel, axis=(1, 2))[:, :: stride[0], :: stride[1]]
-    return windows.max(axis=(-2, -1)).transpose(0, 3, 1, 2)
+    oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    out = None
+    for dy in range(kh):
+        for dx in range(kw):
+            window = channels_last[
+                :, dy : dy + sh * (oh - 1) + 1 : sh, dx : dx + sw * (ow - 1) + 1 : sw
+            ]
+            out = window.astype(F32) if out is None else np.maximum(out, window, out=out)
+    assert out is not None, f"pool kernel {kernel}: expected at least one position"
+    return out.transpose(0, 3, 1, 2)
 
 
 def real_avgpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:

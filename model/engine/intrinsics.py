@@ -234,6 +234,36 @@ def _is_array_2d(t, dtype) -> bool:
     return isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype == dtype
 
 
+_F64 = ir.VectorType(ir.FloatType(), WORD)
+
+
+@intrinsic
+def at_least_bits(typingctx, y, cut, m, o):
+    """The packed word of y[m, o + i] ≥ cut[o + i] for i < 64 (bit i; False where either is
+    NaN): one ``fcmp oge`` of <64 x float> vectors, its <64 x i1> result bitcast to an i64
+    (VCMPPS and VMOVMSKPS, eight or sixteen lanes at a time). y (M, O) and cut (O,) float32,
+    C-contiguous; o + 64 ≤ O."""
+    if not (_is_array_2d(y, types.float32) and isinstance(cut, types.Array)):
+        return None
+    if not (cut.ndim == 1 and cut.layout == "C" and cut.dtype == types.float32):
+        return None
+    sig = types.uint64(y, cut, types.int64, types.int64)
+
+    def codegen(context, builder, sig, args):
+        y_val, cut_val, row, col = args
+        y_arr = context.make_array(sig.args[0])(context, builder, y_val)
+        cut_arr = context.make_array(sig.args[1])(context, builder, cut_val)
+        length = builder.extract_value(y_arr.shape, 1)
+        at = builder.add(builder.mul(row, length), col)
+        vectors = [
+            builder.load(builder.bitcast(builder.gep(data, [index]), _F64.as_pointer()), align=4)
+            for data, index in ((y_arr.data, at), (cut_arr.data, col))
+        ]
+        return builder.bitcast(builder.fcmp_ordered(">=", *vectors), _I64)
+
+    return sig, codegen
+
+
 def _lane_sum(builder, v):
     """The 8 lanes of a <8 x float> summed in a fixed tree: ((0+4)+(2+6)) + ((1+5)+(3+7))."""
     for half in (4, 2, 1):

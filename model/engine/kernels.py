@@ -36,6 +36,7 @@ from model.engine.intrinsics import (
     CONV_BLOCK_CHANNELS,
     CONV_BLOCK_POSITIONS,
     SIGNS_BY_BYTE,
+    at_least_bits,
     conv_block_sums,
     conv_sums8,
     conv_sums32,
@@ -446,19 +447,39 @@ def affine_rows(raw, scale, bias, out):
             out[m, o] = y
 
 
-@njit(**_PAR)
+@njit(**_JIT_EXACT, inline="always")
+def float32_at_least(c):
+    """The smallest float32 ≥ the float64 c (NaN stays NaN): for float32 y,
+    y ≥ c ⇔ y ≥ float32_at_least(c), so a float32 comparison decides exactly."""
+    f = np.float32(c)
+    if np.float64(f) < c:
+        f = np.nextafter(f, np.float32(np.inf))
+    return f
+
+
+@njit(**_PAR_EXACT)
 def threshold_pack_rows(y, cut, invert, out):
-    """Real values to packed bits: y (M, O) float, cut (O,) float64, invert (O,) uint8;
-    out (M, ⌈O/64⌉) uint64, bit o = (y[m, o] ≥ cut[o]) XOR invert[o]."""
+    """Real values to packed bits: y (M, O) float32, cut (O,) float64, invert (O,) uint8;
+    out (M, ⌈O/64⌉) uint64, bit o = (y[m, o] ≥ cut[o]) XOR invert[o] (False ≥ where either is
+    NaN). The cuts are rounded up to float32 once (:func:`float32_at_least`), the inverts
+    packed into words, so each whole word of 64 channels is one vector comparison
+    (:func:`~model.engine.intrinsics.at_least_bits`) XOR its invert word; the last word's
+    channels past a multiple of 64 one at a time. No fast-math: NaN compares False."""
     m_rows, o_rows = y.shape
-    words = out.shape[1]
+    words, whole = out.shape[1], o_rows // WORD
+    cut32 = np.empty(o_rows, np.float32)
+    flips = np.zeros(words, np.uint64)
+    for o in range(o_rows):
+        cut32[o] = float32_at_least(cut[o])
+        flips[o // WORD] |= np.uint64(invert[o] != 0) << np.uint64(o % WORD)
     for m in prange(m_rows):
-        for j in range(words):
+        for j in range(whole):
+            out[m, j] = at_least_bits(y, cut32, m, j * WORD) ^ flips[j]
+        if whole < words:
             word = np.uint64(0)
-            for o in range(j * WORD, min(o_rows, (j + 1) * WORD)):
-                bit = np.uint64((np.float64(y[m, o]) >= cut[o]) ^ np.bool_(invert[o]))
-                word |= bit << np.uint64(o - j * WORD)
-            out[m, j] = word
+            for o in range(whole * WORD, o_rows):
+                word |= np.uint64(y[m, o] >= cut32[o]) << np.uint64(o - whole * WORD)
+            out[m, whole] = word ^ flips[whole]
 
 
 @njit(**_PAR_EXACT)

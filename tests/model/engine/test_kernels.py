@@ -190,16 +190,29 @@ def test_integer_bit_planes_match_numpy(seed, m, f, high):
 @SETTINGS
 @given(seed=st.integers(0, 2**31), m=st.integers(1, 40), o=st.integers(1, 150))
 def test_threshold_pack_rows(seed, m, o):
+    """Bit o = (y ≥ cut) XOR invert, compared as float64 (cut need not be a float32: the
+    kernel rounds it up to one), False where either side is NaN."""
     rng = np.random.default_rng(seed)
     y = rng.normal(size=(m, o)).astype(np.float32)
     y[rng.random((m, o)) < 0.1] = 0.0
-    cut = (
-        np.where(rng.random(o) < 0.3, 0.0, rng.normal(size=o)).astype(np.float32).astype(np.float64)
+    y[rng.random((m, o)) < 0.02] = np.nan
+    y[rng.random((m, o)) < 0.02] = np.inf
+    y[rng.random((m, o)) < 0.02] = -np.inf
+    cut = rng.normal(size=o)  # float64, between float32 values
+    on_value = rng.random(o) < 0.3  # exactly some float32 y's value, or a hair above or below it
+    cut[on_value] = (
+        y[0, on_value].astype(np.float64) + rng.choice([-1e-12, 0.0, 1e-12], size=o)[on_value]
     )
+    cut[rng.random(o) < 0.05] = np.nan
+    cut[rng.random(o) < 0.05] = np.inf
+    cut[rng.random(o) < 0.05] = -np.inf
     invert = rng.integers(0, 2, size=o).astype(np.uint8)
     out = np.empty((m, words_for(o)), np.uint64)
     kernels.threshold_pack_rows(y, cut, invert, out)
-    np.testing.assert_array_equal(out, ref_pack((y >= cut) ^ invert.astype(bool)))
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(
+            out, ref_pack((y.astype(np.float64) >= cut) ^ invert.astype(bool))
+        )
 
 
 @SETTINGS

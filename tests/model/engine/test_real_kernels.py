@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model.engine.cpu import real_maxpool  # noqa: E402
+from model.engine.cpu import pad_nhwc, real_maxpool  # noqa: E402
 from model.engine.floatmath import affine_f32, fma_f32  # noqa: E402
 from model.engine.folding import BatchNormStep  # noqa: E402
 from model.engine.real_kernels import (  # noqa: E402
@@ -109,3 +109,27 @@ def test_real_maxpool_is_the_window_max(shape, kernel, stride, channels_last):
     windows = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=(2, 3))
     want = windows[:, :, :: stride[0], :: stride[1]].max(axis=(-2, -1))
     np.testing.assert_array_equal(real_maxpool(x, kernel, stride), want)
+
+
+def test_real_maxpool_propagates_nan_as_torch():
+    """A NaN in a window makes that window's max NaN, as ``F.max_pool2d`` does."""
+    x = np.random.default_rng(6).normal(size=(1, 2, 4, 4)).astype(np.float32)
+    x[0, 1, 2, 3] = np.nan
+    want = torch.nn.functional.max_pool2d(torch.from_numpy(x), 2, 2).numpy()
+    got = real_maxpool(x, (2, 2), (2, 2))
+    assert np.isnan(got[0, 1, 1, 1]) and np.isnan(want[0, 1, 1, 1])
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 64, 6, 4), (3, 1, 1, 9)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pad_nhwc_surrounds_the_channels_last_image(shape, channels_last):
+    """The image moved to channels-last with a border of the pad value, whichever memory
+    layout it arrives in (a model's input channels-first, a conv's output channels-last)."""
+    x = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    got = pad_nhwc(x, (2, 1), -0.5)
+    want = np.pad(x.transpose(0, 2, 3, 1), ((0, 0), (2, 2), (1, 1), (0, 0)), constant_values=-0.5)
+    assert got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
