@@ -15,6 +15,7 @@ from typing import TypeGuard
 import numpy as np
 from numba import njit
 
+from model.engine import runtime
 from model.engine.floatmath import F32
 from model.engine.kernels import (
     ROW_CHUNK,
@@ -154,3 +155,7 @@ def mlp_plan(program: Program, sweeps: dict[int, np.ndarray]) -> MlpPlan | None:
 
 def _plain_decide(ep: Decide | ToReal) -> TypeGuard[Decide]:
     return isinstance(ep, Decide) and not ep.pools
+
+
+# numba stamps a cached kernel with this file only; add the digest of all the engine sources
+runtime.stamp_kernel_caches()

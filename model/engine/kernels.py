@@ -31,7 +31,7 @@ from typing import TypedDict
 import numpy as np
 from numba import njit, prange
 
-from model.engine import runtime  # noqa: F401  (the threading layer before any kernel)
+from model.engine import runtime  # the threading layer before any kernel
 from model.engine.intrinsics import (
     CONV_BLOCK_CHANNELS,
     CONV_BLOCK_POSITIONS,
@@ -706,3 +706,7 @@ PARALLEL = KernelSet(
     pool_bits,
 )
 SERIAL = PARALLEL.serial()
+
+
+# numba stamps a cached kernel with this file only; add the digest of all the engine sources
+runtime.stamp_kernel_caches()

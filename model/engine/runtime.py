@@ -15,6 +15,12 @@ Kernel cache
     compiled in this process keep their machine code. numba keys each cached kernel by its
     signature *and* the CPU it was compiled for (name and features), so a cache built for
     another CPU is never loaded, only added to (``tests/model/engine/test_kernel_cache.py``).
+    numba also stamps each cached kernel with its own source file's mtime and size, but not the
+    files it inlines from (the intrinsics, the shared helpers): a change there alone would
+    leave the old machine code in use. So every engine kernel's cache is an
+    :class:`EngineKernelCache`, whose stamp adds :data:`ENGINE_SOURCES`, a digest of every
+    source file of the engine: after any change to them a cached kernel is stale and compiles
+    again, also from a cache directory shared by several versions.
 
 Threading layer
     Several threads may call ``predict`` at once. numba's default ``workqueue`` layer is not
@@ -39,6 +45,7 @@ Fork
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import os
 import sys
@@ -46,7 +53,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import numba
 from numba.core import config as _numba_config
@@ -57,6 +64,28 @@ from model.cpus import usable_cores
 from model.engine.options import EngineOptions
 
 ENGINE_PACKAGE = "model.engine"
+
+
+def source_digest(folder: Path) -> str:
+    """sha256 of the contents of ``folder``'s ``*.py`` files, by name (not their mtimes)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+# The engine's sources, as the stamp of its cached kernels (see "Kernel cache" above).
+ENGINE_SOURCES = source_digest(Path(__file__).parent)
+
+
+class EngineKernelCache(FunctionCache):
+    """numba's on-disk cache of one kernel, stamped with its source file's (mtime, size) *and*
+    :data:`ENGINE_SOURCES`: an index written from other engine sources reads as stale."""
+
+    def __init__(self, py_func) -> None:
+        super().__init__(py_func)
+        cache_file = self._cache_file  # numba's index file; its stamp is checked on every load
+        cache_file._source_stamp = (cache_file._source_stamp, ENGINE_SOURCES)
 
 
 class _NumbaConfig(Protocol):
@@ -104,6 +133,7 @@ def apply(options: EngineOptions) -> int:
     returns the threads a parallel call of this model uses."""
     if options.kernel_cache_dir is not None:
         use_kernel_cache(options.kernel_cache_dir)
+    stamp_kernel_caches()
     return engine_threads(options.threads)
 
 
@@ -126,7 +156,20 @@ def use_kernel_cache(directory: str | os.PathLike[str]) -> None:
             return
         numba_config.CACHE_DIR = directory
         for kernel in engine_kernels():
-            kernel.enable_caching()  # a new FunctionCache: its locator reads CACHE_DIR now
+            _stamp(kernel)  # a new cache: its locator reads CACHE_DIR now
+
+
+def stamp_kernel_caches() -> None:
+    """Give every engine kernel defined so far an :class:`EngineKernelCache` (once each)."""
+    with _CACHE_DIR_LOCK:
+        for kernel in engine_kernels():
+            if not isinstance(getattr(kernel, "_cache", None), EngineKernelCache):
+                _stamp(kernel)
+
+
+def _stamp(kernel: Dispatcher) -> None:
+    """Give ``kernel`` a new :class:`EngineKernelCache` (numba's private ``_cache``)."""
+    cast(Any, kernel)._cache = EngineKernelCache(kernel.py_func)
 
 
 def engine_kernels() -> Iterator[Dispatcher]:

@@ -82,3 +82,65 @@ def test_a_cache_built_for_another_cpu_is_not_used(tmp_path):
         "index": both,
     }
     assert compile_for(tmp_path, "host") == {"cpu": host, "hits": 1, "misses": 0, "index": both}
+
+
+STAMPED = """
+import json, sys
+import numpy as np
+from model.engine import kernels, runtime
+from model.engine.options import EngineOptions
+
+runtime.ENGINE_SOURCES = sys.argv[2]  # stands for the digest of edited engine sources
+runtime.apply(EngineOptions(kernel_cache_dir=sys.argv[1]))
+kernel = kernels.SERIAL.pool_bits
+out = np.empty((1, 1, 1, 1), np.uint64)
+kernel(np.ones((1, 2, 2, 1), np.uint64), 2, 2, 2, 2, np.zeros(1, np.uint64), out)
+print(json.dumps({
+    "cache": type(kernel._cache).__name__,
+    "hits": sum(kernel.stats.cache_hits.values()),
+    "misses": sum(kernel.stats.cache_misses.values()),
+}))
+"""
+
+
+def compile_with_sources(cache: Path, sources: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_CPU", "BNN_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", STAMPED, str(cache), sources],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow  # four fresh interpreters, three compiles
+def test_a_kernel_cached_from_other_engine_sources_compiles_again(tmp_path):
+    """numba stamps a cached kernel with its own file only; a kernel inlines intrinsics from
+    other files, so the engine adds the digest of all its sources: when they differ (an edited
+    intrinsic, another version sharing the cache directory) the cached code is not used."""
+    miss = {"cache": "EngineKernelCache", "hits": 0, "misses": 1}
+    hit = {"cache": "EngineKernelCache", "hits": 1, "misses": 0}
+    assert compile_with_sources(tmp_path, "sources-a") == miss
+    assert compile_with_sources(tmp_path, "sources-a") == hit
+    assert compile_with_sources(tmp_path, "sources-b") == miss
+    assert compile_with_sources(tmp_path, "sources-b") == hit
+
+
+def test_the_source_digest_follows_contents_not_mtimes(tmp_path):
+    from model.engine.runtime import ENGINE_SOURCES, source_digest
+
+    (tmp_path / "kernels.py").write_text("def k(): return 1\n")
+    (tmp_path / "intrinsics.py").write_text("X = 1\n")
+    (tmp_path / "notes.txt").write_text("not a source\n")
+    before = source_digest(tmp_path)
+    os.utime(tmp_path / "kernels.py", (0, 0))
+    (tmp_path / "notes.txt").write_text("edited\n")
+    assert source_digest(tmp_path) == before
+    (tmp_path / "intrinsics.py").write_text("X = 2\n")
+    assert source_digest(tmp_path) != before
+    engine = Path(__file__).resolve().parents[3] / "model" / "engine"
+    assert source_digest(engine) == ENGINE_SOURCES
