@@ -433,6 +433,12 @@ def render_breakdown(net: dict[str, Any]) -> list[str]:
     budget = eager["eager"]["median_s"] / TARGET_SPEEDUP_B1
     floor = split["binary_macs"] / rate
     binary_s = seconds.get("binary 3×3 convolutions", 0.0)
+    stem_s = seconds.get("full-precision stem", 0.0)
+    channels, height, width = RESNET18["input_shape"]
+    stem_macs = (
+        (height // RESNET18["stem_stride"]) * (width // RESNET18["stem_stride"])
+        * RESNET18["widths"][0] * RESNET18["stem_kernel"] ** 2 * channels
+    )  # fmt: skip
     lines = [
         f"Where a batch-1 call goes (one thread, serial kernels, median of 10 calls; "
         f"{total * 1e3:.1f} ms in all):",
@@ -449,10 +455,11 @@ def render_breakdown(net: dict[str, Any]) -> list[str]:
         f"convolutions alone are {split['binary_macs'] / 1e9:.2f} G binary multiply-accumulates; "
         f"an XOR-popcount loop over words already in L1 does {rate / 1e9:.0f} G per second on one "
         f"core of this CPU (`popcount_rate`: no im2col, no thresholds, no cache misses), so they "
-        f"need at least {floor * 1e3:.1f} ms, {floor / budget:.0%} of the budget, and the rest of "
+        f"need at least {floor * 1e3:.1f} ms, {floor / budget:.0%} of the budget. The rest of "
         f"the call (the float stem, pools, quantizers and adds, work eager does too) took "
-        f"{(total - binary_s) * 1e3:.1f} ms here. A CPU with AVX-512 VPOPCNTDQ counts 512 bits per "
-        "instruction (`xor_popcount8` emits it there).",
+        f"{(total - binary_s) * 1e3:.1f} ms here, the 7×7 stem's {stem_macs / 1e6:.0f} M float multiply-adds alone "
+        f"{stem_s * 1e3:.1f} ms ({stem_s / budget:.0%} of the budget). A CPU with AVX-512 "
+        "VPOPCNTDQ counts 512 bits per instruction (`xor_popcount8` emits it there).",
     ]
     return lines
 
