@@ -1,9 +1,10 @@
 """llvmlite intrinsics of the CPU engine: instructions numba does not emit by itself.
 
 Hand-written LLVM IR for the inner loops of :mod:`model.engine.kernels`: ``ctpop``/``cttz`` on
-words, eight XOR-popcount rows at once on <8 x i64> vectors (``vpopcntq`` on AVX-512 VPOPCNTDQ),
-float32 sums of ±x over packed bits in a fixed order (the same on every CPU), and the
-fused multiply-adds of the stem convolution with accumulators kept in registers. Each intrinsic
+words, eight XOR-popcount rows at once on <8 x i64> vectors (``vpopcntq`` on AVX-512 VPOPCNTDQ)
+or four on <4 x i64>, float32 sums of ±x over packed bits in a fixed order (the same on every
+CPU), the fused multiply-adds of the float convolutions with accumulators kept in registers,
+and 64 float comparisons packed into one word. Each intrinsic
 checks its argument types and declines (returns None) for any it was not written for.
 """
 
@@ -234,7 +235,7 @@ def _is_array_2d(t, dtype) -> bool:
     return isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype == dtype
 
 
-_F64 = ir.VectorType(ir.FloatType(), WORD)
+_F32X64 = ir.VectorType(ir.FloatType(), WORD)
 
 
 @intrinsic
@@ -256,7 +257,7 @@ def at_least_bits(typingctx, y, cut, m, o):
         length = builder.extract_value(y_arr.shape, 1)
         at = builder.add(builder.mul(row, length), col)
         vectors = [
-            builder.load(builder.bitcast(builder.gep(data, [index]), _F64.as_pointer()), align=4)
+            builder.load(builder.bitcast(builder.gep(data, [index]), _F32X64.as_pointer()), align=4)
             for data, index in ((y_arr.data, at), (cut_arr.data, col))
         ]
         return builder.bitcast(builder.fcmp_ordered(">=", *vectors), _I64)

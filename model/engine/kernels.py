@@ -460,7 +460,7 @@ def float32_at_least(c):
 @njit(**_PAR_EXACT)
 def threshold_pack_rows(y, cut, invert, out):
     """Real values to packed bits: y (M, O) float32, cut (O,) float64, invert (O,) uint8;
-    out (M, ⌈O/64⌉) uint64, bit o = (y[m, o] ≥ cut[o]) XOR invert[o] (False ≥ where either is
+    out (M, ⌈O/64⌉) uint64, bit o = (y[m, o] ≥ cut[o]) XOR invert[o] (≥ is False where either is
     NaN). The cuts are rounded up to float32 once (:func:`float32_at_least`), the inverts
     packed into words, so each whole word of 64 channels is one vector comparison
     (:func:`~model.engine.intrinsics.at_least_bits`) XOR its invert word; the last word's
