@@ -47,19 +47,24 @@ print(json.dumps({
 """
 
 
-def compile_for(cache: Path, build: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_CPU", "BNN_"))}
-    env |= BUILDS.get(build, {})
+def report(script: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``script`` in a fresh interpreter (no NUMBA_CPU*/BNN_* settings but ``env``) and
+    return the JSON it prints."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_CPU", "BNN_"))}
     result = subprocess.run(
-        [sys.executable, "-c", REPORT, str(cache)],
+        [sys.executable, "-c", script, *args],
         cwd=ROOT,
-        env=env,
+        env=clean | (env or {}),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def compile_for(cache: Path, build: str) -> dict:
+    return report(REPORT, str(cache), env=BUILDS.get(build, {}))
 
 
 @pytest.mark.slow  # four fresh interpreters, two compiles
@@ -104,17 +109,7 @@ print(json.dumps({
 
 
 def compile_with_sources(cache: Path, sources: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_CPU", "BNN_"))}
-    result = subprocess.run(
-        [sys.executable, "-c", STAMPED, str(cache), sources],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return report(STAMPED, str(cache), sources)
 
 
 @pytest.mark.slow  # four fresh interpreters, three compiles
