@@ -24,7 +24,7 @@ from model.engine.folding import (
     pool_and_mask,
 )
 from model.engine.graph import split_chains, wire
-from model.engine.layout import Shape, aligned_copy, pad_rows
+from model.engine.layout import WIDE_POPCOUNT, Shape, aligned_copy, pad_rows
 from model.engine.ops import (
     MAX_PLANE_VALUE,
     BinaryConv,
@@ -187,16 +187,29 @@ def compile_chain(
     return ops, state
 
 
+def _weight_columns(rows: np.ndarray, ep: Epilogue) -> np.ndarray | None:
+    """A binary conv's weight rows (O, L) transposed to (L, O), cache-line aligned, where its
+    popcounts feed real values (a :class:`ToReal` epilogue) and the CPU counts 512 bits per
+    instruction (:data:`~model.engine.layout.WIDE_POPCOUNT`): there the column kernel
+    (:func:`~model.engine.kernels.xor_popcount_columns`) beats the row kernels at every row
+    length, 4–5× at 9 words (docs/benchmarks.md, "Engine design figures"). None elsewhere."""
+    if not (WIDE_POPCOUNT and isinstance(ep, ToReal)):
+        return None
+    return aligned_copy(rows.T)
+
+
 def program_nbytes(program: Program) -> int:
-    """Bytes held by the program's arrays (weights, thresholds, masks)."""
+    """Bytes held by the program's arrays (weights, thresholds, masks); a view of an array
+    already counted (a conv's row weights as its columns transposed) counts once."""
     total = 0
-    seen: set[int] = set()
+    seen: set[tuple[int, int]] = set()
 
     def visit(value: object) -> None:
         nonlocal total
         if isinstance(value, np.ndarray):
-            if id(value) not in seen:
-                seen.add(id(value))
+            buffer = (value.__array_interface__["data"][0], value.nbytes)
+            if buffer not in seen:
+                seen.add(buffer)
                 total += value.nbytes
         elif hasattr(value, "__dataclass_fields__"):
             for name in value.__dataclass_fields__:
@@ -296,15 +309,18 @@ def _producer(
             c, (kh, kw) = layer.in_channels, layer.kernel_size
             wc = words_for(c)
             # stored (O, kh, kw, Wc) → (O, kh·kw·Wc), the im2col word order
-            w = pad_rows(weight.reshape(layer.out_channels, kh * kw * wc))
+            rows = weight.reshape(layer.out_channels, kh * kw * wc)
+            w = pad_rows(rows)
             pcw = _popcounts(w)
             k = c * kh * kw
             pad_words = _pad_words(layer.pad_value, state.binarizer, c)
 
             def build_bits(ep: Epilogue) -> Op:
+                columns = _weight_columns(rows, ep)
                 return BinaryConv(
-                    layer.name, w, pcw, k, state, layer.kernel_size, layer.stride,
-                    layer.padding, pad_words, (out_shape[1], out_shape[2]), ep,
+                    layer.name, w if columns is None else columns.T, pcw, k, state,
+                    layer.kernel_size, layer.stride, layer.padding, pad_words,
+                    (out_shape[1], out_shape[2]), ep, columns,
                 )  # fmt: skip
 
         domain = (state.binarizer.kind, k, pcw)

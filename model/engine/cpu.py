@@ -146,7 +146,8 @@ class NumbaExecutor:
         n = words.shape[0]
         (kh, kw), (sh, sw), (ph, pw) = op.kernel, op.stride, op.padding
         oh, ow = op.out_hw
-        patches = kernels.aligned_words((n * oh * ow, op.weight.shape[1]))
+        width = op.weight.shape[1] if op.columns is None else op.columns.shape[0]
+        patches = kernels.aligned_words((n * oh * ow, width))
         kset.im2col_bits(words, kh, kw, sh, sw, ph, pw, op.pad_words, patches)
         out = self._binary_rows(op, patches, op.features, kset)
         if isinstance(op.epilogue, ToReal):
@@ -164,7 +165,11 @@ class NumbaExecutor:
             )
             return out
         p = np.empty((a.shape[0], op.weight.shape[0]), np.int32)
-        kset.xor_popcount_gemm(a, op.weight, p, ranges(kset), self._sweeps[id(op)])
+        columns = op.columns if isinstance(op, BinaryConv) else None
+        if columns is not None:
+            kset.xor_popcount_columns(a, columns, p, ranges(kset))
+        else:
+            kset.xor_popcount_gemm(a, op.weight, p, ranges(kset), self._sweeps[id(op)])
         affine, bn = ep.affine or AffineStep(None, None), ep.batchnorm
         if any(v is not None and v.dtype != F32 for v in (affine.scale, affine.bias)):
             acc = k - 2 * p.astype(np.int64) if op.input.binarizer.kind == "sign" else p - op.pcw

@@ -16,7 +16,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from model.engine.layout import WORD
+from model.engine.layout import WIDE_VECTORS, WORD
 
 
 @intrinsic
@@ -224,6 +224,94 @@ def xor_popcount8_bits(typingctx, a, w, m, o, cut, invert):
     return sig, codegen
 
 
+def _column_counts_codegen(context, builder, sig, args, rows, vectors):
+    """out[m + r, o + 8v + j] = popcount(a[m + r] XOR column o + 8v + j of wᵀ) for r < ``rows``,
+    v < ``vectors``, j < 8, as int32: per word k, ``vectors`` <8 x i64> loads of wᵀ[k, o:],
+    and per row one broadcast of a[m + r, k], then XOR, ``llvm.ctpop.v8i64`` and add into
+    that (row, vector)'s own accumulator, all ``rows``·``vectors`` of them in registers."""
+    a_val, wt_val, out_val, row, col = args
+    a_arr = context.make_array(sig.args[0])(context, builder, a_val)
+    wt_arr = context.make_array(sig.args[1])(context, builder, wt_val)
+    out_arr = context.make_array(sig.args[2])(context, builder, out_val)
+    length = builder.extract_value(a_arr.shape, 1)
+    o_rows = builder.extract_value(wt_arr.shape, 1)
+    ctpop = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V8, [_V8]), "llvm.ctpop.v8i64"
+    )
+    a_rows = [
+        builder.gep(a_arr.data, [builder.mul(builder.add(row, ir.Constant(_I64, r)), length)])
+        for r in range(rows)
+    ]
+    accs = [
+        [cgutils.alloca_once_value(builder, ir.Constant(_V8, [0] * 8)) for _ in range(vectors)]
+        for _ in range(rows)
+    ]
+    lane0 = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+    with cgutils.for_range(builder, length) as loop:
+        k = loop.index
+        wt_row = builder.gep(wt_arr.data, [builder.add(builder.mul(k, o_rows), col)])
+        columns = [
+            builder.load(
+                builder.bitcast(builder.gep(wt_row, [ir.Constant(_I64, 8 * v)]), _V8.as_pointer()),
+                align=8,
+            )
+            for v in range(vectors)
+        ]
+        for a_row, row_accs in zip(a_rows, accs, strict=True):
+            word = builder.insert_element(
+                ir.Constant(_V8, None), builder.load(builder.gep(a_row, [k])), ir.Constant(_I32, 0)
+            )
+            word = builder.shuffle_vector(word, ir.Constant(_V8, None), lane0)
+            for column, acc in zip(columns, row_accs, strict=True):
+                counts = builder.call(ctpop, [builder.xor(word, column)])
+                builder.store(builder.add(builder.load(acc), counts), acc)
+    i32x8 = ir.VectorType(_I32, 8)
+    for r, row_accs in enumerate(accs):
+        out_row = builder.add(builder.mul(builder.add(row, ir.Constant(_I64, r)), o_rows), col)
+        for v, acc in enumerate(row_accs):
+            target = builder.gep(out_arr.data, [builder.add(out_row, ir.Constant(_I64, 8 * v))])
+            counts = builder.trunc(builder.load(acc), i32x8)
+            builder.store(counts, builder.bitcast(target, i32x8.as_pointer()), align=4)
+
+
+def _column_counts_intrinsic(rows, vectors):
+    """The intrinsic of ``rows`` rows × 8·``vectors`` columns, arguments (a, wt, out, m, o)."""
+
+    def codegen(context, builder, sig, args):
+        _column_counts_codegen(context, builder, sig, args, rows, vectors)
+        return context.get_dummy_value()
+
+    def typer(typingctx, a, wt, out, m, o):
+        if not (_is_words_2d(a) and _is_words_2d(wt) and _is_array_2d(out, types.int32)):
+            return None
+        if not (isinstance(m, types.Integer) and isinstance(o, types.Integer)):
+            return None
+        return types.none(a, wt, out, types.int64, types.int64), codegen
+
+    return typer
+
+
+def _column_counts_doc(rows, lanes):
+    return (
+        f"out[m + r, o + j] = popcount(a[m + r] XOR wt[:, o + j]) for r < {rows}, j < {lanes}: "
+        "a (M, L) and wt (L, O) uint64 (the weight rows transposed: column o is weight row o), "
+        "out (M, O) int32, all C-contiguous; m + r < M, o + j ≤ O. Vectorized across output "
+        "channels rather than along the row, so rows of any length (a 3×3 conv over 64 "
+        "channels has 9 words) run at full width with no horizontal sums; see "
+        ":func:`_column_counts_codegen`."
+    )
+
+
+# AVX-512 has 32 vector registers: 4 rows × 32 columns keep 16 accumulators, 4 weight vectors
+# and a broadcast in registers (docs/benchmarks.md, "Engine design figures").
+COLUMN_BLOCK_ROWS = 4
+COLUMN_BLOCK_CHANNELS = 32
+column_block_counts = intrinsic(_column_counts_intrinsic(COLUMN_BLOCK_ROWS, 4))
+column_block_counts.__doc__ = _column_counts_doc(COLUMN_BLOCK_ROWS, COLUMN_BLOCK_CHANNELS)
+column_counts8 = intrinsic(_column_counts_intrinsic(1, 1))
+column_counts8.__doc__ = _column_counts_doc(1, 8)
+
+
 # Row b: the 8 values ±1.0 of the bits of byte b (bit set ⇔ −1), for :func:`signed_sums8`.
 SIGNS_BY_BYTE = np.where(
     (np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1, np.float32(-1.0), np.float32(1.0)
@@ -358,11 +446,14 @@ def signed_sum1(typingctx, x, w, signs, m, o):
     return sig, codegen
 
 
-def _conv_sums_codegen(context, builder, sig, args, vectors, positions=1):
-    """8·``vectors`` float32 sums acc ← fma(x, w[·, o + j], acc) from acc = bias[o + j] over one
-    window, in (dy, dx, c) order; each of the ``vectors`` <8 x float> accumulators stays in a
-    register. ``positions`` > 1: the same for the windows at x0 + p·step (args then carry
-    ``step`` after x0), each weight vector loaded once for all; sums[8·vectors·p + j]."""
+def _conv_sums_codegen(context, builder, sig, args, vectors, positions=1, lanes=8):
+    """``lanes``·``vectors`` float32 sums acc ← fma(x, w[·, o + j], acc) from acc = bias[o + j]
+    over one window, in (dy, dx, c) order; each of the ``vectors`` <lanes x float> accumulators
+    stays in a register. ``positions`` > 1: the same for the windows at x0 + p·step (args then
+    carry ``step`` after x0), each weight vector loaded once for all;
+    sums[lanes·vectors·p + j]. Each channel's sum is one lane's chain of fused multiply-adds,
+    so the result does not depend on ``lanes``, ``vectors`` or ``positions``."""
+    vector = ir.VectorType(ir.FloatType(), lanes)
     x_type, w_type, b_type = sig.args[:3]
     if positions == 1:
         x_val, w_val, b_val, i, y0, x0, kh, kw, o, _ = args
@@ -376,18 +467,22 @@ def _conv_sums_codegen(context, builder, sig, args, vectors, positions=1):
     o_rows = builder.extract_value(w_arr.shape, 1)
 
     def vector_at(base, index):
-        return builder.load(builder.bitcast(builder.gep(base, [index]), _F8.as_pointer()), align=4)
+        return builder.load(
+            builder.bitcast(builder.gep(base, [index]), vector.as_pointer()), align=4
+        )
 
     # one rounding per term, as oneDNN's convolution (a library call where the CPU has no FMA)
     fma = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_F8, [_F8, _F8, _F8]), "llvm.fma.v8f32"
+        builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{lanes}f32"
     )
-    offsets = [builder.add(o, ir.Constant(_I64, 8 * v)) for v in range(vectors)]
-    accs = [[cgutils.alloca_once(builder, _F8) for _ in range(vectors)] for _ in range(positions)]
+    offsets = [builder.add(o, ir.Constant(_I64, lanes * v)) for v in range(vectors)]
+    accs = [
+        [cgutils.alloca_once(builder, vector) for _ in range(vectors)] for _ in range(positions)
+    ]
     for row_accs in accs:
         for acc, at in zip(row_accs, offsets, strict=True):
             builder.store(vector_at(b_arr.data, at), acc)
-    zero8 = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+    lane0 = ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes)
     shifts = [builder.mul(step, ir.Constant(_I64, p)) for p in range(positions)]
     # A window row's kw·C values are contiguous in x (channels last), as are their weight
     # rows in w: one loop over j < kw·C per dy, in (dx, c) order.
@@ -404,9 +499,9 @@ def _conv_sums_codegen(context, builder, sig, args, vectors, positions=1):
                 v = builder.load(builder.gep(x_arr.data, [builder.add(x_base, j)]))
                 broadcasts.append(
                     builder.shuffle_vector(
-                        builder.insert_element(ir.Constant(_F8, None), v, ir.Constant(_I32, 0)),
-                        ir.Constant(_F8, None),
-                        zero8,
+                        builder.insert_element(ir.Constant(vector, None), v, ir.Constant(_I32, 0)),
+                        ir.Constant(vector, None),
+                        lane0,
                     )
                 )
             w_row = builder.mul(builder.add(row, j), o_rows)
@@ -418,8 +513,8 @@ def _conv_sums_codegen(context, builder, sig, args, vectors, positions=1):
     d_arr = context.make_array(sig.args[-1])(context, builder, args[-1])
     for p_index, row_accs in enumerate(accs):
         for v, acc in enumerate(row_accs):
-            target = builder.gep(d_arr.data, [ir.Constant(_I64, 8 * (vectors * p_index + v))])
-            builder.store(builder.load(acc), builder.bitcast(target, _F8.as_pointer()), align=4)
+            target = builder.gep(d_arr.data, [ir.Constant(_I64, lanes * (vectors * p_index + v))])
+            builder.store(builder.load(acc), builder.bitcast(target, vector.as_pointer()), align=4)
 
 
 @intrinsic
@@ -450,12 +545,12 @@ def _conv_sums_arrays_ok(x, w, bias, sums) -> bool:
     )  # fmt: skip
 
 
-def _conv_sums_intrinsic(vectors, positions=1):
-    """The intrinsic of ``positions`` windows × 8·``vectors`` channels, with arguments
+def _conv_sums_intrinsic(vectors, positions=1, lanes=8):
+    """The intrinsic of ``positions`` windows × ``lanes``·``vectors`` channels, with arguments
     (x, w, bias, i, y0, x0, kh, kw, o, sums), and ``step`` after x0 for several windows."""
 
     def codegen(context, builder, sig, args):
-        _conv_sums_codegen(context, builder, sig, args, vectors, positions)
+        _conv_sums_codegen(context, builder, sig, args, vectors, positions, lanes)
         return context.get_dummy_value()
 
     def one_window(typingctx, x, w, bias, i, y0, x0, kh, kw, o, sums):
@@ -481,19 +576,21 @@ def _conv_sums_doc(lanes, positions=1):
     return (
         f"sums[j] = bias[o + j] + Σ x·w[·, o + j] (fused multiply-adds) for j < {lanes} over "
         f"{where} of image i: x (N, Hp, Wp, C), w (kh·kw·C, O), bias (O,), sums float32. Per "
-        "input value one broadcast per window, and per 8 channels one weight load shared by the "
+        "input value one broadcast per window, and per vector of channels one weight load shared by the "
         "windows and a fused multiply-add into an accumulator that stays in a register."
     )
 
 
-# AVX2 has 16 vector registers: 3 windows × 32 channels keep 12 accumulators, 4 weight vectors
-# and a broadcast in registers, the fastest blocking measured for a 7×7 stem (docs/benchmarks.md,
-# "Engine design figures"); 64 channels × 2 windows (16 accumulators) spilled and ran 2× slower.
-CONV_BLOCK_POSITIONS = 3
-CONV_BLOCK_CHANNELS = 32
-conv_block_sums = intrinsic(_conv_sums_intrinsic(4, CONV_BLOCK_POSITIONS))
+# The float conv's register blocking, by vector registers: AVX2 has 16, so 3 windows × 32
+# channels (12 <8 x float> accumulators, 4 weight vectors and a broadcast; 64 channels × 2
+# windows spilled and ran 2× slower). AVX-512 has 32: 4 windows × 64 channels (16 <16 x float>
+# accumulators), 1.4× the AVX2 blocking on a 7×7 stem (docs/benchmarks.md, "Engine design
+# figures"). The sums are the same bits either way: each channel is one lane's chain of FMAs.
+CONV_BLOCK_POSITIONS, _CONV_LANES = (4, 16) if WIDE_VECTORS else (3, 8)
+CONV_BLOCK_CHANNELS = 4 * _CONV_LANES
+conv_block_sums = intrinsic(_conv_sums_intrinsic(4, CONV_BLOCK_POSITIONS, _CONV_LANES))
 conv_block_sums.__doc__ = _conv_sums_doc(CONV_BLOCK_CHANNELS, CONV_BLOCK_POSITIONS)
-conv_sums32 = intrinsic(_conv_sums_intrinsic(4))
-conv_sums32.__doc__ = _conv_sums_doc(32)
+conv_window_sums = intrinsic(_conv_sums_intrinsic(4, 1, _CONV_LANES))
+conv_window_sums.__doc__ = _conv_sums_doc(CONV_BLOCK_CHANNELS)
 conv_sums8 = intrinsic(_conv_sums_intrinsic(1))
 conv_sums8.__doc__ = _conv_sums_doc(8)

@@ -33,13 +33,17 @@ from numba import njit, prange
 
 from model.engine import runtime  # the threading layer before any kernel
 from model.engine.intrinsics import (
+    COLUMN_BLOCK_CHANNELS,
+    COLUMN_BLOCK_ROWS,
     CONV_BLOCK_CHANNELS,
     CONV_BLOCK_POSITIONS,
     SIGNS_BY_BYTE,
     at_least_bits,
+    column_block_counts,
+    column_counts8,
     conv_block_sums,
     conv_sums8,
-    conv_sums32,
+    conv_window_sums,
     fma32,
     popcount,
     signed_sum1,
@@ -154,6 +158,57 @@ def gemm_part(a, w, out, parts, t, reverse):
         while o < o1:
             out[m, o] = _xor_popcount(a, w, m, o)
             o += 1
+
+
+@njit(**_JIT)
+def column_parts(a, wt, ranges):
+    """How many contiguous ranges :func:`xor_popcount_columns` splits its work into: ``ranges``,
+    at most one per work item (a block of rows × a block of output channels)."""
+    return max(1, min(ranges, _column_items(a.shape[0], wt.shape[1])))
+
+
+@njit(**_JIT, inline="always")
+def _column_items(m_rows, o_rows):
+    row_blocks = -(-m_rows // COLUMN_BLOCK_ROWS)
+    return row_blocks * -(-o_rows // COLUMN_BLOCK_CHANNELS)
+
+
+@njit(**_PAR)
+def xor_popcount_columns(a, wt, out, ranges):
+    """out[m, o] = popcount(a[m] XOR wt[:, o]) for a (M, L), wt (L, O) uint64 — the weight rows
+    transposed, any L — and out (M, O) int32: :func:`xor_popcount_gemm` vectorized across
+    output channels (:func:`~model.engine.intrinsics.column_block_counts`). Work items are
+    blocks of COLUMN_BLOCK_ROWS rows × COLUMN_BLOCK_CHANNELS channels, channel block major
+    (its weight columns stay in L1 while the rows stream past), split into ``ranges``
+    contiguous ranges, one per thread."""
+    parts = column_parts(a, wt, ranges)
+    for t in prange(parts):
+        columns_part(a, wt, out, parts, t)
+
+
+@njit(**_JIT)
+def columns_part(a, wt, out, parts, t):
+    """Range t of ``parts`` of :func:`xor_popcount_columns`'s work items."""
+    m_rows, o_rows = a.shape[0], wt.shape[1]
+    row_blocks = -(-m_rows // COLUMN_BLOCK_ROWS)
+    items = _column_items(m_rows, o_rows)
+    for item in range(t * items // parts, (t + 1) * items // parts):
+        b, r = item // row_blocks, item % row_blocks
+        m0, m1 = r * COLUMN_BLOCK_ROWS, min(m_rows, (r + 1) * COLUMN_BLOCK_ROWS)
+        o0, o1 = b * COLUMN_BLOCK_CHANNELS, min(o_rows, (b + 1) * COLUMN_BLOCK_CHANNELS)
+        if m1 - m0 == COLUMN_BLOCK_ROWS and o1 - o0 == COLUMN_BLOCK_CHANNELS:
+            column_block_counts(a, wt, out, m0, o0)
+            continue
+        for m in range(m0, m1):  # the edges: 8 channels at a time, then one
+            o = o0
+            while o + 8 <= o1:
+                column_counts8(a, wt, out, m, o)
+                o += 8
+            for oo in range(o, o1):
+                s = np.int64(0)
+                for k in range(a.shape[1]):
+                    s += np.int64(popcount(a[m, k] ^ wt[k, oo]))
+                out[m, oo] = s
 
 
 @njit(**_JIT, inline="always")
@@ -548,7 +603,8 @@ def conv_output_row(x, w, bias, i, oy, sh, sw, kh, kw, alpha, beta, out, row0):
     (dy, dx, c) order. x (N, Hp, Wp, C) float32, already padded; w (kh·kw·C, O) float32, rows
     in (dy, dx, c) order.
 
-    Blocks of 3 windows × 32 channels (:func:`~model.engine.intrinsics.conv_block_sums`), then
+    Blocks of CONV_BLOCK_POSITIONS windows × CONV_BLOCK_CHANNELS channels
+    (:func:`~model.engine.intrinsics.conv_block_sums`: 3 × 32 on AVX2, 4 × 64 on AVX-512), then
     single windows; channels past the last block 8, then 1 at a time. Every block sums each
     channel in the same order, so raw is the same whichever block computes it, on every CPU."""
     ow = (x.shape[2] - kw) // sw + 1
@@ -570,7 +626,7 @@ def conv_output_row(x, w, bias, i, oy, sh, sw, kh, kw, alpha, beta, out, row0):
         ox += CONV_BLOCK_POSITIONS
     while ox < ow:
         for o in range(0, wide, CONV_BLOCK_CHANNELS):
-            conv_sums32(x, w, bias, i, y0, ox * sw, kh, kw, o, sums)
+            conv_window_sums(x, w, bias, i, y0, ox * sw, kh, kw, o, sums)
             _store_sums(sums, 0, CONV_BLOCK_CHANNELS, alpha, beta, out, row0 + ox, o)
         _narrow_channels(
             x, w, bias, i, y0, ox * sw, kh, kw, wide, sums, alpha, beta, out, row0 + ox
@@ -677,6 +733,7 @@ class KernelSet:
     """The parallel kernels the CPU executor calls, or their serial twins (same arguments)."""
 
     xor_popcount_gemm: Kernel
+    xor_popcount_columns: Kernel
     dense_threshold_pack: Kernel
     planes_dense_acc: Kernel
     planes_dense_threshold_pack: Kernel
@@ -694,6 +751,7 @@ class KernelSet:
 
 PARALLEL = KernelSet(
     xor_popcount_gemm,
+    xor_popcount_columns,
     dense_threshold_pack,
     planes_dense_acc,
     planes_dense_threshold_pack,

@@ -12,9 +12,10 @@ Shape = tuple[int, ...]
 WORD = 64
 
 
-def _compiles_for_vpopcntdq() -> bool:
-    """Whether the CPU numba compiles the kernels for counts the bits of 512-bit vectors (AVX-512
-    VPOPCNTDQ): the one ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` name when set, else this one."""
+def _compiles_for(feature: str) -> bool:
+    """Whether the CPU numba compiles the kernels for has the LLVM ``feature`` (e.g.
+    ``avx512vpopcntdq``: it counts the bits of 512-bit vectors): the one
+    ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` name when set, else this one."""
     from llvmlite import binding
     from numba.core import config
 
@@ -23,13 +24,16 @@ def _compiles_for_vpopcntdq() -> bool:
         features = getattr(config, "CPU_FEATURES", None) or ""
     else:
         features = binding.get_host_cpu_features().flatten()
-    return "+avx512vpopcntdq" in features.split(",")
+    return f"+{feature}" in features.split(",")
 
 
 # Eight weight rows per 512-bit step (intrinsics.xor_popcount8) where the CPU has VPOPCNTQ;
 # elsewhere four rows per 256-bit step (intrinsics.xor_popcount4) beat it on AVX2 at every row
 # length measured (docs/benchmarks.md, "Engine design figures"), and rows stay unpadded.
-WIDE_POPCOUNT = _compiles_for_vpopcntdq()
+WIDE_POPCOUNT = _compiles_for("avx512vpopcntdq")
+# 32 vector registers of 512 bits (AVX-512F): the float conv's wider register blocking
+# (intrinsics.CONV_BLOCK_CHANNELS).
+WIDE_VECTORS = _compiles_for("avx512f")
 
 
 def row_words(words: int) -> int:

@@ -111,7 +111,9 @@ class BinaryConv:
     """Bits (nhwc) ⋆ packed ±1 weights; patches padded with ``pad_words``."""
 
     name: str
-    weight: np.ndarray  # (O, row_words(kh·kw·Wc)) uint64 in (dy, dx, word) order, zero-padded
+    # (O, row_words(kh·kw·Wc)) uint64 in (dy, dx, word) order, zero-padded; with ``columns``,
+    # (O, kh·kw·Wc) unpadded, a view of them (one copy)
+    weight: np.ndarray
     pcw: np.ndarray  # (O,) int64
     features: int  # K = C·kh·kw
     input: Bits
@@ -121,6 +123,9 @@ class BinaryConv:
     pad_words: np.ndarray  # (Wc,) uint64
     out_hw: tuple[int, int]
     epilogue: Epilogue
+    # (kh·kw·Wc, O) uint64, C-contiguous: the weight rows transposed, for the column kernel
+    # (kernels.xor_popcount_columns) where the CPU has AVX-512 VPOPCNTDQ and the output is real
+    columns: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
