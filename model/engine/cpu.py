@@ -164,21 +164,28 @@ class NumbaExecutor:
                 a, op.weight, ep.cut, ep.invert, out, ROW_CHUNK, ranges(kset), self._sweeps[id(op)]
             )
             return out
-        p = np.empty((a.shape[0], op.weight.shape[0]), np.int32)
+        affine, bn = ep.affine or AffineStep(None, None), ep.batchnorm
+        sign_input = op.input.binarizer.kind == "sign"
+        real_args = (
+            k, op.pcw, sign_input, affine.scale, affine.bias,
+            None if bn is None else bn.alpha, None if bn is None else bn.beta,
+        )  # fmt: skip
+        float32_affine = all(v is None or v.dtype == F32 for v in (affine.scale, affine.bias))
         columns = op.columns if isinstance(op, BinaryConv) else None
+        if columns is not None and float32_affine:  # counts and epilogue in one pass
+            out = np.empty((a.shape[0], columns.shape[1]), F32)
+            real_kernels.binary_columns_real(a, columns, *real_args, out, ranges(kset))
+            return out
+        p = np.empty((a.shape[0], op.weight.shape[0]), np.int32)
         if columns is not None:
             kset.xor_popcount_columns(a, columns, p, ranges(kset))
         else:
             kset.xor_popcount_gemm(a, op.weight, p, ranges(kset), self._sweeps[id(op)])
-        affine, bn = ep.affine or AffineStep(None, None), ep.batchnorm
-        if any(v is not None and v.dtype != F32 for v in (affine.scale, affine.bias)):
-            acc = k - 2 * p.astype(np.int64) if op.input.binarizer.kind == "sign" else p - op.pcw
+        if not float32_affine:
+            acc = k - 2 * p.astype(np.int64) if sign_input else p - op.pcw
             return _to_real(ep, acc.astype(F32))
         out = np.empty(p.shape, F32)
-        real_kernels.accumulator_rows(
-            p, k, op.pcw, op.input.binarizer.kind == "sign", affine.scale, affine.bias,
-            None if bn is None else bn.alpha, None if bn is None else bn.beta, out,
-        )  # fmt: skip
+        real_kernels.accumulator_rows(p, *real_args, out)
         return out
 
     def _planes_dense(

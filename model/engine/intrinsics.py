@@ -224,15 +224,15 @@ def xor_popcount8_bits(typingctx, a, w, m, o, cut, invert):
     return sig, codegen
 
 
-def _column_counts_codegen(context, builder, sig, args, rows, vectors):
-    """out[m + r, o + 8v + j] = popcount(a[m + r] XOR column o + 8v + j of wᵀ) for r < ``rows``,
-    v < ``vectors``, j < 8, as int32: per word k, ``vectors`` <8 x i64> loads of wᵀ[k, o:],
-    and per row one broadcast of a[m + r, k], then XOR, ``llvm.ctpop.v8i64`` and add into
-    that (row, vector)'s own accumulator, all ``rows``·``vectors`` of them in registers."""
-    a_val, wt_val, out_val, row, col = args
+def _column_counts(context, builder, sig, args, rows, vectors):
+    """popcount(a[m + r] XOR column o + 8v + j of wᵀ) for r < ``rows``, v < ``vectors``,
+    j < 8 as ``rows`` lists of ``vectors`` <8 x i64> values: per word k, ``vectors`` loads of
+    wᵀ[k, o:], and per row one broadcast of a[m + r, k], then XOR, ``llvm.ctpop.v8i64`` and
+    add into that (row, vector)'s own accumulator, all ``rows``·``vectors`` of them in
+    registers. args start (a, wt, m, o)."""
+    a_val, wt_val, row, col = args[:4]
     a_arr = context.make_array(sig.args[0])(context, builder, a_val)
     wt_arr = context.make_array(sig.args[1])(context, builder, wt_val)
-    out_arr = context.make_array(sig.args[2])(context, builder, out_val)
     length = builder.extract_value(a_arr.shape, 1)
     o_rows = builder.extract_value(wt_arr.shape, 1)
     ctpop = cgutils.get_or_insert_function(
@@ -265,40 +265,137 @@ def _column_counts_codegen(context, builder, sig, args, rows, vectors):
             for column, acc in zip(columns, row_accs, strict=True):
                 counts = builder.call(ctpop, [builder.xor(word, column)])
                 builder.store(builder.add(builder.load(acc), counts), acc)
+    return [[builder.load(acc) for acc in row_accs] for row_accs in accs]
+
+
+def _vector_at(builder, data, index, vector):
+    return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
+
+
+def _column_counts_codegen(context, builder, sig, args, rows, vectors):
+    """out[out_m + r, out_o + 8v + j] = the counts of :func:`_column_counts`, as int32; args
+    (a, wt, m, o, out, out_m, out_o)."""
+    counts = _column_counts(context, builder, sig, args, rows, vectors)
+    out_arr = context.make_array(sig.args[4])(context, builder, args[4])
+    width = builder.extract_value(out_arr.shape, 1)
     i32x8 = ir.VectorType(_I32, 8)
-    for r, row_accs in enumerate(accs):
-        out_row = builder.add(builder.mul(builder.add(row, ir.Constant(_I64, r)), o_rows), col)
-        for v, acc in enumerate(row_accs):
-            target = builder.gep(out_arr.data, [builder.add(out_row, ir.Constant(_I64, 8 * v))])
-            counts = builder.trunc(builder.load(acc), i32x8)
-            builder.store(counts, builder.bitcast(target, i32x8.as_pointer()), align=4)
+    for r, row_counts in enumerate(counts):
+        out_row = builder.mul(builder.add(args[5], ir.Constant(_I64, r)), width)
+        for v, value in enumerate(row_counts):
+            at = builder.add(builder.add(out_row, args[6]), ir.Constant(_I64, 8 * v))
+            target = _vector_at(builder, out_arr.data, at, i32x8)
+            builder.store(builder.trunc(value, i32x8), target, align=4)
+
+
+def _column_real_codegen(context, builder, sig, args, rows, vectors):
+    """out[m + r, o + c] = the binary layer's real value of channel o + c from the counts of
+    :func:`_column_counts` (float32, bit for bit
+    :func:`~model.engine.real_kernels.accumulator_rows`): acc = K − 2P (sign input) or
+    P − pcw (step input), converted exactly (|acc| < 2²⁴), then ·scale, +bias and
+    fma(·, alpha, beta), each rounded as the scalar code does (no fast-math flag); a None
+    argument leaves its step out. args (a, wt, m, o, out, k, pcw, sign_input, scale, bias,
+    alpha, beta)."""
+    counts = _column_counts(context, builder, sig, args, rows, vectors)
+    out_arr = context.make_array(sig.args[4])(context, builder, args[4])
+    width = builder.extract_value(out_arr.shape, 1)
+    row, col, k, pcw_val, sign_input = args[2], args[3], args[5], args[6], args[7]
+    f8 = ir.VectorType(ir.FloatType(), 8)
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(f8, [f8] * 3), "llvm.fma.v8f32"
+    )
+    pcw = context.make_array(sig.args[6])(context, builder, pcw_val).data
+    present = {
+        name: context.make_array(sig.args[index])(context, builder, args[index]).data
+        for index, name in ((8, "scale"), (9, "bias"), (10, "alpha"), (11, "beta"))
+        if not isinstance(sig.args[index], types.NoneType)
+    }
+    k_vector = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(_V8, None), k, ir.Constant(_I32, 0)),
+        ir.Constant(_V8, None),
+        ir.Constant(ir.VectorType(_I32, 8), [0] * 8),
+    )
+    for v in range(vectors):
+        at = builder.add(col, ir.Constant(_I64, 8 * v))
+        per_channel = {
+            name: builder.load(_vector_at(builder, data, at, f8), align=4)
+            for name, data in present.items()
+        }
+        pcw_v = builder.load(_vector_at(builder, pcw, at, _V8), align=8)
+        for r, row_counts in enumerate(counts):
+            p = row_counts[v]
+            from_signs = builder.sub(k_vector, builder.add(p, p))
+            acc = builder.select(sign_input, from_signs, builder.sub(p, pcw_v))
+            y = builder.sitofp(acc, f8)
+            if "scale" in per_channel:
+                y = builder.fmul(y, per_channel["scale"])
+            if "bias" in per_channel:
+                y = builder.fadd(y, per_channel["bias"])
+            if "alpha" in per_channel:
+                y = builder.call(fma, [y, per_channel["alpha"], per_channel["beta"]])
+            out_row = builder.mul(builder.add(row, ir.Constant(_I64, r)), width)
+            target = _vector_at(builder, out_arr.data, builder.add(out_row, at), f8)
+            builder.store(y, target, align=4)
 
 
 def _column_counts_intrinsic(rows, vectors):
-    """The intrinsic of ``rows`` rows × 8·``vectors`` columns, arguments (a, wt, out, m, o)."""
+    """The intrinsic of ``rows`` rows × 8·``vectors`` columns, arguments
+    (a, wt, m, o, out, out_m, out_o)."""
 
     def codegen(context, builder, sig, args):
         _column_counts_codegen(context, builder, sig, args, rows, vectors)
         return context.get_dummy_value()
 
-    def typer(typingctx, a, wt, out, m, o):
+    def typer(typingctx, a, wt, m, o, out, out_m, out_o):
         if not (_is_words_2d(a) and _is_words_2d(wt) and _is_array_2d(out, types.int32)):
             return None
-        if not (isinstance(m, types.Integer) and isinstance(o, types.Integer)):
+        if not all(isinstance(t, types.Integer) for t in (m, o, out_m, out_o)):
             return None
-        return types.none(a, wt, out, types.int64, types.int64), codegen
+        return types.none(a, wt, types.int64, types.int64, out, *(types.int64,) * 2), codegen
 
     return typer
 
 
+def _is_vector_or_none(t, dtype) -> bool:
+    return isinstance(t, types.NoneType) or (
+        isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" and t.dtype == dtype
+    )
+
+
+@intrinsic
+def column_block_real(typingctx, a, wt, m, o, out, k, pcw, sign_input, scale, bias, alpha, beta):
+    """out[m + r, o + j] for r < COLUMN_BLOCK_ROWS, j < COLUMN_BLOCK_CHANNELS: a binary layer's
+    real outputs straight from the popcounts of :func:`column_block_counts`, still in
+    registers (:func:`_column_real_codegen`). out (M, O) float32; pcw (O,) int64; scale,
+    bias, alpha, beta (O,) float32 or None (alpha and beta together)."""
+    ok = (
+        _is_words_2d(a) and _is_words_2d(wt) and _is_array_2d(out, types.float32)
+        and _is_vector_or_none(pcw, types.int64) and not isinstance(pcw, types.NoneType)
+        and isinstance(sign_input, types.Boolean)
+        and all(_is_vector_or_none(t, types.float32) for t in (scale, bias, alpha, beta))
+        and isinstance(alpha, types.NoneType) == isinstance(beta, types.NoneType)
+    )  # fmt: skip
+    if not ok:
+        return None
+    sig = types.none(
+        a, wt, types.int64, types.int64, out, types.int64, pcw, types.boolean,
+        scale, bias, alpha, beta,
+    )  # fmt: skip
+
+    def codegen(context, builder, sig, args):
+        _column_real_codegen(context, builder, sig, args, COLUMN_BLOCK_ROWS, 4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _column_counts_doc(rows, lanes):
     return (
-        f"out[m + r, o + j] = popcount(a[m + r] XOR wt[:, o + j]) for r < {rows}, j < {lanes}: "
-        "a (M, L) and wt (L, O) uint64 (the weight rows transposed: column o is weight row o), "
-        "out (M, O) int32, all C-contiguous; m + r < M, o + j ≤ O. Vectorized across output "
-        "channels rather than along the row, so rows of any length (a 3×3 conv over 64 "
+        f"out[out_m + r, out_o + j] = popcount(a[m + r] XOR wt[:, o + j]) for r < {rows}, "
+        f"j < {lanes}: a (M, L) and wt (L, O) uint64 (the weight rows transposed: column o is "
+        "weight row o), out int32, all C-contiguous; m + r < M, o + j ≤ O. Vectorized across "
+        "output channels rather than along the row, so rows of any length (a 3×3 conv over 64 "
         "channels has 9 words) run at full width with no horizontal sums; see "
-        ":func:`_column_counts_codegen`."
+        ":func:`_column_counts`."
     )
 
 

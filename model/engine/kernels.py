@@ -180,35 +180,53 @@ def xor_popcount_columns(a, wt, out, ranges):
     output channels (:func:`~model.engine.intrinsics.column_block_counts`). Work items are
     blocks of COLUMN_BLOCK_ROWS rows × COLUMN_BLOCK_CHANNELS channels, channel block major
     (its weight columns stay in L1 while the rows stream past), split into ``ranges``
-    contiguous ranges, one per thread."""
+    contiguous ranges, one per thread. :func:`~model.engine.real_kernels.binary_columns_real`
+    is the same loop with the binary layer's real epilogue."""
     parts = column_parts(a, wt, ranges)
     for t in prange(parts):
-        columns_part(a, wt, out, parts, t)
+        first, last = column_range(a, wt, parts, t)
+        for item in range(first, last):
+            m0, m1, o0, o1 = column_block(a, wt, item)
+            if m1 - m0 == COLUMN_BLOCK_ROWS and o1 - o0 == COLUMN_BLOCK_CHANNELS:
+                column_block_counts(a, wt, m0, o0, out, m0, o0)
+            else:
+                column_edge(a, wt, m0, m1, o0, o1, out, m0, o0)
+
+
+@njit(**_JIT, inline="always")
+def column_range(a, wt, parts, t):
+    """The work items [first, last) of range t of ``parts`` of a column kernel."""
+    items = _column_items(a.shape[0], wt.shape[1])
+    return t * items // parts, (t + 1) * items // parts
+
+
+@njit(**_JIT, inline="always")
+def column_block(a, wt, item):
+    """Rows [m0, m1) and channels [o0, o1) of a column kernel's work item ``item``: a whole
+    block, or a smaller one at the edges."""
+    m_rows, o_rows = a.shape[0], wt.shape[1]
+    row_blocks = -(-m_rows // COLUMN_BLOCK_ROWS)
+    b, r = item // row_blocks, item % row_blocks
+    m0, m1 = r * COLUMN_BLOCK_ROWS, min(m_rows, (r + 1) * COLUMN_BLOCK_ROWS)
+    o0, o1 = b * COLUMN_BLOCK_CHANNELS, min(o_rows, (b + 1) * COLUMN_BLOCK_CHANNELS)
+    return m0, m1, o0, o1
 
 
 @njit(**_JIT)
-def columns_part(a, wt, out, parts, t):
-    """Range t of ``parts`` of :func:`xor_popcount_columns`'s work items."""
-    m_rows, o_rows = a.shape[0], wt.shape[1]
-    row_blocks = -(-m_rows // COLUMN_BLOCK_ROWS)
-    items = _column_items(m_rows, o_rows)
-    for item in range(t * items // parts, (t + 1) * items // parts):
-        b, r = item // row_blocks, item % row_blocks
-        m0, m1 = r * COLUMN_BLOCK_ROWS, min(m_rows, (r + 1) * COLUMN_BLOCK_ROWS)
-        o0, o1 = b * COLUMN_BLOCK_CHANNELS, min(o_rows, (b + 1) * COLUMN_BLOCK_CHANNELS)
-        if m1 - m0 == COLUMN_BLOCK_ROWS and o1 - o0 == COLUMN_BLOCK_CHANNELS:
-            column_block_counts(a, wt, out, m0, o0)
-            continue
-        for m in range(m0, m1):  # the edges: 8 channels at a time, then one
-            o = o0
-            while o + 8 <= o1:
-                column_counts8(a, wt, out, m, o)
-                o += 8
-            for oo in range(o, o1):
-                s = np.int64(0)
-                for k in range(a.shape[1]):
-                    s += np.int64(popcount(a[m, k] ^ wt[k, oo]))
-                out[m, oo] = s
+def column_edge(a, wt, m0, m1, o0, o1, out, out_m, out_o):
+    """out[out_m + m − m0, out_o + o − o0] = popcount(a[m] XOR wt[:, o]) for rows [m0, m1) and
+    channels [o0, o1) of a block smaller than a whole one: 8 channels at a time
+    (:func:`~model.engine.intrinsics.column_counts8`), then one."""
+    for m in range(m0, m1):
+        o = o0
+        while o + 8 <= o1:
+            column_counts8(a, wt, m, o, out, out_m + m - m0, out_o + o - o0)
+            o += 8
+        for oo in range(o, o1):
+            s = np.int64(0)
+            for k in range(a.shape[1]):
+                s += np.int64(popcount(a[m, k] ^ wt[k, oo]))
+            out[out_m + m - m0, out_o + oo - o0] = s
 
 
 @njit(**_JIT, inline="always")

@@ -20,8 +20,20 @@ import numpy as np
 from numba import njit, prange
 
 from model.engine import runtime  # cache directory and threading layer first
-from model.engine.intrinsics import fma32
-from model.engine.kernels import JitOptions, conv_output_row
+from model.engine.intrinsics import (
+    COLUMN_BLOCK_CHANNELS,
+    COLUMN_BLOCK_ROWS,
+    column_block_real,
+    fma32,
+)
+from model.engine.kernels import (
+    JitOptions,
+    column_block,
+    column_edge,
+    column_parts,
+    column_range,
+    conv_output_row,
+)
 
 # no fastmath: IEEE float32, every rounding eager's
 _EXACT: JitOptions = {"nogil": True, "cache": True}
@@ -36,24 +48,56 @@ def batchnorm_rows(x, alpha, beta, out):
             out[m, c] = fma32(x[m, c], alpha[c], beta[c])
 
 
+@njit(**_EXACT, inline="always")
+def _real_accumulator(p, o, k, pcw, sign_input, scale, bias, alpha, beta):
+    """Channel o's real value from its popcount p: acc = K − 2P (``sign_input``) or
+    P − pcw[o] (step input); y = fl(fl(acc·scale[o]) + bias[o]); fma(y, alpha[o], beta[o])
+    (float32; a None array compiles its step away)."""
+    acc = k - 2 * p if sign_input else p - pcw[o]
+    y = np.float32(acc)
+    if scale is not None:
+        y = np.float32(y * scale[o])
+    if bias is not None:
+        y = np.float32(y + bias[o])
+    if alpha is not None:
+        y = fma32(y, alpha[o], beta[o])
+    return y
+
+
 @njit(**_EXACT_PAR)
 def accumulator_rows(p, k, pcw, sign_input, scale, bias, alpha, beta, out):
     """A binary layer's output rows from its popcounts, through its affine part and a
     BatchNorm (either may be absent: None compiles the step away).
 
-    p (M, O) int32 popcounts; acc = K − 2P (``sign_input``) or P − pcw[o] (step input);
-    y = fl(fl(acc·scale[o]) + bias[o]); out[m, o] = fma(y, alpha[o], beta[o]) (float32)."""
+    p (M, O) int32 popcounts; out[m, o] = :func:`_real_accumulator` of p[m, o] (float32)."""
     for m in prange(p.shape[0]):
         for o in range(p.shape[1]):
-            acc = k - 2 * p[m, o] if sign_input else p[m, o] - pcw[o]
-            y = np.float32(acc)
-            if scale is not None:
-                y = np.float32(y * scale[o])
-            if bias is not None:
-                y = np.float32(y + bias[o])
-            if alpha is not None:
-                y = fma32(y, alpha[o], beta[o])
-            out[m, o] = y
+            out[m, o] = _real_accumulator(p[m, o], o, k, pcw, sign_input, scale, bias, alpha, beta)
+
+
+@njit(**_EXACT_PAR)
+def binary_columns_real(a, wt, k, pcw, sign_input, scale, bias, alpha, beta, out, ranges):
+    """:func:`accumulator_rows` of :func:`~model.engine.kernels.xor_popcount_columns`'s counts
+    in one pass: each whole block's counts go from registers straight to real values
+    (:func:`~model.engine.intrinsics.column_block_real`), with no (M, O) array of counts
+    written and read back; the edges count into a small tile first. a (M, L), wt (L, O)
+    uint64, out (M, O) float32."""
+    parts = column_parts(a, wt, ranges)
+    for t in prange(parts):
+        tile = np.empty((COLUMN_BLOCK_ROWS, COLUMN_BLOCK_CHANNELS), np.int32)
+        first, last = column_range(a, wt, parts, t)
+        for item in range(first, last):
+            m0, m1, o0, o1 = column_block(a, wt, item)
+            if m1 - m0 == COLUMN_BLOCK_ROWS and o1 - o0 == COLUMN_BLOCK_CHANNELS:
+                column_block_real(a, wt, m0, o0, out, k, pcw, sign_input, scale, bias, alpha, beta)
+                continue
+            column_edge(a, wt, m0, m1, o0, o1, tile, 0, 0)
+            for m in range(m0, m1):
+                for o in range(o0, o1):
+                    p = tile[m - m0, o - o0]
+                    out[m, o] = _real_accumulator(
+                        p, o, k, pcw, sign_input, scale, bias, alpha, beta
+                    )
 
 
 @njit(**_EXACT_PAR)

@@ -346,7 +346,7 @@ def test_popcount_loops_vectorize_to_vpopcntq():
 
     @njit(nogil=True)
     def columns(a, w, out):  # the column kernel's block
-        intrinsics.column_block_counts(a, w, out, 0, 0)
+        intrinsics.column_block_counts(a, w, 0, 0, out, 0, 0)
 
     a, w, wt = (
         np.zeros((4, 64), np.uint64),

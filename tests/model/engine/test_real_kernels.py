@@ -13,6 +13,7 @@ from model.engine.folding import BatchNormStep  # noqa: E402
 from model.engine.real_kernels import (  # noqa: E402
     accumulator_rows,
     batchnorm_rows,
+    binary_columns_real,
     real_conv_rows,
 )
 
@@ -59,12 +60,40 @@ def test_accumulator_rows_is_the_eager_layer_then_its_batchnorm(sign_input, with
     np.testing.assert_array_equal(out, want)
 
 
+@pytest.mark.parametrize("sign_input", [True, False])
+@pytest.mark.parametrize("with_affine", [True, False])
+@pytest.mark.parametrize(("m", "o", "words"), [(16, 64, 9), (13, 75, 3), (8, 32, 18), (3, 5, 1)])
+def test_binary_columns_real_is_accumulator_rows_of_the_counts(
+    sign_input, with_affine, m, o, words
+):
+    """The column kernel's fused epilogue (whole blocks from registers, edges through a tile)
+    gives accumulator_rows' bits for every channel and row; any thread split."""
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 2**63, size=(m, words), dtype=np.uint64)
+    w = rng.integers(0, 2**63, size=(o, words), dtype=np.uint64)
+    p = np.bitwise_count(a[:, None, :] ^ w[None, :, :]).sum(axis=-1).astype(np.int32)
+    k = 64 * words
+    pcw = np.bitwise_count(w).sum(axis=-1).astype(np.int64)
+    scale = rng.uniform(0.2, 1.5, size=o).astype(np.float32) if with_affine else None
+    bias = rng.normal(0, 3, size=o).astype(np.float32) if with_affine else None
+    _, step = batchnorm(rng, o)
+    want = np.empty((m, o), np.float32)
+    accumulator_rows(p, k, pcw, sign_input, scale, bias, step.alpha, step.beta, want)
+    for ranges in (1, 3):
+        out = np.full((m, o), np.nan, np.float32)
+        binary_columns_real(
+            a, np.ascontiguousarray(w.T), k, pcw, sign_input, scale, bias, step.alpha,
+            step.beta, out, ranges,
+        )  # fmt: skip
+        np.testing.assert_array_equal(out, want)
+
+
 @pytest.mark.parametrize(("channels", "o", "w"), [(3, 75, 8), (70, 75, 12), (3, 128, 10)])
 def test_real_conv_rows_sums_in_the_documented_order(channels, o, w):
     """bias, then one float32 fma per term in (dy, dx, c) order; then the BatchNorm's fma."""
     rng = np.random.default_rng(2)
-    # 75 outputs: 32-channel blocks, then 8 and 1 at a time; output widths 3, 5 and 4: blocks
-    # of 3 windows, then single windows
+    # 75 and 128 outputs: whole channel blocks (32 on AVX2, 64 on AVX-512), then 8 and 1 at a
+    # time; output widths 3, 5 and 4: blocks of 3 or 4 windows, then single windows
     n, h, kh, kw, stride = 2, 9, 3, 3, 2
     x = rng.normal(size=(n, h, w, channels)).astype(np.float32)
     weight = rng.normal(size=(kh * kw * channels, o)).astype(np.float32)
