@@ -53,7 +53,7 @@ from model.engine.intrinsics import (
     xor_popcount8,
     xor_popcount8_bits,
 )
-from model.engine.layout import CACHE_LINE_WORDS, WIDE_POPCOUNT, WORD
+from model.engine.layout import CACHE_LINE_WORDS, WIDE_POPCOUNT, WIDE_VECTORS, WORD
 
 # Rows of a batch that stream past one block of 64 weight rows (dense_threshold_pack).
 ROW_CHUNK = 64
@@ -575,11 +575,19 @@ def signed_dense(bits, w_t, base, coef, out):
             out[m, o] = base[o] + coef * out[m, o]
 
 
+# Where a float convolution's bias enters its sum, as in the oneDNN convolution eager torch
+# runs on this CPU: its AVX2 kernels start each sum at the bias, its AVX-512 (brgemm) kernels
+# add the bias to the finished sum. Measured against F.conv2d bit for bit (7×7/2 stem over 3
+# channels, 1×1 over 64): on an AVX-512 Xeon bias-last matches 100% of outputs and bias-first
+# 42–49%; on the AVX2 EPYC bias-first matched (test_real_kernels checks it on every machine).
+BIAS_AFTER_SUM = WIDE_VECTORS
+
+
 @njit(**_JIT_EXACT, inline="always")
-def _conv_sum(x, w, bias, i, y0, x0, kh, kw, o):
+def _conv_sum(x, w, start, i, y0, x0, kh, kw, o):
     """One channel of :func:`conv_sums8`, the same operations in the same order."""
     c = x.shape[3]
-    a = bias[o]
+    a = start[o]
     for dy in range(kh):
         for dx in range(kw):
             row = (dy * kw + dx) * c
@@ -589,27 +597,30 @@ def _conv_sum(x, w, bias, i, y0, x0, kh, kw, o):
 
 
 @njit(**_JIT_EXACT, inline="always")
-def _store_sums(sums, at, count, alpha, beta, out, row, o):
-    """out[row, o + k] = sums[at + k] for k < count, through fma(·, alpha, beta) unless alpha
-    is None (a BatchNorm after the conv, rounded as eager torch rounds it)."""
+def _store_sums(sums, at, count, bias, alpha, beta, out, row, o):
+    """out[row, o + k] = sums[at + k] for k < count, plus bias[o + k] where the bias comes after
+    the sum (:data:`BIAS_AFTER_SUM`), then through fma(·, alpha, beta) unless alpha is None (a
+    BatchNorm after the conv, rounded as eager torch rounds it)."""
     for k in range(count):
         y = sums[at + k]
+        if BIAS_AFTER_SUM:
+            y = np.float32(y + bias[o + k])
         if alpha is not None:
             y = fma32(y, alpha[o + k], beta[o + k])
         out[row, o + k] = y
 
 
 @njit(**_JIT_EXACT, inline="always")
-def _narrow_channels(x, w, bias, i, y0, x0, kh, kw, o, sums, alpha, beta, out, row):
+def _narrow_channels(x, w, start, bias, i, y0, x0, kh, kw, o, sums, alpha, beta, out, row):
     """Channels o … O − 1 of one window (fewer than a block): 8, then 1 at a time."""
     o_rows = w.shape[1]
     while o + 8 <= o_rows:
-        conv_sums8(x, w, bias, i, y0, x0, kh, kw, o, sums)
-        _store_sums(sums, 0, 8, alpha, beta, out, row, o)
+        conv_sums8(x, w, start, i, y0, x0, kh, kw, o, sums)
+        _store_sums(sums, 0, 8, bias, alpha, beta, out, row, o)
         o += 8
     while o < o_rows:
-        sums[0] = _conv_sum(x, w, bias, i, y0, x0, kh, kw, o)
-        _store_sums(sums, 0, 1, alpha, beta, out, row, o)
+        sums[0] = _conv_sum(x, w, start, i, y0, x0, kh, kw, o)
+        _store_sums(sums, 0, 1, bias, alpha, beta, out, row, o)
         o += 1
 
 
@@ -617,9 +628,10 @@ def _narrow_channels(x, w, bias, i, y0, x0, kh, kw, o, sums, alpha, beta, out, r
 def conv_output_row(x, w, bias, i, oy, sh, sw, kh, kw, alpha, beta, out, row0):
     """Output row ``oy`` of image ``i`` of a full-precision convolution, in float32:
     out[row0 + ox, o] = fma(raw, alpha[o], beta[o]) (just raw when alpha is None) for every
-    ox < OW, o < O, with raw = bias[o] + Σ x·w[·, o], one fused multiply-add per term in
-    (dy, dx, c) order. x (N, Hp, Wp, C) float32, already padded; w (kh·kw·C, O) float32, rows
-    in (dy, dx, c) order.
+    ox < OW, o < O, with raw = bias[o] + Σ x·w[·, o]: one fused multiply-add per term in
+    (dy, dx, c) order, starting from bias[o], or from 0 with bias[o] added to the finished sum
+    where :data:`BIAS_AFTER_SUM`. x (N, Hp, Wp, C) float32, already padded; w (kh·kw·C, O)
+    float32, rows in (dy, dx, c) order.
 
     Blocks of CONV_BLOCK_POSITIONS windows × CONV_BLOCK_CHANNELS channels
     (:func:`~model.engine.intrinsics.conv_block_sums`: 3 × 32 on AVX2, 4 × 64 on AVX-512), then
@@ -629,25 +641,26 @@ def conv_output_row(x, w, bias, i, oy, sh, sw, kh, kw, alpha, beta, out, row0):
     y0 = oy * sh
     wide = w.shape[1] - w.shape[1] % CONV_BLOCK_CHANNELS
     sums = np.empty(CONV_BLOCK_POSITIONS * CONV_BLOCK_CHANNELS, np.float32)
+    start = np.zeros_like(bias) if BIAS_AFTER_SUM else bias
     ox = 0
     while ox + CONV_BLOCK_POSITIONS <= ow:
         for o in range(0, wide, CONV_BLOCK_CHANNELS):
-            conv_block_sums(x, w, bias, i, y0, ox * sw, sw, kh, kw, o, sums)
+            conv_block_sums(x, w, start, i, y0, ox * sw, sw, kh, kw, o, sums)
             for p in range(CONV_BLOCK_POSITIONS):
                 at = p * CONV_BLOCK_CHANNELS
-                _store_sums(sums, at, CONV_BLOCK_CHANNELS, alpha, beta, out, row0 + ox + p, o)
+                _store_sums(sums, at, CONV_BLOCK_CHANNELS, bias, alpha, beta, out, row0 + ox + p, o)
         for p in range(CONV_BLOCK_POSITIONS):
             x0 = (ox + p) * sw
             _narrow_channels(
-                x, w, bias, i, y0, x0, kh, kw, wide, sums, alpha, beta, out, row0 + ox + p
+                x, w, start, bias, i, y0, x0, kh, kw, wide, sums, alpha, beta, out, row0 + ox + p
             )
         ox += CONV_BLOCK_POSITIONS
     while ox < ow:
         for o in range(0, wide, CONV_BLOCK_CHANNELS):
-            conv_window_sums(x, w, bias, i, y0, ox * sw, kh, kw, o, sums)
-            _store_sums(sums, 0, CONV_BLOCK_CHANNELS, alpha, beta, out, row0 + ox, o)
+            conv_window_sums(x, w, start, i, y0, ox * sw, kh, kw, o, sums)
+            _store_sums(sums, 0, CONV_BLOCK_CHANNELS, bias, alpha, beta, out, row0 + ox, o)
         _narrow_channels(
-            x, w, bias, i, y0, ox * sw, kh, kw, wide, sums, alpha, beta, out, row0 + ox
+            x, w, start, bias, i, y0, ox * sw, kh, kw, wide, sums, alpha, beta, out, row0 + ox
         )
         ox += 1
 
@@ -657,11 +670,12 @@ def real_conv_threshold_pack(x, w, bias, kh, kw, sh, sw, cut, invert, out):
     """Full-precision conv with folded thresholds, output packed (the stem conv), in float32.
 
     x (N, Hp, Wp, C) float32, already padded; w (kh·kw·C, O) float32, rows in (dy, dx, c)
-    order; bias (O,) float32, the sum's first term (F.conv2d adds it too); out (N, OH, OW,
-    ⌈O/64⌉) gets bit o = (raw ≥ cut[o]) XOR invert[o] with raw = bias + Σ x·w in float32, one
-    fused multiply-add per term in (dy, dx, c) order (:func:`conv_output_row`, one output row
-    at a time). No reduction is vectorized and no fast-math flag is set, so raw is the same on
-    every CPU.
+    order; bias (O,) float32, the sum's first term or added to it (:data:`BIAS_AFTER_SUM`,
+    as F.conv2d does on this CPU); out (N, OH, OW, ⌈O/64⌉) gets bit o = (raw ≥ cut[o]) XOR
+    invert[o] with raw = bias + Σ x·w in float32, one fused multiply-add per term in
+    (dy, dx, c) order (:func:`conv_output_row`, one output row at a time). No reduction is
+    vectorized and no fast-math flag is set, so raw is the same on every CPU of one bias
+    order.
     """
     n = x.shape[0]
     oh, ow, words = out.shape[1], out.shape[2], out.shape[3]

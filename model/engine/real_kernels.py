@@ -105,7 +105,8 @@ def real_conv_rows(x, w, bias, kh, kw, sh, sw, alpha, beta, out):
     """A full-precision convolution's output rows, then its BatchNorm (None: none).
 
     x (N, Hp, Wp, C) float32, already padded; w (kh·kw·C, O) float32, rows in (dy, dx, c)
-    order; bias (O,) float32, the sum's first term; out (N·OH·OW, O) float32 rows, row
+    order; bias (O,) float32, the sum's first term or added to it
+    (:data:`~model.engine.kernels.BIAS_AFTER_SUM`); out (N·OH·OW, O) float32 rows, row
     (n, y, x) = fma(raw, alpha, beta) with raw = bias + Σ x·w in float32, one fused
     multiply-add per term in (dy, dx, c) order (:func:`~model.engine.kernels.conv_output_row`)
     — the same sums as the packed stem kernel

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 from model.engine.cpu import pad_nhwc, real_maxpool  # noqa: E402
 from model.engine.floatmath import affine_f32, fma_f32  # noqa: E402
 from model.engine.folding import BatchNormStep  # noqa: E402
+from model.engine.kernels import BIAS_AFTER_SUM  # noqa: E402
 from model.engine.real_kernels import (  # noqa: E402
     accumulator_rows,
     batchnorm_rows,
@@ -88,9 +89,32 @@ def test_binary_columns_real_is_accumulator_rows_of_the_counts(
         np.testing.assert_array_equal(out, want)
 
 
+@pytest.mark.parametrize(("channels", "o", "k", "stride"), [(3, 64, 7, 2), (64, 128, 1, 1)])
+def test_real_conv_rows_is_this_cpus_torch_conv2d_with_bias(channels, o, k, stride):
+    """Bit for bit F.conv2d with a bias on this machine's torch (oneDNN starts each sum at the
+    bias on AVX2 and adds it last on AVX-512: BIAS_AFTER_SUM must pick the same), for a
+    7×7/2 stem over 3 channels and a 1×1 over 64."""
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, size=(2, channels, 23, 23)).astype(np.float32)
+    weight = rng.normal(size=(o, channels, k, k)).astype(np.float32)
+    bias = (10 * rng.normal(size=o)).astype(np.float32)
+    with torch.no_grad():
+        want = torch.nn.functional.conv2d(
+            torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias), stride=stride
+        ).numpy()
+    rows = np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, o))
+    oh = want.shape[2]
+    out = np.empty((2 * oh * oh, o), np.float32)
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    real_conv_rows(nhwc, rows, bias, k, k, stride, stride, None, None, out)
+    np.testing.assert_array_equal(out.reshape(2, oh, oh, o).transpose(0, 3, 1, 2), want)
+
+
 @pytest.mark.parametrize(("channels", "o", "w"), [(3, 75, 8), (70, 75, 12), (3, 128, 10)])
 def test_real_conv_rows_sums_in_the_documented_order(channels, o, w):
-    """bias, then one float32 fma per term in (dy, dx, c) order; then the BatchNorm's fma."""
+    """bias (or 0, the bias added last: BIAS_AFTER_SUM), then one float32 fma per term in
+    (dy, dx, c) order; then the BatchNorm's fma."""
     rng = np.random.default_rng(2)
     # 75 and 128 outputs: whole channel blocks (32 on AVX2, 64 on AVX-512), then 8 and 1 at a
     # time; output widths 3, 5 and 4: blocks of 3 or 4 windows, then single windows
@@ -102,7 +126,7 @@ def test_real_conv_rows_sums_in_the_documented_order(channels, o, w):
     oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
     out = np.empty((n * oh * ow, o), np.float32)
     real_conv_rows(x, weight, bias, kh, kw, stride, stride, step.alpha, step.beta, out)
-    acc = np.broadcast_to(bias, (n, oh, ow, o)).copy()
+    acc = np.broadcast_to(np.float32(0) if BIAS_AFTER_SUM else bias, (n, oh, ow, o)).copy()
     for dy in range(kh):
         for dx in range(kw):
             window = x[
@@ -113,6 +137,8 @@ def test_real_conv_rows_sums_in_the_documented_order(channels, o, w):
             for ch in range(channels):
                 term = window[..., ch : ch + 1]
                 acc = fma_f32(term, weight[(dy * kw + dx) * channels + ch], acc)
+    if BIAS_AFTER_SUM:
+        acc = acc + bias
     want = fma_f32(acc, step.alpha, step.beta).reshape(-1, o)
     np.testing.assert_array_equal(out, want)
     plain = np.empty_like(out)
