@@ -102,19 +102,42 @@ def timed_together(
 
 
 # --- models ---------------------------------------------------------------------------------------
+# Grid of full-precision weights and biases with ``exact_float_sums``: with integer pixels up to
+# 255 and the layers' initial weights (|w| < 1), every partial sum of a 3×3 stem over 3 channels
+# is a multiple of 2⁻⁸ below 2¹⁶, exact in float32 whatever order a library sums in.
+FLOAT_GRID = 2.0**-8
+
+
 def build_artifact(
-    config, input_spec, path: Path, seed: int = 0, calibration: np.ndarray | None = None
+    config,
+    input_spec,
+    path: Path,
+    seed: int = 0,
+    calibration: np.ndarray | None = None,
+    exact_float_sums: bool = False,
 ) -> Path:
     """Random weights through training's export path; BatchNorm statistics calibrated on
     ``calibration`` (default: random pixels of the input's range) then perturbed (both signs),
-    so thresholds are realistic."""
+    so thresholds are realistic. ``exact_float_sums``: the full-precision layers' weights and
+    biases rounded to multiples of FLOAT_GRID, so that a backend's float sums are exact in any
+    order (PyTorch's CPU convolution picks oneDNN or im2col + GEMM by shape, batch size and
+    thread count, each summing in its own order; cuDNN has its own): a comparison of backends
+    then tests what they compute, not how a library rounds."""
     import torch
 
     from training.architectures import build_model
     from training.export import export_artifact
+    from training.layers import QuantizedLayer
 
     torch.manual_seed(seed)
     model = build_model(config, tuple(input_spec.shape), 10)
+    if exact_float_sums:
+        with torch.no_grad():
+            for layer in model.modules():
+                if isinstance(layer, QuantizedLayer) and not layer.is_binary:
+                    for tensor in (layer.weight, getattr(layer, "bias", None)):
+                        if tensor is not None:
+                            tensor.copy_(torch.round(tensor / FLOAT_GRID) * FLOAT_GRID)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d)]
     for bn in bns:
         bn.momentum = 1.0
