@@ -9,6 +9,7 @@ packed bits, else it ends in real values. Weights are laid out here, once, for t
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -95,7 +96,7 @@ def _compile_graph(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> Progra
     out_shapes = [out for _, out in spec.graph_shapes()]
     for layer, shape in zip(spec.layers, out_shapes, strict=True):
         shapes[layer.name] = shape
-    steps: list[tuple[Op, tuple[str, ...], str]] = []
+    steps: list[WiredStep] = []
     for chain in split_chains(spec):
         layers = tuple(spec.layers[i] for i in chain.layers)
         chain_shapes = [out_shapes[i] for i in chain.layers]
@@ -115,8 +116,33 @@ def _compile_graph(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> Progra
         for k, op in enumerate(ops):
             inputs = chain.sources if k == 0 else (f"{name}#{k - 1}",)
             steps.append((op, inputs, name if k == len(ops) - 1 else f"{name}#{k}"))
-    ops_in_order, wiring = wire(steps)
+    ops_in_order, wiring = wire(fuse_residual_adds(steps))
     return Program(ops=ops_in_order, input_shape=tuple(spec.input.shape), wiring=wiring)
+
+
+WiredStep = tuple[Op, tuple[str, ...], str]  # an operation, its inputs' names, its output's
+
+
+def fuse_residual_adds(steps: Sequence[WiredStep]) -> list[WiredStep]:
+    """Each binary conv on the column kernel (``columns``) whose real output is read only by a
+    two-input add becomes one ``residual`` operation in the add's place: it reads (bits,
+    shortcut) and writes the add's output, the sum taken while the conv's values are still in
+    registers (fl(conv + shortcut), as the add rounds it). Its bits were computed before the
+    conv, so before the add too; nothing between them read the conv's output. Saves the add's
+    pass over both values and one (N, O, OH, OW) array per block."""
+    readers = Counter(name for _, inputs, _ in steps for name in inputs)
+    fused, dropped = list(steps), set()
+    for i, (op, inputs, output) in enumerate(steps):
+        if not (isinstance(op, BinaryConv) and op.columns is not None and readers[output] == 1):
+            continue
+        j = next(j for j in range(i + 1, len(steps)) if output in steps[j][1])
+        add, add_inputs, add_output = steps[j]
+        if not (isinstance(add, RealAdd) and len(add_inputs) == 2) or len(set(add_inputs)) < 2:
+            continue
+        shortcut = add_inputs[1] if add_inputs[0] == output else add_inputs[0]
+        fused[j] = (replace(op, residual=True), (*inputs, shortcut), add_output)
+        dropped.add(i)
+    return [step for k, step in enumerate(fused) if k not in dropped]
 
 
 def compile_chain(

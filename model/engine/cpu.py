@@ -141,22 +141,36 @@ class NumbaExecutor:
         return self._binary_rows(op, a, op.features, kset)
 
     def _binary_conv(
-        self, op: BinaryConv, words: np.ndarray, kset: KernelSet = PARALLEL
+        self,
+        op: BinaryConv,
+        value: np.ndarray | tuple[np.ndarray, np.ndarray],
+        kset: KernelSet = PARALLEL,
     ) -> np.ndarray:
+        words, shortcut = value if isinstance(value, tuple) else (value, None)
         n = words.shape[0]
         (kh, kw), (sh, sw), (ph, pw) = op.kernel, op.stride, op.padding
         oh, ow = op.out_hw
         width = op.weight.shape[1] if op.columns is None else op.columns.shape[0]
         patches = kernels.aligned_words((n * oh * ow, width))
         kset.im2col_bits(words, kh, kw, sh, sw, ph, pw, op.pad_words, patches)
-        out = self._binary_rows(op, patches, op.features, kset)
+        if shortcut is not None:  # its rows, channels last like every real value here
+            shortcut = np.ascontiguousarray(shortcut.transpose(0, 2, 3, 1), F32)
+            shortcut = shortcut.reshape(n * oh * ow, -1)
+        out = self._binary_rows(op, patches, op.features, kset, shortcut)
         if isinstance(op.epilogue, ToReal):
             return out.reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
         return self._pools(op.epilogue, out.reshape(n, oh, ow, -1), kset)
 
     def _binary_rows(
-        self, op: BinaryDense | BinaryConv, a: np.ndarray, k: int, kset: KernelSet
+        self,
+        op: BinaryDense | BinaryConv,
+        a: np.ndarray,
+        k: int,
+        kset: KernelSet,
+        shortcut: np.ndarray | None = None,
     ) -> np.ndarray:
+        """The layer's rows from its patch (or input) rows ``a``: packed decisions, or real
+        values plus ``shortcut``'s rows (a fused residual add) when given."""
         ep = op.epilogue
         if isinstance(ep, Decide):
             out = kernels.aligned_words((a.shape[0], words_for(op.weight.shape[0])))
@@ -172,9 +186,9 @@ class NumbaExecutor:
         )  # fmt: skip
         float32_affine = all(v is None or v.dtype == F32 for v in (affine.scale, affine.bias))
         columns = op.columns if isinstance(op, BinaryConv) else None
-        if columns is not None and float32_affine:  # counts and epilogue in one pass
+        if columns is not None and float32_affine:  # counts, epilogue and add in one pass
             out = np.empty((a.shape[0], columns.shape[1]), F32)
-            real_kernels.binary_columns_real(a, columns, *real_args, out, ranges(kset))
+            real_kernels.binary_columns_real(a, columns, *real_args, shortcut, out, ranges(kset))
             return out
         p = np.empty((a.shape[0], op.weight.shape[0]), np.int32)
         if columns is not None:
@@ -183,10 +197,11 @@ class NumbaExecutor:
             kset.xor_popcount_gemm(a, op.weight, p, ranges(kset), self._sweeps[id(op)])
         if not float32_affine:
             acc = k - 2 * p.astype(np.int64) if sign_input else p - op.pcw
-            return _to_real(ep, acc.astype(F32))
-        out = np.empty(p.shape, F32)
-        real_kernels.accumulator_rows(p, *real_args, out)
-        return out
+            out = _to_real(ep, acc.astype(F32))
+        else:
+            out = np.empty(p.shape, F32)
+            real_kernels.accumulator_rows(p, *real_args, out)
+        return out if shortcut is None else out + shortcut
 
     def _planes_dense(
         self, op: PlanesDense, x: np.ndarray, kset: KernelSet = PARALLEL

@@ -7,7 +7,8 @@ binarizer's thresholds, exactly as in a v1 model. Where a value has several read
 sum feeding both the next block's sign and its shortcut) or a layer merges several values
 (``add``, ``concat``), the chain ends and the value stays real (float32) until each reader has
 taken it. So a Bi-Real block compiles to: quantize the block input (a shift before the sign
-folds into the per-channel cut) → binary conv → BatchNorm → add the shortcut.
+folds into the per-channel cut) → binary conv → BatchNorm → add the shortcut (on the column
+kernel the add joins the conv: :func:`model.engine.compiler.fuse_residual_adds`).
 
 :func:`split_chains` finds the chains; :func:`wire` gives each operation its input and output
 slots and the slots to release after it (a value is freed after its last reader, so a call

@@ -292,9 +292,9 @@ def _column_real_codegen(context, builder, sig, args, rows, vectors):
     :func:`_column_counts` (float32, bit for bit
     :func:`~model.engine.real_kernels.accumulator_rows`): acc = K − 2P (sign input) or
     P − pcw (step input), converted exactly (|acc| < 2²⁴), then ·scale, +bias and
-    fma(·, alpha, beta), each rounded as the scalar code does (no fast-math flag); a None
-    argument leaves its step out. args (a, wt, m, o, out, k, pcw, sign_input, scale, bias,
-    alpha, beta)."""
+    fma(·, alpha, beta), then + shortcut[m + r, o + c] (a residual add), each rounded as the
+    scalar code does (no fast-math flag); a None argument leaves its step out. args (a, wt, m,
+    o, out, k, pcw, sign_input, scale, bias, alpha, beta, shortcut)."""
     counts = _column_counts(context, builder, sig, args, rows, vectors)
     out_arr = context.make_array(sig.args[4])(context, builder, args[4])
     width = builder.extract_value(out_arr.shape, 1)
@@ -309,6 +309,9 @@ def _column_real_codegen(context, builder, sig, args, rows, vectors):
         for index, name in ((8, "scale"), (9, "bias"), (10, "alpha"), (11, "beta"))
         if not isinstance(sig.args[index], types.NoneType)
     }
+    shortcut = None
+    if not isinstance(sig.args[12], types.NoneType):
+        shortcut = context.make_array(sig.args[12])(context, builder, args[12]).data
     k_vector = builder.shuffle_vector(
         builder.insert_element(ir.Constant(_V8, None), k, ir.Constant(_I32, 0)),
         ir.Constant(_V8, None),
@@ -332,9 +335,12 @@ def _column_real_codegen(context, builder, sig, args, rows, vectors):
                 y = builder.fadd(y, per_channel["bias"])
             if "alpha" in per_channel:
                 y = builder.call(fma, [y, per_channel["alpha"], per_channel["beta"]])
-            out_row = builder.mul(builder.add(row, ir.Constant(_I64, r)), width)
-            target = _vector_at(builder, out_arr.data, builder.add(out_row, at), f8)
-            builder.store(y, target, align=4)
+            out_at = builder.add(builder.mul(builder.add(row, ir.Constant(_I64, r)), width), at)
+            if shortcut is not None:
+                y = builder.fadd(
+                    y, builder.load(_vector_at(builder, shortcut, out_at, f8), align=4)
+                )
+            builder.store(y, _vector_at(builder, out_arr.data, out_at, f8), align=4)
 
 
 def _column_counts_intrinsic(rows, vectors):
@@ -362,23 +368,27 @@ def _is_vector_or_none(t, dtype) -> bool:
 
 
 @intrinsic
-def column_block_real(typingctx, a, wt, m, o, out, k, pcw, sign_input, scale, bias, alpha, beta):
+def column_block_real(
+    typingctx, a, wt, m, o, out, k, pcw, sign_input, scale, bias, alpha, beta, shortcut
+):
     """out[m + r, o + j] for r < COLUMN_BLOCK_ROWS, j < COLUMN_BLOCK_CHANNELS: a binary layer's
     real outputs straight from the popcounts of :func:`column_block_counts`, still in
     registers (:func:`_column_real_codegen`). out (M, O) float32; pcw (O,) int64; scale,
-    bias, alpha, beta (O,) float32 or None (alpha and beta together)."""
+    bias, alpha, beta (O,) float32 or None (alpha and beta together); shortcut (M, O)
+    float32 or None."""
     ok = (
         _is_words_2d(a) and _is_words_2d(wt) and _is_array_2d(out, types.float32)
         and _is_vector_or_none(pcw, types.int64) and not isinstance(pcw, types.NoneType)
         and isinstance(sign_input, types.Boolean)
         and all(_is_vector_or_none(t, types.float32) for t in (scale, bias, alpha, beta))
         and isinstance(alpha, types.NoneType) == isinstance(beta, types.NoneType)
+        and (isinstance(shortcut, types.NoneType) or _is_array_2d(shortcut, types.float32))
     )  # fmt: skip
     if not ok:
         return None
     sig = types.none(
         a, wt, types.int64, types.int64, out, types.int64, pcw, types.boolean,
-        scale, bias, alpha, beta,
+        scale, bias, alpha, beta, shortcut,
     )  # fmt: skip
 
     def codegen(context, builder, sig, args):

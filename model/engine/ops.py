@@ -126,6 +126,10 @@ class BinaryConv:
     # (kh·kw·Wc, O) uint64, C-contiguous: the weight rows transposed, for the column kernel
     # (kernels.xor_popcount_columns) where the CPU has AVX-512 VPOPCNTDQ and the output is real
     columns: np.ndarray | None = None
+    # The real output plus a second input, the shortcut (N, O, OH, OW) float32, rounded as
+    # RealAdd rounds it: a residual block's conv → BatchNorm → add in one operation
+    # (compiler.fuse_residual_adds), whose inputs are then (bits, shortcut).
+    residual: bool = False
 
 
 @dataclass(frozen=True)

@@ -76,12 +76,13 @@ def accumulator_rows(p, k, pcw, sign_input, scale, bias, alpha, beta, out):
 
 
 @njit(**_EXACT_PAR)
-def binary_columns_real(a, wt, k, pcw, sign_input, scale, bias, alpha, beta, out, ranges):
+def binary_columns_real(a, wt, k, pcw, sign_input, scale, bias, alpha, beta, shortcut, out, ranges):
     """:func:`accumulator_rows` of :func:`~model.engine.kernels.xor_popcount_columns`'s counts
     in one pass: each whole block's counts go from registers straight to real values
     (:func:`~model.engine.intrinsics.column_block_real`), with no (M, O) array of counts
     written and read back; the edges count into a small tile first. a (M, L), wt (L, O)
-    uint64, out (M, O) float32."""
+    uint64, out (M, O) float32; shortcut (M, O) float32 added to each value (in float32, as
+    RealAdd rounds it), or None."""
     parts = column_parts(a, wt, ranges)
     for t in prange(parts):
         tile = np.empty((COLUMN_BLOCK_ROWS, COLUMN_BLOCK_CHANNELS), np.int32)
@@ -89,15 +90,18 @@ def binary_columns_real(a, wt, k, pcw, sign_input, scale, bias, alpha, beta, out
         for item in range(first, last):
             m0, m1, o0, o1 = column_block(a, wt, item)
             if m1 - m0 == COLUMN_BLOCK_ROWS and o1 - o0 == COLUMN_BLOCK_CHANNELS:
-                column_block_real(a, wt, m0, o0, out, k, pcw, sign_input, scale, bias, alpha, beta)
+                column_block_real(
+                    a, wt, m0, o0, out, k, pcw, sign_input, scale, bias, alpha, beta, shortcut
+                )
                 continue
             column_edge(a, wt, m0, m1, o0, o1, tile, 0, 0)
             for m in range(m0, m1):
                 for o in range(o0, o1):
                     p = tile[m - m0, o - o0]
-                    out[m, o] = _real_accumulator(
-                        p, o, k, pcw, sign_input, scale, bias, alpha, beta
-                    )
+                    y = _real_accumulator(p, o, k, pcw, sign_input, scale, bias, alpha, beta)
+                    if shortcut is not None:
+                        y = np.float32(y + shortcut[m, o])
+                    out[m, o] = y
 
 
 @njit(**_EXACT_PAR)

@@ -281,6 +281,8 @@ class TorchExecutor:
             padded = F.pad(a, pad, value=pad_value) if ph or pw else a
             return epilogue(conv(padded))
 
+        if op.residual:  # (bits, shortcut): the add as _real_add rounds it
+            return lambda xs: step(xs[0]).to(torch.float32) + xs[1].to(torch.float32)
         return step
 
     def _binary_epilogue(self, op: BinaryDense | BinaryConv, signs: np.ndarray, spatial=False):

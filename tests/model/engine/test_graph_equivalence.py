@@ -172,19 +172,21 @@ def test_chains_end_where_a_value_has_several_readers():
     assert sources[0] == (MODEL_INPUT,)
 
 
-def test_block_compiles_to_quantize_binary_conv_add_with_batchnorm_in_the_epilogue():
+@pytest.mark.parametrize("wide", [False, True])
+def test_block_compiles_to_quantize_binary_conv_add_with_batchnorm_in_the_epilogue(
+    monkeypatch, wide
+):
+    """Where the CPU counts 512 bits at once (the column kernel), the add joins the conv."""
+    from model.engine import compiler
+
+    monkeypatch.setattr(compiler, "WIDE_POPCOUNT", wide)
     spec = bireal_spec(widths=(8,), blocks=1)
     program = compile_program(spec, random_tensors(spec, np.random.default_rng(0)))
     kinds = [type(op).__name__ for op in program.ops]
-    assert kinds == [
-        "FloatConv",
-        "Quantize",
-        "BinaryConv",
-        "RealAdd",
-        "RealGlobalAvgPool",
-        "FloatDense",
-    ]
+    add = [] if wide else ["RealAdd"]
+    assert kinds == ["FloatConv", "Quantize", "BinaryConv", *add, "RealGlobalAvgPool", "FloatDense"]
     stem, conv = program.ops[0], program.ops[2]
+    assert conv.residual is wide
     assert isinstance(conv.epilogue, ToReal) and conv.epilogue.batchnorm is not None
     assert isinstance(stem.epilogue, ToReal) and stem.epilogue.batchnorm is not None
 
@@ -209,3 +211,33 @@ def test_v1_chains_compile_without_wiring():
     spec = cnn_spec()
     program = compile_program(spec, random_tensors(spec, np.random.default_rng(0)))
     assert program.wiring is None
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("variant", ["birealnet", "reactnet", "concat"])
+def test_column_kernel_and_fused_residual_adds_give_the_plain_programs_bits(
+    monkeypatch, backend, variant
+):
+    """With the column kernel forced on (as on an AVX-512 VPOPCNTDQ CPU; it runs, slower,
+    anywhere), every binary conv whose output only feeds a two-input add takes the add into
+    its epilogue (``residual``): no such add is left, and the logits are the bits of the
+    program compiled without columns, in both backends. Widths 32 and 40: whole blocks of 32
+    channels and edges."""
+    from model.engine import compiler
+    from model.engine.ops import BinaryConv, RealAdd
+
+    spec = bireal_spec(
+        input_shape=(3, 16, 16), widths=(32, 40), value_range=(0.0, 255.0), **VARIANTS[variant]
+    )
+    tensors = random_tensors(spec, np.random.default_rng(7))
+    x = np.random.default_rng(8).integers(0, 256, size=(5, 3, 16, 16)).astype(np.float32)
+    monkeypatch.setattr(compiler, "WIDE_POPCOUNT", False)
+    plain = compile_program(spec, tensors)
+    monkeypatch.setattr(compiler, "WIDE_POPCOUNT", True)
+    fused = compile_program(spec, tensors)
+    residual = [op for op in fused.ops if isinstance(op, BinaryConv) and op.residual]
+    assert residual and all(op.columns is not None for op in residual)
+    adds = sum(isinstance(op, RealAdd) for op in plain.ops)
+    assert sum(isinstance(op, RealAdd) for op in fused.ops) == adds - len(residual)
+    assert not any(isinstance(op, BinaryConv) and op.columns is not None for op in plain.ops)
+    np.testing.assert_array_equal(executor(fused, backend).run(x), executor(plain, backend).run(x))

@@ -84,9 +84,16 @@ def test_binary_columns_real_is_accumulator_rows_of_the_counts(
         out = np.full((m, o), np.nan, np.float32)
         binary_columns_real(
             a, np.ascontiguousarray(w.T), k, pcw, sign_input, scale, bias, step.alpha,
-            step.beta, out, ranges,
+            step.beta, None, out, ranges,
         )  # fmt: skip
         np.testing.assert_array_equal(out, want)
+        with_shortcut = np.empty_like(out)
+        shortcut = (50 * rng.normal(size=(m, o))).astype(np.float32)
+        binary_columns_real(
+            a, np.ascontiguousarray(w.T), k, pcw, sign_input, scale, bias, step.alpha,
+            step.beta, shortcut, with_shortcut, ranges,
+        )  # fmt: skip
+        np.testing.assert_array_equal(with_shortcut, want + shortcut)  # RealAdd's rounding
 
 
 @pytest.mark.parametrize(("channels", "o", "k", "stride"), [(3, 64, 7, 2), (64, 128, 1, 1)])
