@@ -390,14 +390,19 @@ def _channels_last(x: np.ndarray) -> bool:
 
 
 def real_maxpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
-    """Max over each window of (N, C, H, W) values, NaN-propagating as ``F.max_pool2d``: the
-    element-wise maximum of the kh·kw strided window slices, each a run of contiguous channels
-    (3× faster than reducing a sliding-window view over its two small window axes). The
-    result is channels-last in memory (see :mod:`model.engine.real_kernels`), which is how a
-    binary layer reads it."""
+    """Max over each window of (N, C, H, W) values, NaN-propagating as ``F.max_pool2d``. Values
+    kept channels-last between operations (float32) take one pass of
+    :func:`~model.engine.real_kernels.max_pool_nhwc`; any other input the element-wise maximum
+    of the kh·kw strided window slices, each a run of contiguous channels (3× faster than
+    reducing a sliding-window view over its two small window axes). The result is channels-last
+    in memory (see :mod:`model.engine.real_kernels`), which is how a binary layer reads it."""
     (kh, kw), (sh, sw) = kernel, stride
     channels_last = x.transpose(0, 2, 3, 1)
     oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    if x.dtype == F32 and channels_last.flags.c_contiguous:  # values between operations
+        pooled = np.empty((x.shape[0], oh, ow, x.shape[1]), F32)
+        real_kernels.max_pool_nhwc(channels_last, kh, kw, sh, sw, pooled)
+        return pooled.transpose(0, 3, 1, 2)
     out = None
     for dy in range(kh):
         for dx in range(kw):

@@ -122,5 +122,26 @@ def real_conv_rows(x, w, bias, kh, kw, sh, sw, alpha, beta, out):
         conv_output_row(x, w, bias, r // oh, r % oh, sh, sw, kh, kw, alpha, beta, out, r * ow)
 
 
+@njit(**_EXACT_PAR)
+def max_pool_nhwc(x, kh, kw, sh, sw, out):
+    """out[n, y, x, c] = the maximum of x over the window at (y·sh, x·sw), NaN if any value in
+    it is NaN (as ``F.max_pool2d``): x (N, H, W, C), out (N, OH, OW, C) float32, C-contiguous.
+    One pass, vectorized along the contiguous channels."""
+    n, oh, ow, c = out.shape
+    for r in prange(n * oh):
+        i, oy = r // oh, r % oh
+        for ox in range(ow):
+            for ch in range(c):
+                out[i, oy, ox, ch] = x[i, oy * sh, ox * sw, ch]
+            for dy in range(kh):
+                for dx in range(kw):
+                    if dy == 0 and dx == 0:
+                        continue
+                    for ch in range(c):
+                        m = out[i, oy, ox, ch]
+                        v = x[i, oy * sh + dy, ox * sw + dx, ch]
+                        out[i, oy, ox, ch] = v if v > m or v != v else m  # a NaN m stays
+
+
 # numba stamps a cached kernel with this file only; add the digest of all the engine sources
 runtime.stamp_kernel_caches()

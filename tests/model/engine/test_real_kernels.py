@@ -173,13 +173,19 @@ def test_real_maxpool_is_the_window_max(shape, kernel, stride, channels_last):
     np.testing.assert_array_equal(real_maxpool(x, kernel, stride), want)
 
 
-def test_real_maxpool_propagates_nan_as_torch():
-    """A NaN in a window makes that window's max NaN, as ``F.max_pool2d`` does."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_real_maxpool_propagates_nan_as_torch(channels_last):
+    """A NaN in a window makes that window's max NaN, as ``F.max_pool2d`` does, whether it
+    comes first in its window or after a larger value."""
     x = np.random.default_rng(6).normal(size=(1, 2, 4, 4)).astype(np.float32)
-    x[0, 1, 2, 3] = np.nan
+    x[0, 1, 2, 3] = np.nan  # last in its window
+    x[0, 0, 0, 0] = np.nan  # first in its window
+    x[0, 0, 0, 1] = 1e30
     want = torch.nn.functional.max_pool2d(torch.from_numpy(x), 2, 2).numpy()
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     got = real_maxpool(x, (2, 2), (2, 2))
-    assert np.isnan(got[0, 1, 1, 1]) and np.isnan(want[0, 1, 1, 1])
+    assert np.isnan(got[0, 1, 1, 1]) and np.isnan(got[0, 0, 0, 0]) and np.isnan(want[0, 0, 0, 0])
     np.testing.assert_array_equal(got, want)
 
 
