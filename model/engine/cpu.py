@@ -255,7 +255,9 @@ class NumbaExecutor:
         (kh, kw), (sh, sw) = op.kernel, op.stride
         ep = op.epilogue
         w = op.weight if op.weight.dtype != np.uint64 else _conv_signs(op)
-        bias = np.zeros(w.shape[1], F32) if op.bias_in_raw is None else op.bias_in_raw.astype(F32)
+        bias = (
+            np.zeros(w.shape[1], F32) if op.bias_in_raw is None else np.asarray(op.bias_in_raw, F32)
+        )
         padded = pad_nhwc(x, op.padding, op.pad_value)
         if isinstance(ep, Decide):
             out = kernels.aligned_words((n, oh, ow, words_for(w.shape[1])))
@@ -365,7 +367,8 @@ def unpack_bits(words: np.ndarray, bits: Bits) -> np.ndarray:
 
 
 def pad_nhwc(x: np.ndarray, padding: tuple[int, int], pad_value: float) -> np.ndarray:
-    """(N, C, H, W) → (N, H + 2·ph, W + 2·pw, C) float32 filled with ``pad_value`` around.
+    """(N, C, H, W) → (N, H + 2·ph, W + 2·pw, C) float32 filled with ``pad_value`` around (a
+    view of x itself where there is no padding and x is float32 channels-last already).
 
     Values already channels-last in memory (a conv's or an add's output) are copied in one
     assignment, rows of C contiguous values; channels-first ones (a model's input) one channel
@@ -373,6 +376,8 @@ def pad_nhwc(x: np.ndarray, padding: tuple[int, int], pad_value: float) -> np.nd
     transposing assignment (docs/benchmarks.md, "Engine design figures")."""
     n, c, h, w = x.shape
     ph, pw = padding
+    if ph == pw == 0 and x.dtype == F32 and _channels_last(x):
+        return x.transpose(0, 2, 3, 1)  # already the layout: a view, no copy
     padded = np.full((n, h + 2 * ph, w + 2 * pw, c), pad_value, F32)
     inner = padded[:, ph : ph + h, pw : pw + w, :]
     if _channels_last(x):
@@ -419,6 +424,10 @@ def real_avgpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]
     order, then divided by kh·kw."""
     (kh, kw), (sh, sw) = kernel, stride
     oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    if x.dtype == F32 and _channels_last(x):  # values between operations: one numba pass
+        pooled = np.empty((x.shape[0], oh, ow, x.shape[1]), F32)
+        real_kernels.avg_pool_nhwc(x.transpose(0, 2, 3, 1), kh, kw, sh, sw, pooled)
+        return pooled.transpose(0, 3, 1, 2)
     total = None
     for dy in range(kh):
         for dx in range(kw):

@@ -143,5 +143,27 @@ def max_pool_nhwc(x, kh, kw, sh, sw, out):
                         out[i, oy, ox, ch] = v if v > m or v != v else m  # a NaN m stays
 
 
+@njit(**_EXACT_PAR)
+def avg_pool_nhwc(x, kh, kw, sh, sw, out):
+    """out[n, y, x, c] = (Σ window) / (kh·kw) in float32, the window summed in (dy, dx) order
+    from its first value, as ``F.avg_pool2d`` (no padding) rounds it: x (N, H, W, C), out
+    (N, OH, OW, C) float32, C-contiguous. One pass, vectorized along the contiguous channels."""
+    n, oh, ow, c = out.shape
+    count = np.float32(kh * kw)
+    for r in prange(n * oh):
+        i, oy = r // oh, r % oh
+        for ox in range(ow):
+            for ch in range(c):
+                out[i, oy, ox, ch] = x[i, oy * sh, ox * sw, ch]
+            for dy in range(kh):
+                for dx in range(kw):
+                    if dy == 0 and dx == 0:
+                        continue
+                    for ch in range(c):
+                        out[i, oy, ox, ch] += x[i, oy * sh + dy, ox * sw + dx, ch]
+            for ch in range(c):
+                out[i, oy, ox, ch] /= count
+
+
 # numba stamps a cached kernel with this file only; add the digest of all the engine sources
 runtime.stamp_kernel_caches()

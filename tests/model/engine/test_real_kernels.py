@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model.engine.cpu import pad_nhwc, real_maxpool  # noqa: E402
+from model.engine.cpu import pad_nhwc, real_avgpool, real_maxpool  # noqa: E402
 from model.engine.floatmath import affine_f32, fma_f32  # noqa: E402
 from model.engine.folding import BatchNormStep  # noqa: E402
 from model.engine.kernels import BIAS_AFTER_SUM  # noqa: E402
@@ -173,6 +173,25 @@ def test_real_maxpool_is_the_window_max(shape, kernel, stride, channels_last):
     np.testing.assert_array_equal(real_maxpool(x, kernel, stride), want)
 
 
+@pytest.mark.parametrize(
+    ("shape", "kernel", "stride"),
+    [
+        ((2, 5, 9, 7), (2, 2), (2, 2)),
+        ((1, 64, 12, 12), (3, 3), (2, 2)),
+        ((3, 2, 4, 6), (1, 3), (1, 1)),
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_real_avgpool_is_torch_avg_pool2d_bit_for_bit(shape, kernel, stride, channels_last):
+    """Each window summed in (dy, dx) order and divided, as F.avg_pool2d rounds it, from
+    either memory layout (channels-last float32 takes the numba pass)."""
+    x = (np.random.default_rng(9).normal(size=shape) * 1e3).astype(np.float32)
+    want = torch.nn.functional.avg_pool2d(torch.from_numpy(x), kernel, stride).numpy()
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(real_avgpool(x, kernel, stride), want)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_real_maxpool_propagates_nan_as_torch(channels_last):
     """A NaN in a window makes that window's max NaN, as ``F.max_pool2d`` does, whether it
@@ -201,3 +220,7 @@ def test_pad_nhwc_surrounds_the_channels_last_image(shape, channels_last):
     want = np.pad(x.transpose(0, 2, 3, 1), ((0, 0), (2, 2), (1, 1), (0, 0)), constant_values=-0.5)
     assert got.flags.c_contiguous
     np.testing.assert_array_equal(got, want)
+    unpadded = pad_nhwc(x, (0, 0), -0.5)  # a 1×1 conv's input: channels-last is a view
+    view = x.transpose(0, 2, 3, 1).flags.c_contiguous  # channels-last (or one channel)
+    assert unpadded.flags.c_contiguous and np.shares_memory(unpadded, x) == view
+    np.testing.assert_array_equal(unpadded, x.transpose(0, 2, 3, 1))
