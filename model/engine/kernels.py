@@ -576,10 +576,11 @@ def signed_dense(bits, w_t, base, coef, out):
 
 
 # Where a float convolution's bias enters its sum, as in the oneDNN convolution eager torch
-# runs on this CPU: its AVX2 kernels start each sum at the bias, its AVX-512 (brgemm) kernels
-# add the bias to the finished sum. Measured against F.conv2d bit for bit (7×7/2 stem over 3
-# channels, 1×1 over 64): on an AVX-512 Xeon bias-last matches 100% of outputs and bias-first
-# 42–49%; on the AVX2 EPYC bias-first matched (test_real_kernels checks it on every machine).
+# runs on this CPU: its AVX2 kernels start each sum at the bias, its AVX-512 kernels add the
+# bias to the finished sum. Measured against F.conv2d bit for bit (7×7/2 stem over 3 channels,
+# 1×1 over 64 at batch 1): on an AVX-512 Xeon bias-last matches 100% of outputs, bias-first
+# 42–49%; on the AVX2 EPYC the engine's bias-first sums gave no ties. test_real_kernels checks
+# the 7×7 case against this machine's torch.
 BIAS_AFTER_SUM = WIDE_VECTORS
 
 
