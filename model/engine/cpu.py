@@ -397,7 +397,7 @@ def _channels_last(x: np.ndarray) -> bool:
 def real_maxpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
     """Max over each window of (N, C, H, W) values, NaN-propagating as ``F.max_pool2d``. Values
     kept channels-last between operations (float32) take one pass of
-    :func:`~model.engine.real_kernels.max_pool_nhwc`; any other input the element-wise maximum
+    :func:`~model.engine.real_kernels.pool_nhwc`; any other input the element-wise maximum
     of the kh·kw strided window slices, each a run of contiguous channels (3× faster than
     reducing a sliding-window view over its two small window axes). The result is channels-last
     in memory (see :mod:`model.engine.real_kernels`), which is how a binary layer reads it."""
@@ -406,7 +406,7 @@ def real_maxpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]
     oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
     if x.dtype == F32 and channels_last.flags.c_contiguous:  # values between operations
         pooled = np.empty((x.shape[0], oh, ow, x.shape[1]), F32)
-        real_kernels.max_pool_nhwc(channels_last, kh, kw, sh, sw, pooled)
+        real_kernels.pool_nhwc(channels_last, kh, kw, sh, sw, False, pooled)
         return pooled.transpose(0, 3, 1, 2)
     out = None
     for dy in range(kh):
@@ -426,7 +426,7 @@ def real_avgpool(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]
     oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
     if x.dtype == F32 and _channels_last(x):  # values between operations: one numba pass
         pooled = np.empty((x.shape[0], oh, ow, x.shape[1]), F32)
-        real_kernels.avg_pool_nhwc(x.transpose(0, 2, 3, 1), kh, kw, sh, sw, pooled)
+        real_kernels.pool_nhwc(x.transpose(0, 2, 3, 1), kh, kw, sh, sw, True, pooled)
         return pooled.transpose(0, 3, 1, 2)
     total = None
     for dy in range(kh):

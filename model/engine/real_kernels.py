@@ -123,31 +123,12 @@ def real_conv_rows(x, w, bias, kh, kw, sh, sw, alpha, beta, out):
 
 
 @njit(**_EXACT_PAR)
-def max_pool_nhwc(x, kh, kw, sh, sw, out):
-    """out[n, y, x, c] = the maximum of x over the window at (y·sh, x·sw), NaN if any value in
-    it is NaN (as ``F.max_pool2d``): x (N, H, W, C), out (N, OH, OW, C) float32, C-contiguous.
-    One pass, vectorized along the contiguous channels."""
-    n, oh, ow, c = out.shape
-    for r in prange(n * oh):
-        i, oy = r // oh, r % oh
-        for ox in range(ow):
-            for ch in range(c):
-                out[i, oy, ox, ch] = x[i, oy * sh, ox * sw, ch]
-            for dy in range(kh):
-                for dx in range(kw):
-                    if dy == 0 and dx == 0:
-                        continue
-                    for ch in range(c):
-                        m = out[i, oy, ox, ch]
-                        v = x[i, oy * sh + dy, ox * sw + dx, ch]
-                        out[i, oy, ox, ch] = v if v > m or v != v else m  # a NaN m stays
-
-
-@njit(**_EXACT_PAR)
-def avg_pool_nhwc(x, kh, kw, sh, sw, out):
-    """out[n, y, x, c] = (Σ window) / (kh·kw) in float32, the window summed in (dy, dx) order
-    from its first value, as ``F.avg_pool2d`` (no padding) rounds it: x (N, H, W, C), out
-    (N, OH, OW, C) float32, C-contiguous. One pass, vectorized along the contiguous channels."""
+def pool_nhwc(x, kh, kw, sh, sw, average, out):
+    """Max or average pooling of channels-last values in one pass, vectorized along the
+    contiguous channels: x (N, H, W, C), out (N, OH, OW, C) float32, C-contiguous. Each window
+    is folded in (dy, dx) order from its first value. ``average``: the sum divided by kh·kw in
+    float32, as ``F.avg_pool2d`` (no padding) rounds it; else the maximum, NaN if any value of
+    the window is NaN, as ``F.max_pool2d``."""
     n, oh, ow, c = out.shape
     count = np.float32(kh * kw)
     for r in prange(n * oh):
@@ -160,9 +141,15 @@ def avg_pool_nhwc(x, kh, kw, sh, sw, out):
                     if dy == 0 and dx == 0:
                         continue
                     for ch in range(c):
-                        out[i, oy, ox, ch] += x[i, oy * sh + dy, ox * sw + dx, ch]
-            for ch in range(c):
-                out[i, oy, ox, ch] /= count
+                        m = out[i, oy, ox, ch]
+                        v = x[i, oy * sh + dy, ox * sw + dx, ch]
+                        if average:
+                            out[i, oy, ox, ch] = m + v
+                        else:  # a NaN m stays
+                            out[i, oy, ox, ch] = v if v > m or v != v else m
+            if average:
+                for ch in range(c):
+                    out[i, oy, ox, ch] /= count
 
 
 # numba stamps a cached kernel with this file only; add the digest of all the engine sources
