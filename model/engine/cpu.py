@@ -59,6 +59,10 @@ from model.packing import unpack_signs, words_for
 
 # An executor method: (op, value, kernel set) → value.
 Handler = Callable[..., np.ndarray]
+# A binary layer's epilogue as the real-output kernels take it: K, pcw, whether the input is
+# ±1, scale, bias, BatchNorm alpha and beta (None: the step is absent).
+MaybeArray = np.ndarray | None
+RealArgs = tuple[int, np.ndarray, bool, MaybeArray, MaybeArray, MaybeArray, MaybeArray]
 
 
 class NumbaExecutor:
@@ -138,7 +142,7 @@ class NumbaExecutor:
         self, op: BinaryDense, words: np.ndarray, kset: KernelSet = PARALLEL
     ) -> np.ndarray:
         a = np.ascontiguousarray(words.reshape(words.shape[0], -1))
-        return self._binary_rows(op, a, op.features, kset)
+        return self._binary_rows(op, a, kset)
 
     def _binary_conv(
         self,
@@ -150,22 +154,42 @@ class NumbaExecutor:
         n = words.shape[0]
         (kh, kw), (sh, sw), (ph, pw) = op.kernel, op.stride, op.padding
         oh, ow = op.out_hw
-        width = op.weight.shape[1] if op.columns is None else op.columns.shape[0]
-        patches = kernels.aligned_words((n * oh * ow, width))
-        kset.im2col_bits(words, kh, kw, sh, sw, ph, pw, op.pad_words, patches)
         if shortcut is not None:  # its rows, channels last like every real value here
             shortcut = np.ascontiguousarray(shortcut.transpose(0, 2, 3, 1), F32)
             shortcut = shortcut.reshape(n * oh * ow, -1)
-        out = self._binary_rows(op, patches, op.features, kset, shortcut)
+        if op.columns is not None:  # the column kernels read the patches in place
+            out = self._column_rows(op, _padded_bits(words, op), kset, shortcut)
+        else:
+            patches = kernels.aligned_words((n * oh * ow, op.weight.shape[1]))
+            kset.im2col_bits(words, kh, kw, sh, sw, ph, pw, op.pad_words, patches)
+            out = self._binary_rows(op, patches, kset, shortcut)
         if isinstance(op.epilogue, ToReal):
             return out.reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
         return self._pools(op.epilogue, out.reshape(n, oh, ow, -1), kset)
+
+    def _column_rows(
+        self, op: BinaryConv, x: np.ndarray, kset: KernelSet, shortcut: np.ndarray | None
+    ) -> np.ndarray:
+        """A binary conv's real output rows (plus ``shortcut``'s, a fused residual add) by the
+        column kernels, from its padded input bits x (N, Hp, Wp, Wc)."""
+        assert op.columns is not None and isinstance(op.epilogue, ToReal)
+        (kh, kw), (sh, sw) = op.kernel, op.stride
+        m_rows = x.shape[0] * op.out_hw[0] * op.out_hw[1]
+        geometry = (x, kh, kw, sh, sw, op.columns)
+        real_args = _float32_real_args(op, op.epilogue)
+        if real_args is not None:  # counts, epilogue and add in one pass
+            out = np.empty((m_rows, op.columns.shape[1]), F32)
+            real_kernels.binary_columns_real(*geometry, *real_args, shortcut, out, ranges(kset))
+            return out
+        p = np.empty((m_rows, op.columns.shape[1]), np.int32)
+        kset.xor_popcount_columns(*geometry, p, ranges(kset))
+        out = _counts_to_real(op, p)
+        return out if shortcut is None else out + shortcut
 
     def _binary_rows(
         self,
         op: BinaryDense | BinaryConv,
         a: np.ndarray,
-        k: int,
         kset: KernelSet,
         shortcut: np.ndarray | None = None,
     ) -> np.ndarray:
@@ -178,29 +202,9 @@ class NumbaExecutor:
                 a, op.weight, ep.cut, ep.invert, out, ROW_CHUNK, ranges(kset), self._sweeps[id(op)]
             )
             return out
-        affine, bn = ep.affine or AffineStep(None, None), ep.batchnorm
-        sign_input = op.input.binarizer.kind == "sign"
-        real_args = (
-            k, op.pcw, sign_input, affine.scale, affine.bias,
-            None if bn is None else bn.alpha, None if bn is None else bn.beta,
-        )  # fmt: skip
-        float32_affine = all(v is None or v.dtype == F32 for v in (affine.scale, affine.bias))
-        columns = op.columns if isinstance(op, BinaryConv) else None
-        if columns is not None and float32_affine:  # counts, epilogue and add in one pass
-            out = np.empty((a.shape[0], columns.shape[1]), F32)
-            real_kernels.binary_columns_real(a, columns, *real_args, shortcut, out, ranges(kset))
-            return out
         p = np.empty((a.shape[0], op.weight.shape[0]), np.int32)
-        if columns is not None:
-            kset.xor_popcount_columns(a, columns, p, ranges(kset))
-        else:
-            kset.xor_popcount_gemm(a, op.weight, p, ranges(kset), self._sweeps[id(op)])
-        if not float32_affine:
-            acc = k - 2 * p.astype(np.int64) if sign_input else p - op.pcw
-            out = _to_real(ep, acc.astype(F32))
-        else:
-            out = np.empty(p.shape, F32)
-            real_kernels.accumulator_rows(p, *real_args, out)
+        kset.xor_popcount_gemm(a, op.weight, p, ranges(kset), self._sweeps[id(op)])
+        out = _counts_to_real(op, p)
         return out if shortcut is None else out + shortcut
 
     def _planes_dense(
@@ -445,6 +449,46 @@ def packed_dense(x: np.ndarray, weight: np.ndarray, features: int, kset: KernelS
     rows[:, :features] = x
     out = np.empty((x.shape[0], weight.shape[0]), F32)
     kset.real_packed_dense(rows, weight, out)
+    return out
+
+
+def _padded_bits(words: np.ndarray, op: BinaryConv) -> np.ndarray:
+    """A binary conv's input bits (N, H, W, Wc) with its padding around them, as the column
+    kernels read them (the input itself where there is none)."""
+    n, h, w, wc = words.shape
+    ph, pw = op.padding
+    if ph == pw == 0:
+        return np.ascontiguousarray(words)
+    out = np.empty((n, h + 2 * ph, w + 2 * pw, wc), np.uint64)
+    kernels.padded_bits(words, ph, pw, op.pad_words, out)
+    return out
+
+
+def _float32_real_args(op: BinaryDense | BinaryConv, ep: ToReal) -> RealArgs | None:
+    """The epilogue arguments of the real-output kernels (K, pcw, sign input, scale, bias,
+    BatchNorm alpha and beta; see :func:`~model.engine.real_kernels.accumulator_rows`), or
+    None where the layer's affine part is not float32 (those take :func:`_counts_to_real`)."""
+    affine, bn = ep.affine or AffineStep(None, None), ep.batchnorm
+    if any(v is not None and v.dtype != F32 for v in (affine.scale, affine.bias)):
+        return None
+    return (
+        op.features, op.pcw, op.input.binarizer.kind == "sign", affine.scale, affine.bias,
+        None if bn is None else bn.alpha, None if bn is None else bn.beta,
+    )  # fmt: skip
+
+
+def _counts_to_real(op: BinaryDense | BinaryConv, p: np.ndarray) -> np.ndarray:
+    """A binary layer's real output rows from its popcounts p (M, O) int32: the integer
+    accumulator (K − 2P for ±1 inputs, P − popcount(w) for {0, 1}) through its epilogue."""
+    ep = op.epilogue
+    assert isinstance(ep, ToReal)
+    real_args = _float32_real_args(op, ep)
+    if real_args is None:
+        sign_input = op.input.binarizer.kind == "sign"
+        acc = op.features - 2 * p.astype(np.int64) if sign_input else p - op.pcw
+        return _to_real(ep, acc.astype(F32))
+    out = np.empty(p.shape, F32)
+    real_kernels.accumulator_rows(p, *real_args, out)
     return out
 
 

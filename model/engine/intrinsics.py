@@ -224,47 +224,71 @@ def xor_popcount8_bits(typingctx, a, w, m, o, cut, invert):
     return sig, codegen
 
 
+def _is_patch_source(src, starts, patch, rows) -> bool:
+    """The argument types of a patch source: src a C-contiguous uint64 array, starts a tuple
+    of ``rows`` integers, patch a tuple of 3 integers (see :func:`_column_counts`)."""
+    return (
+        isinstance(src, types.Array) and src.layout == "C" and src.dtype == types.uint64
+        and isinstance(starts, types.UniTuple) and starts.count == rows
+        and isinstance(starts.dtype, types.Integer)
+        and isinstance(patch, types.UniTuple) and patch.count == 3
+        and isinstance(patch.dtype, types.Integer)
+    )  # fmt: skip
+
+
 def _column_counts(context, builder, sig, args, rows, vectors):
-    """popcount(a[m + r] XOR column o + 8v + j of wᵀ) for r < ``rows``, v < ``vectors``,
-    j < 8 as ``rows`` lists of ``vectors`` <8 x i64> values: per word k, ``vectors`` loads of
-    wᵀ[k, o:], and per row one broadcast of a[m + r, k], then XOR, ``llvm.ctpop.v8i64`` and
-    add into that (row, vector)'s own accumulator, all ``rows``·``vectors`` of them in
-    registers. args start (a, wt, m, o)."""
-    a_val, wt_val, row, col = args[:4]
-    a_arr = context.make_array(sig.args[0])(context, builder, a_val)
-    wt_arr = context.make_array(sig.args[1])(context, builder, wt_val)
-    length = builder.extract_value(a_arr.shape, 1)
+    """popcount(patch row r XOR column o + 8v + j of wᵀ) for r < ``rows``, v < ``vectors``,
+    j < 8 as ``rows`` lists of ``vectors`` <8 x i64> values.
+
+    The patch rows are read in place from ``src`` (an im2col with no copy): row r is
+    ``patch = (segments, length, stride)``'s segments of ``length`` consecutive words of src's
+    flat data, segment s starting at ``starts[r] + s·stride`` — a convolution's kh image rows of
+    kw·Wc words each (one segment of L words for rows already laid out, see
+    :func:`~model.engine.kernels.patch_geometry`); patch word k = s·length + i meets weight
+    row k. Per word, ``vectors`` loads of wᵀ[k, o:], and per row one broadcast of its word, then
+    XOR, ``llvm.ctpop.v8i64`` and add into that (row, vector)'s own accumulator, all
+    ``rows``·``vectors`` of them in registers. args start (src, starts, patch, wt, o)."""
+    src_val, starts_val, patch_val, wt_val, col = args[:5]
+    src = context.make_array(sig.args[0])(context, builder, src_val).data
+    wt_arr = context.make_array(sig.args[3])(context, builder, wt_val)
     o_rows = builder.extract_value(wt_arr.shape, 1)
+    segments, length, stride = (
+        builder.sext(builder.extract_value(patch_val, i), _I64)
+        if sig.args[2].dtype.bitwidth < 64
+        else builder.extract_value(patch_val, i)
+        for i in range(3)
+    )
+    starts = [builder.extract_value(starts_val, r) for r in range(rows)]
     ctpop = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(_V8, [_V8]), "llvm.ctpop.v8i64"
     )
-    a_rows = [
-        builder.gep(a_arr.data, [builder.mul(builder.add(row, ir.Constant(_I64, r)), length)])
-        for r in range(rows)
-    ]
     accs = [
         [cgutils.alloca_once_value(builder, ir.Constant(_V8, [0] * 8)) for _ in range(vectors)]
         for _ in range(rows)
     ]
     lane0 = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
-    with cgutils.for_range(builder, length) as loop:
-        k = loop.index
-        wt_row = builder.gep(wt_arr.data, [builder.add(builder.mul(k, o_rows), col)])
-        columns = [
-            builder.load(
-                builder.bitcast(builder.gep(wt_row, [ir.Constant(_I64, 8 * v)]), _V8.as_pointer()),
-                align=8,
-            )
-            for v in range(vectors)
-        ]
-        for a_row, row_accs in zip(a_rows, accs, strict=True):
-            word = builder.insert_element(
-                ir.Constant(_V8, None), builder.load(builder.gep(a_row, [k])), ir.Constant(_I32, 0)
-            )
-            word = builder.shuffle_vector(word, ir.Constant(_V8, None), lane0)
-            for column, acc in zip(columns, row_accs, strict=True):
-                counts = builder.call(ctpop, [builder.xor(word, column)])
-                builder.store(builder.add(builder.load(acc), counts), acc)
+    with cgutils.for_range(builder, segments) as segment:
+        offset = builder.mul(segment.index, stride)
+        rows_at = [builder.gep(src, [builder.add(start, offset)]) for start in starts]
+        wt_segment = builder.gep(
+            wt_arr.data, [builder.add(builder.mul(builder.mul(segment.index, length), o_rows), col)]
+        )
+        with cgutils.for_range(builder, length) as loop:
+            i = loop.index
+            wt_row = builder.gep(wt_segment, [builder.mul(i, o_rows)])
+            columns = [
+                builder.load(_vector_at(builder, wt_row, ir.Constant(_I64, 8 * v), _V8), align=8)
+                for v in range(vectors)
+            ]
+            for row_at, row_accs in zip(rows_at, accs, strict=True):
+                word = builder.insert_element(
+                    ir.Constant(_V8, None), builder.load(builder.gep(row_at, [i])),
+                    ir.Constant(_I32, 0),
+                )  # fmt: skip
+                word = builder.shuffle_vector(word, ir.Constant(_V8, None), lane0)
+                for column, acc in zip(columns, row_accs, strict=True):
+                    counts = builder.call(ctpop, [builder.xor(word, column)])
+                    builder.store(builder.add(builder.load(acc), counts), acc)
     return [[builder.load(acc) for acc in row_accs] for row_accs in accs]
 
 
@@ -272,17 +296,21 @@ def _vector_at(builder, data, index, vector):
     return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
 
 
+# The argument types of a patch source's place (starts, patch) in a column intrinsic's signature.
+_PATCH = types.UniTuple(types.int64, 3)
+
+
 def _column_counts_codegen(context, builder, sig, args, rows, vectors):
     """out[out_m + r, out_o + 8v + j] = the counts of :func:`_column_counts`, as int32; args
-    (a, wt, m, o, out, out_m, out_o)."""
+    (src, starts, patch, wt, o, out, out_m, out_o)."""
     counts = _column_counts(context, builder, sig, args, rows, vectors)
-    out_arr = context.make_array(sig.args[4])(context, builder, args[4])
+    out_arr = context.make_array(sig.args[5])(context, builder, args[5])
     width = builder.extract_value(out_arr.shape, 1)
     i32x8 = ir.VectorType(_I32, 8)
     for r, row_counts in enumerate(counts):
-        out_row = builder.mul(builder.add(args[5], ir.Constant(_I64, r)), width)
+        out_row = builder.mul(builder.add(args[6], ir.Constant(_I64, r)), width)
         for v, value in enumerate(row_counts):
-            at = builder.add(builder.add(out_row, args[6]), ir.Constant(_I64, 8 * v))
+            at = builder.add(builder.add(out_row, args[7]), ir.Constant(_I64, 8 * v))
             target = _vector_at(builder, out_arr.data, at, i32x8)
             builder.store(builder.trunc(value, i32x8), target, align=4)
 
@@ -293,25 +321,25 @@ def _column_real_codegen(context, builder, sig, args, rows, vectors):
     :func:`~model.engine.real_kernels.accumulator_rows`): acc = K − 2P (sign input) or
     P − pcw (step input), converted exactly (|acc| < 2²⁴), then ·scale, +bias and
     fma(·, alpha, beta), then + shortcut[m + r, o + c] (a residual add), each rounded as the
-    scalar code does (no fast-math flag); a None argument leaves its step out. args (a, wt, m,
-    o, out, k, pcw, sign_input, scale, bias, alpha, beta, shortcut)."""
+    scalar code does (no fast-math flag); a None argument leaves its step out. args (src,
+    starts, patch, wt, o, out, m, k, pcw, sign_input, scale, bias, alpha, beta, shortcut)."""
     counts = _column_counts(context, builder, sig, args, rows, vectors)
-    out_arr = context.make_array(sig.args[4])(context, builder, args[4])
+    out_arr = context.make_array(sig.args[5])(context, builder, args[5])
     width = builder.extract_value(out_arr.shape, 1)
-    row, col, k, pcw_val, sign_input = args[2], args[3], args[5], args[6], args[7]
+    col, row, k, pcw_val, sign_input = args[4], args[6], args[7], args[8], args[9]
     f8 = ir.VectorType(ir.FloatType(), 8)
     fma = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(f8, [f8] * 3), "llvm.fma.v8f32"
     )
-    pcw = context.make_array(sig.args[6])(context, builder, pcw_val).data
+    pcw = context.make_array(sig.args[8])(context, builder, pcw_val).data
     present = {
         name: context.make_array(sig.args[index])(context, builder, args[index]).data
-        for index, name in ((8, "scale"), (9, "bias"), (10, "alpha"), (11, "beta"))
+        for index, name in ((10, "scale"), (11, "bias"), (12, "alpha"), (13, "beta"))
         if not isinstance(sig.args[index], types.NoneType)
     }
     shortcut = None
-    if not isinstance(sig.args[12], types.NoneType):
-        shortcut = context.make_array(sig.args[12])(context, builder, args[12]).data
+    if not isinstance(sig.args[14], types.NoneType):
+        shortcut = context.make_array(sig.args[14])(context, builder, args[14]).data
     k_vector = builder.shuffle_vector(
         builder.insert_element(ir.Constant(_V8, None), k, ir.Constant(_I32, 0)),
         ir.Constant(_V8, None),
@@ -345,18 +373,24 @@ def _column_real_codegen(context, builder, sig, args, rows, vectors):
 
 def _column_counts_intrinsic(rows, vectors):
     """The intrinsic of ``rows`` rows × 8·``vectors`` columns, arguments
-    (a, wt, m, o, out, out_m, out_o)."""
+    (src, starts, patch, wt, o, out, out_m, out_o)."""
 
     def codegen(context, builder, sig, args):
         _column_counts_codegen(context, builder, sig, args, rows, vectors)
         return context.get_dummy_value()
 
-    def typer(typingctx, a, wt, m, o, out, out_m, out_o):
-        if not (_is_words_2d(a) and _is_words_2d(wt) and _is_array_2d(out, types.int32)):
+    def typer(typingctx, src, starts, patch, wt, o, out, out_m, out_o):
+        if not (_is_patch_source(src, starts, patch, rows) and _is_words_2d(wt)):
             return None
-        if not all(isinstance(t, types.Integer) for t in (m, o, out_m, out_o)):
+        if not _is_array_2d(out, types.int32):
             return None
-        return types.none(a, wt, types.int64, types.int64, out, *(types.int64,) * 2), codegen
+        if not all(isinstance(t, types.Integer) for t in (o, out_m, out_o)):
+            return None
+        starts_type = types.UniTuple(types.int64, rows)
+        return (
+            types.none(src, starts_type, _PATCH, wt, types.int64, out, types.int64, types.int64),
+            codegen,
+        )
 
     return typer
 
@@ -369,15 +403,17 @@ def _is_vector_or_none(t, dtype) -> bool:
 
 @intrinsic
 def column_block_real(
-    typingctx, a, wt, m, o, out, k, pcw, sign_input, scale, bias, alpha, beta, shortcut
-):
+    typingctx, src, starts, patch, wt, o, out, m, k, pcw, sign_input, scale, bias, alpha, beta,
+    shortcut,
+):  # fmt: skip
     """out[m + r, o + j] for r < COLUMN_BLOCK_ROWS, j < COLUMN_BLOCK_CHANNELS: a binary layer's
-    real outputs straight from the popcounts of :func:`column_block_counts`, still in
-    registers (:func:`_column_real_codegen`). out (M, O) float32; pcw (O,) int64; scale,
-    bias, alpha, beta (O,) float32 or None (alpha and beta together); shortcut (M, O)
-    float32 or None."""
+    real outputs straight from the popcounts of :func:`column_block_counts` of the patch rows
+    at ``starts`` (m's row first), still in registers (:func:`_column_real_codegen`).
+    out (M, O) float32; pcw (O,) int64; scale, bias, alpha, beta (O,) float32 or None (alpha
+    and beta together); shortcut (M, O) float32 or None."""
     ok = (
-        _is_words_2d(a) and _is_words_2d(wt) and _is_array_2d(out, types.float32)
+        _is_patch_source(src, starts, patch, COLUMN_BLOCK_ROWS) and _is_words_2d(wt)
+        and _is_array_2d(out, types.float32)
         and _is_vector_or_none(pcw, types.int64) and not isinstance(pcw, types.NoneType)
         and isinstance(sign_input, types.Boolean)
         and all(_is_vector_or_none(t, types.float32) for t in (scale, bias, alpha, beta))
@@ -387,8 +423,8 @@ def column_block_real(
     if not ok:
         return None
     sig = types.none(
-        a, wt, types.int64, types.int64, out, types.int64, pcw, types.boolean,
-        scale, bias, alpha, beta, shortcut,
+        src, types.UniTuple(types.int64, COLUMN_BLOCK_ROWS), _PATCH, wt, types.int64, out,
+        types.int64, types.int64, pcw, types.boolean, scale, bias, alpha, beta, shortcut,
     )  # fmt: skip
 
     def codegen(context, builder, sig, args):
@@ -400,12 +436,12 @@ def column_block_real(
 
 def _column_counts_doc(rows, lanes):
     return (
-        f"out[out_m + r, out_o + j] = popcount(a[m + r] XOR wt[:, o + j]) for r < {rows}, "
-        f"j < {lanes}: a (M, L) and wt (L, O) uint64 (the weight rows transposed: column o is "
-        "weight row o), out int32, all C-contiguous; m + r < M, o + j ≤ O. Vectorized across "
-        "output channels rather than along the row, so rows of any length (a 3×3 conv over 64 "
-        "channels has 9 words) run at full width with no horizontal sums; see "
-        ":func:`_column_counts`."
+        f"out[out_m + r, out_o + j] = popcount(patch row r XOR wt[:, o + j]) for r < {rows}, "
+        f"j < {lanes}: the patch rows read in place from src at ``starts`` with ``patch`` = "
+        "(segments, length, stride) (:func:`_column_counts`), wt (L, O) uint64 (the weight "
+        "rows transposed: column o is weight row o), out int32, all C-contiguous; o + j ≤ O. "
+        "Vectorized across output channels rather than along the row, so rows of any length "
+        "(a 3×3 conv over 64 channels has 9 words) run at full width with no horizontal sums."
     )
 
 

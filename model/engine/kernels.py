@@ -161,72 +161,138 @@ def gemm_part(a, w, out, parts, t, reverse):
 
 
 @njit(**_JIT)
-def column_parts(a, wt, ranges):
-    """How many contiguous ranges :func:`xor_popcount_columns` splits its work into: ``ranges``,
-    at most one per work item (a block of rows × a block of output channels)."""
-    return max(1, min(ranges, _column_items(a.shape[0], wt.shape[1])))
+def patch_rows(x, kh, kw, sh, sw):
+    """Where the patch rows of a kh×kw convolution with stride (sh, sw) over ``x`` lie, for the
+    column kernels to read them in place (no im2col copy). x (N, Hp, Wp, Wc) uint64,
+    C-contiguous, already padded (:func:`padded_bits`); patch row m = (n, oy, ox) is the words
+    of positions (oy·sh + dy, ox·sw + dx) for dy < kh, dx < kw in (dy, dx, word) order — kh
+    segments of kw·Wc consecutive words, one image row (Wp·Wc words) apart.
+
+    Returns ``(patch, grid)``: patch = (segments, length, stride) = (kh, kw·Wc, Wp·Wc), as the
+    intrinsics take it, and grid = (OH, OW, sh, sw) for :func:`patch_start`. Rows already laid
+    out, a (M, L), are the patch rows of a 1×1 convolution over a.reshape(1, M, 1, L)."""
+    _, hp, wp, wc = x.shape
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    patch = (np.int64(kh), np.int64(kw * wc), np.int64(wp * wc))
+    return patch, (np.int64(oh), np.int64(ow), np.int64(sh), np.int64(sw))
 
 
 @njit(**_JIT, inline="always")
-def _column_items(m_rows, o_rows):
-    row_blocks = -(-m_rows // COLUMN_BLOCK_ROWS)
-    return row_blocks * -(-o_rows // COLUMN_BLOCK_CHANNELS)
+def patch_start(x, grid, m):
+    """Flat index in x of patch row m's first word (see :func:`patch_rows`)."""
+    _, hp, wp, wc = x.shape
+    oh, ow, sh, sw = grid
+    n, r = m // (oh * ow), m % (oh * ow)
+    return ((n * hp + (r // ow) * sh) * wp + (r % ow) * sw) * wc
+
+
+@njit(**_JIT, inline="always")
+def block_starts(x, grid, m):
+    """:func:`patch_start` of rows m … m + COLUMN_BLOCK_ROWS − 1 (four), as a tuple: steps of
+    sw positions when the four lie in one output row, as they mostly do (no divisions)."""
+    ow, sw, wc = grid[1], grid[3], x.shape[3]
+    first = patch_start(x, grid, m)
+    if m % ow + 3 < ow:
+        step = sw * wc
+        return (first, first + step, first + 2 * step, first + 3 * step)
+    return (
+        first,
+        patch_start(x, grid, m + 1),
+        patch_start(x, grid, m + 2),
+        patch_start(x, grid, m + 3),
+    )
+
+
+@njit(**_JIT)
+def column_parts(m_rows, ranges):
+    """How many ranges of rows :func:`xor_popcount_columns` splits its work into: ``ranges``,
+    at most one per block of COLUMN_BLOCK_ROWS rows."""
+    return max(1, min(ranges, -(-m_rows // COLUMN_BLOCK_ROWS)))
 
 
 @njit(**_PAR)
-def xor_popcount_columns(a, wt, out, ranges):
-    """out[m, o] = popcount(a[m] XOR wt[:, o]) for a (M, L), wt (L, O) uint64 — the weight rows
-    transposed, any L — and out (M, O) int32: :func:`xor_popcount_gemm` vectorized across
-    output channels (:func:`~model.engine.intrinsics.column_block_counts`). Work items are
-    blocks of COLUMN_BLOCK_ROWS rows × COLUMN_BLOCK_CHANNELS channels, channel block major
-    (its weight columns stay in L1 while the rows stream past), split into ``ranges``
-    contiguous ranges, one per thread. :func:`~model.engine.real_kernels.binary_columns_real`
-    is the same loop with the binary layer's real epilogue."""
-    parts = column_parts(a, wt, ranges)
+def xor_popcount_columns(x, kh, kw, sh, sw, wt, out, ranges):
+    """out[m, o] = popcount(patch row m XOR wt[:, o]) for the patch rows of a kh×kw / (sh, sw)
+    convolution read in place from the padded bits x (N, Hp, Wp, Wc) (:func:`patch_rows`), wt
+    (L, O) uint64 — the weight rows transposed, L = kh·kw·Wc, any L — and out (N·OH·OW, O)
+    int32: :func:`xor_popcount_gemm` of im2col's rows, vectorized across output channels
+    (:func:`~model.engine.intrinsics.column_block_counts`) and with no patches array.
+
+    Work items are blocks of COLUMN_BLOCK_ROWS rows × COLUMN_BLOCK_CHANNELS channels. The rows
+    are split into ``ranges`` contiguous ranges, one per thread, as every real-valued kernel
+    splits them, so the next operation finds its rows in the cache of the core that wrote them;
+    a thread walks its range channel block major (the block's weight columns stay in L1 while
+    its rows stream past). :func:`~model.engine.real_kernels.binary_columns_real` is the same
+    loop with the binary layer's real epilogue."""
+    patch, grid = patch_rows(x, kh, kw, sh, sw)
+    m_rows = out.shape[0]
+    parts = column_parts(m_rows, ranges)
     for t in prange(parts):
-        first, last = column_range(a, wt, parts, t)
-        for item in range(first, last):
-            m0, m1, o0, o1 = column_block(a, wt, item)
-            if m1 - m0 == COLUMN_BLOCK_ROWS and o1 - o0 == COLUMN_BLOCK_CHANNELS:
-                column_block_counts(a, wt, m0, o0, out, m0, o0)
-            else:
-                column_edge(a, wt, m0, m1, o0, o1, out, m0, o0)
+        first, last = column_row_blocks(m_rows, parts, t)
+        for b in range(-(-wt.shape[1] // COLUMN_BLOCK_CHANNELS)):
+            for r in range(first, last):
+                m0, m1, o0, o1 = column_block(m_rows, wt, r, b)
+                if m1 - m0 == COLUMN_BLOCK_ROWS and o1 - o0 == COLUMN_BLOCK_CHANNELS:
+                    starts = block_starts(x, grid, m0)
+                    column_block_counts(x, starts, patch, wt, o0, out, m0, o0)
+                else:
+                    column_edge(x, patch, grid, wt, m0, m1, o0, o1, out, m0, o0)
 
 
 @njit(**_JIT, inline="always")
-def column_range(a, wt, parts, t):
-    """The work items [first, last) of range t of ``parts`` of a column kernel."""
-    items = _column_items(a.shape[0], wt.shape[1])
-    return t * items // parts, (t + 1) * items // parts
+def column_row_blocks(m_rows, parts, t):
+    """The blocks of COLUMN_BLOCK_ROWS rows [first, last) of range t of ``parts`` of a column
+    kernel."""
+    blocks = -(-m_rows // COLUMN_BLOCK_ROWS)
+    return t * blocks // parts, (t + 1) * blocks // parts
 
 
 @njit(**_JIT, inline="always")
-def column_block(a, wt, item):
-    """Rows [m0, m1) and channels [o0, o1) of a column kernel's work item ``item``: a whole
-    block, or a smaller one at the edges."""
-    m_rows, o_rows = a.shape[0], wt.shape[1]
-    row_blocks = -(-m_rows // COLUMN_BLOCK_ROWS)
-    b, r = item // row_blocks, item % row_blocks
+def column_block(m_rows, wt, r, b):
+    """Rows [m0, m1) and channels [o0, o1) of a column kernel's work item (row block r,
+    channel block b): a whole block, or a smaller one at the edges."""
     m0, m1 = r * COLUMN_BLOCK_ROWS, min(m_rows, (r + 1) * COLUMN_BLOCK_ROWS)
-    o0, o1 = b * COLUMN_BLOCK_CHANNELS, min(o_rows, (b + 1) * COLUMN_BLOCK_CHANNELS)
+    o0, o1 = b * COLUMN_BLOCK_CHANNELS, min(wt.shape[1], (b + 1) * COLUMN_BLOCK_CHANNELS)
     return m0, m1, o0, o1
 
 
 @njit(**_JIT)
-def column_edge(a, wt, m0, m1, o0, o1, out, out_m, out_o):
-    """out[out_m + m − m0, out_o + o − o0] = popcount(a[m] XOR wt[:, o]) for rows [m0, m1) and
-    channels [o0, o1) of a block smaller than a whole one: 8 channels at a time
+def column_edge(x, patch, grid, wt, m0, m1, o0, o1, out, out_m, out_o):
+    """out[out_m + m − m0, out_o + o − o0] = popcount(patch row m XOR wt[:, o]) for rows
+    [m0, m1) and channels [o0, o1) of a block smaller than a whole one: 8 channels at a time
     (:func:`~model.engine.intrinsics.column_counts8`), then one."""
+    flat = x.reshape(x.size)
+    segments, length, stride = patch
     for m in range(m0, m1):
+        start = patch_start(x, grid, m)
         o = o0
         while o + 8 <= o1:
-            column_counts8(a, wt, m, o, out, out_m + m - m0, out_o + o - o0)
+            column_counts8(x, (start,), patch, wt, o, out, out_m + m - m0, out_o + o - o0)
             o += 8
         for oo in range(o, o1):
             s = np.int64(0)
-            for k in range(a.shape[1]):
-                s += np.int64(popcount(a[m, k] ^ wt[k, oo]))
+            for segment in range(segments):
+                for i in range(length):
+                    word = flat[start + segment * stride + i]
+                    s += np.int64(popcount(word ^ wt[segment * length + i, oo]))
             out[out_m + m - m0, out_o + oo - o0] = s
+
+
+@njit(**_JIT)
+def padded_bits(x, ph, pw, pad, out):
+    """out (N, H + 2·ph, W + 2·pw, Wc) = x (N, H, W, Wc) uint64 with ``pad`` (Wc,) — the words
+    of one padded position — around it: the source the column kernels read patches from."""
+    n, h, w, wc = x.shape
+    for i in range(n):
+        for y in range(out.shape[1]):
+            inside_y = ph <= y < ph + h
+            for xx in range(out.shape[2]):
+                if inside_y and pw <= xx < pw + w:
+                    for k in range(wc):
+                        out[i, y, xx, k] = x[i, y - ph, xx - pw, k]
+                else:
+                    for k in range(wc):
+                        out[i, y, xx, k] = pad[k]
 
 
 @njit(**_JIT, inline="always")

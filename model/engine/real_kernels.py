@@ -28,11 +28,13 @@ from model.engine.intrinsics import (
 )
 from model.engine.kernels import (
     JitOptions,
+    block_starts,
     column_block,
     column_edge,
     column_parts,
-    column_range,
+    column_row_blocks,
     conv_output_row,
+    patch_rows,
 )
 
 # no fastmath: IEEE float32, every rounding eager's
@@ -76,32 +78,40 @@ def accumulator_rows(p, k, pcw, sign_input, scale, bias, alpha, beta, out):
 
 
 @njit(**_EXACT_PAR)
-def binary_columns_real(a, wt, k, pcw, sign_input, scale, bias, alpha, beta, shortcut, out, ranges):
+def binary_columns_real(
+    x, kh, kw, sh, sw, wt, k, pcw, sign_input, scale, bias, alpha, beta, shortcut, out, ranges
+):
     """:func:`accumulator_rows` of :func:`~model.engine.kernels.xor_popcount_columns`'s counts
     in one pass: each whole block's counts go from registers straight to real values
     (:func:`~model.engine.intrinsics.column_block_real`), with no (M, O) array of counts
-    written and read back; the edges count into a small tile first. a (M, L), wt (L, O)
-    uint64, out (M, O) float32; shortcut (M, O) float32 added to each value (in float32, as
+    written and read back; the edges count into a small tile first. x (N, Hp, Wp, Wc) the
+    padded bits whose kh×kw / (sh, sw) patches are read in place, wt (L, O) uint64, out
+    (N·OH·OW, O) float32; shortcut (N·OH·OW, O) float32 added to each value (in float32, as
     RealAdd rounds it), or None."""
-    parts = column_parts(a, wt, ranges)
+    patch, grid = patch_rows(x, kh, kw, sh, sw)
+    m_rows = out.shape[0]
+    parts = column_parts(m_rows, ranges)
     for t in prange(parts):
         tile = np.empty((COLUMN_BLOCK_ROWS, COLUMN_BLOCK_CHANNELS), np.int32)
-        first, last = column_range(a, wt, parts, t)
-        for item in range(first, last):
-            m0, m1, o0, o1 = column_block(a, wt, item)
-            if m1 - m0 == COLUMN_BLOCK_ROWS and o1 - o0 == COLUMN_BLOCK_CHANNELS:
-                column_block_real(
-                    a, wt, m0, o0, out, k, pcw, sign_input, scale, bias, alpha, beta, shortcut
-                )
-                continue
-            column_edge(a, wt, m0, m1, o0, o1, tile, 0, 0)
-            for m in range(m0, m1):
-                for o in range(o0, o1):
-                    p = tile[m - m0, o - o0]
-                    y = _real_accumulator(p, o, k, pcw, sign_input, scale, bias, alpha, beta)
-                    if shortcut is not None:
-                        y = np.float32(y + shortcut[m, o])
-                    out[m, o] = y
+        first, last = column_row_blocks(m_rows, parts, t)
+        for b in range(-(-wt.shape[1] // COLUMN_BLOCK_CHANNELS)):
+            for r in range(first, last):
+                m0, m1, o0, o1 = column_block(m_rows, wt, r, b)
+                if m1 - m0 == COLUMN_BLOCK_ROWS and o1 - o0 == COLUMN_BLOCK_CHANNELS:
+                    starts = block_starts(x, grid, m0)
+                    column_block_real(
+                        x, starts, patch, wt, o0, out, m0,
+                        k, pcw, sign_input, scale, bias, alpha, beta, shortcut,
+                    )  # fmt: skip
+                    continue
+                column_edge(x, patch, grid, wt, m0, m1, o0, o1, tile, 0, 0)
+                for m in range(m0, m1):
+                    for o in range(o0, o1):
+                        p = tile[m - m0, o - o0]
+                        y = _real_accumulator(p, o, k, pcw, sign_input, scale, bias, alpha, beta)
+                        if shortcut is not None:
+                            y = np.float32(y + shortcut[m, o])
+                        out[m, o] = y
 
 
 @njit(**_EXACT_PAR)

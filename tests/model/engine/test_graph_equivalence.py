@@ -240,4 +240,9 @@ def test_column_kernel_and_fused_residual_adds_give_the_plain_programs_bits(
     adds = sum(isinstance(op, RealAdd) for op in plain.ops)
     assert sum(isinstance(op, RealAdd) for op in fused.ops) == adds - len(residual)
     assert not any(isinstance(op, BinaryConv) and op.columns is not None for op in plain.ops)
-    np.testing.assert_array_equal(executor(fused, backend).run(x), executor(plain, backend).run(x))
+    want = executor(plain, backend).run(x)
+    np.testing.assert_array_equal(executor(fused, backend).run(x), want)
+    if backend == "numba":  # the parallel kernels too: rows split between threads
+        from model.engine.kernels import PARALLEL
+
+        np.testing.assert_array_equal(executor(fused, backend).run(x, PARALLEL), want)

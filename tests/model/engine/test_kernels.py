@@ -68,14 +68,57 @@ def test_xor_popcount_gemm(seed, m, o, k, ranges):
 def test_xor_popcount_columns(seed, m, o, k, ranges):
     """The column kernel on transposed weights gives the row kernel's counts, for whole blocks
     (4 rows × 32 channels) and every kind of edge: rows past a block, 8-channel and single
-    channels, any row length."""
+    channels, any row length (rows laid out already: a 1×1 convolution's patches)."""
     rng = np.random.default_rng(seed)
     (a, _), (w, _) = random_words(rng, (m,), k), random_words(rng, (o,), k)
     wt = np.ascontiguousarray(w.T)
+    rows = a.reshape(1, m, 1, a.shape[1])
     for kernel in (kernels.xor_popcount_columns, kernels.SERIAL.xor_popcount_columns):
         out = np.full((m, o), -1, np.int32)
-        kernel(a, wt, out, ranges)
+        kernel(rows, 1, 1, 1, 1, wt, out, ranges)
         np.testing.assert_array_equal(out, ref_popcount(a, w))
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 2),
+    c=st.sampled_from([3, 64, 100, 130]),
+    hw=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    kernel=st.sampled_from([(1, 1), (3, 3), (2, 3)]),
+    stride=st.sampled_from([(1, 1), (2, 2), (1, 2)]),
+    padding=st.sampled_from([(0, 0), (1, 1), (2, 1)]),
+    o=st.sampled_from([5, 32, 64, 75]),
+    ranges=st.integers(1, 3),
+)
+def test_xor_popcount_columns_reads_conv_patches_in_place(
+    seed, n, c, hw, kernel, stride, padding, o, ranges
+):
+    """On the padded input bits of a convolution (padded_bits), the column kernel counts the
+    same as on im2col's patch rows: every stride, kernel shape, padding and row split."""
+    h, w = hw
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    if h + 2 * ph < kh or w + 2 * pw < kw:
+        return
+    rng = np.random.default_rng(seed)
+    x, _ = random_words(rng, (n, h, w), c)
+    pad = pack_signs(np.where(rng.random(c) < 0.5, -1.0, 1.0))
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    width = kh * kw * words_for(c)
+    patches = np.zeros((n * oh * ow, row_words(width)), np.uint64)
+    kernels.im2col_bits(x, kh, kw, sh, sw, ph, pw, pad, patches)
+    weights, _ = random_words(rng, (o,), 64 * width)
+    padded = np.empty((n, h + 2 * ph, w + 2 * pw, words_for(c)), np.uint64)
+    kernels.padded_bits(x, ph, pw, pad, padded)
+    want = np.broadcast_to(pad, padded.shape).copy()
+    want[:, ph : ph + h, pw : pw + w] = x
+    np.testing.assert_array_equal(padded, want)
+    for kernel_set in (kernels.PARALLEL, kernels.SERIAL):
+        out = np.full((n * oh * ow, o), -1, np.int32)
+        kernel_set.xor_popcount_columns(
+            padded, kh, kw, sh, sw, np.ascontiguousarray(weights.T), out, ranges
+        )
+        np.testing.assert_array_equal(out, ref_popcount(patches[:, :width], weights))
 
 
 @SETTINGS
@@ -345,8 +388,9 @@ def test_popcount_loops_vectorize_to_vpopcntq():
             out[0, i] = s[i]
 
     @njit(nogil=True)
-    def columns(a, w, out):  # the column kernel's block
-        intrinsics.column_block_counts(a, w, 0, 0, out, 0, 0)
+    def columns(a, w, out):  # the column kernel's block, on rows laid out already
+        starts = (0, a.shape[1], 2 * a.shape[1], 3 * a.shape[1])
+        intrinsics.column_block_counts(a, starts, (1, a.shape[1], 0), w, 0, out, 0, 0)
 
     a, w, wt = (
         np.zeros((4, 64), np.uint64),

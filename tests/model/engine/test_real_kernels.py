@@ -80,18 +80,19 @@ def test_binary_columns_real_is_accumulator_rows_of_the_counts(
     _, step = batchnorm(rng, o)
     want = np.empty((m, o), np.float32)
     accumulator_rows(p, k, pcw, sign_input, scale, bias, step.alpha, step.beta, want)
+    rows = a.reshape(1, m, 1, words)  # the patch rows of a 1×1 convolution
     for ranges in (1, 3):
         out = np.full((m, o), np.nan, np.float32)
         binary_columns_real(
-            a, np.ascontiguousarray(w.T), k, pcw, sign_input, scale, bias, step.alpha,
-            step.beta, None, out, ranges,
+            rows, 1, 1, 1, 1, np.ascontiguousarray(w.T), k, pcw, sign_input, scale, bias,
+            step.alpha, step.beta, None, out, ranges,
         )  # fmt: skip
         np.testing.assert_array_equal(out, want)
         with_shortcut = np.empty_like(out)
         shortcut = (50 * rng.normal(size=(m, o))).astype(np.float32)
         binary_columns_real(
-            a, np.ascontiguousarray(w.T), k, pcw, sign_input, scale, bias, step.alpha,
-            step.beta, shortcut, with_shortcut, ranges,
+            rows, 1, 1, 1, 1, np.ascontiguousarray(w.T), k, pcw, sign_input, scale, bias,
+            step.alpha, step.beta, shortcut, with_shortcut, ranges,
         )  # fmt: skip
         np.testing.assert_array_equal(with_shortcut, want + shortcut)  # RealAdd's rounding
 
