@@ -236,11 +236,11 @@ class NumbaExecutor:
             raw = packed_dense(x, op.weight, op.features, kset)
             if op.bias_in_raw is not None:
                 raw += op.bias_in_raw
-        else:  # a 1×1 convolution of (M, 1, 1, F) rows: fixed-order sums on numba's threads
+        else:  # a 1×1 convolution of (M, F) rows: fixed-order sums on numba's threads
             raw = np.empty((x.shape[0], op.outputs), F32)
             bias = np.zeros(op.outputs, F32) if op.bias_in_raw is None else op.bias_in_raw
-            rows = np.ascontiguousarray(x, dtype=F32).reshape(x.shape[0], 1, 1, -1)
-            real_kernels.real_conv_rows(rows, op.weight, bias, 1, 1, 1, 1, None, None, raw)
+            rows = np.ascontiguousarray(x, dtype=F32)
+            real_kernels.real_dense_rows(rows, op.weight, bias, None, None, raw, ranges(kset))
         return _decide_or_real(op.epilogue, raw, kset)
 
     def _signed_dense(
@@ -269,11 +269,13 @@ class NumbaExecutor:
             return self._pools(ep, out, kset)
         # the epilogue's BatchNorm runs inside the kernel unless an affine part comes first
         bn = ep.batchnorm if ep.affine is None else None
+        alpha, beta = (None, None) if bn is None else (bn.alpha, bn.beta)
         raw = np.empty((n * oh * ow, w.shape[1]), F32)
-        real_kernels.real_conv_rows(
-            padded, w, bias, kh, kw, sh, sw,
-            None if bn is None else bn.alpha, None if bn is None else bn.beta, raw,
-        )  # fmt: skip
+        if (kh, kw, sh, sw) == (1, 1, 1, 1) and padded.flags.c_contiguous:  # rows of windows
+            rows = padded.reshape(n * oh * ow, -1)
+            real_kernels.real_dense_rows(rows, w, bias, alpha, beta, raw, ranges(kset))
+        else:
+            real_kernels.real_conv_rows(padded, w, bias, kh, kw, sh, sw, alpha, beta, raw)
         y = raw if ep.affine is None else _to_real(ep, raw)
         return y.reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
 

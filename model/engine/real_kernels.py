@@ -23,6 +23,7 @@ from model.engine import runtime  # cache directory and threading layer first
 from model.engine.intrinsics import (
     COLUMN_BLOCK_CHANNELS,
     COLUMN_BLOCK_ROWS,
+    CONV_BLOCK_POSITIONS,
     column_block_real,
     fma32,
 )
@@ -130,6 +131,24 @@ def real_conv_rows(x, w, bias, kh, kw, sh, sw, alpha, beta, out):
     ow = (x.shape[2] - kw) // sw + 1
     for r in prange(n * oh):
         conv_output_row(x, w, bias, r // oh, r % oh, sh, sw, kh, kw, alpha, beta, out, r * ow)
+
+
+@njit(**_EXACT_PAR)
+def real_dense_rows(x, w, bias, alpha, beta, out, ranges):
+    """:func:`real_conv_rows` of a 1×1 convolution with stride 1 (or a dense layer): x (M, C)
+    float32 rows, out (M, O), each out row the same bits as there. The rows are blocked across
+    image rows, as one long row of windows split into ``ranges`` contiguous ranges (a multiple
+    of the block each, but the last), so a 7×7 map's 49 rows take 12 blocks of 4 and one single
+    window instead of 7 blocks and 21 single windows (each single window reads all the
+    weights)."""
+    m, c = x.shape
+    blocks = -(-m // CONV_BLOCK_POSITIONS)
+    parts = max(1, min(ranges, blocks))
+    for t in prange(parts):
+        first = min(m, t * blocks // parts * CONV_BLOCK_POSITIONS)
+        last = min(m, (t + 1) * blocks // parts * CONV_BLOCK_POSITIONS)
+        rows = x[first:last].reshape(1, 1, last - first, c)
+        conv_output_row(rows, w, bias, 0, 0, 1, 1, 1, 1, alpha, beta, out, first)
 
 
 @njit(**_EXACT_PAR)

@@ -16,6 +16,7 @@ from model.engine.real_kernels import (  # noqa: E402
     batchnorm_rows,
     binary_columns_real,
     real_conv_rows,
+    real_dense_rows,
 )
 
 
@@ -154,6 +155,27 @@ def test_real_conv_rows_sums_in_the_documented_order(channels, o, w):
     plain = np.empty_like(out)
     real_conv_rows(x, weight, bias, kh, kw, stride, stride, None, None, plain)
     np.testing.assert_array_equal(plain, acc.reshape(-1, o))
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 49, 50])
+@pytest.mark.parametrize("with_batchnorm", [True, False])
+def test_real_dense_rows_are_real_conv_rows_of_a_1x1_convolution(m, with_batchnorm):
+    """The rows kernel (blocks of windows across image rows, rows split between threads)
+    gives the 1×1 convolution's bits for every row count and split: whole blocks, a short
+    last block, single windows."""
+    rng = np.random.default_rng(4)
+    c, o = 70, 75
+    x = rng.normal(size=(m, c)).astype(np.float32)
+    weight = rng.normal(size=(c, o)).astype(np.float32)
+    bias = rng.normal(size=o).astype(np.float32)
+    _, step = batchnorm(rng, o)
+    alpha, beta = (step.alpha, step.beta) if with_batchnorm else (None, None)
+    want = np.empty((m, o), np.float32)
+    real_conv_rows(x.reshape(m, 1, 1, c), weight, bias, 1, 1, 1, 1, alpha, beta, want)
+    for ranges in (1, 2, 3):
+        out = np.full((m, o), np.nan, np.float32)
+        real_dense_rows(x, weight, bias, alpha, beta, out, ranges)
+        np.testing.assert_array_equal(out, want)
 
 
 @pytest.mark.parametrize(
