@@ -174,6 +174,11 @@ class NumbaExecutor:
         column kernels, from its padded input bits x (N, Hp, Wp, Wc)."""
         assert op.columns is not None and isinstance(op.epilogue, ToReal)
         (kh, kw), (sh, sw) = op.kernel, op.stride
+        # the kernels read patch words at offsets computed from x's shape, unchecked: it must
+        # give the op's output size and the weights' row length
+        grid = ((x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1)
+        if grid != op.out_hw or kh * kw * x.shape[3] != op.columns.shape[0]:
+            raise AssertionError(f"{op.name}: input bits {x.shape} do not fit the conv")
         m_rows = x.shape[0] * op.out_hw[0] * op.out_hw[1]
         geometry = (x, kh, kw, sh, sw, op.columns)
         real_args = _float32_real_args(op, op.epilogue)
