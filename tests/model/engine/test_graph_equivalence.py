@@ -246,3 +246,23 @@ def test_column_kernel_and_fused_residual_adds_give_the_plain_programs_bits(
         from model.engine.kernels import PARALLEL
 
         np.testing.assert_array_equal(executor(fused, backend).run(x, PARALLEL), want)
+
+
+def test_column_kernel_refuses_input_bits_that_do_not_fit_the_conv(monkeypatch):
+    """The column kernels read patch words at offsets computed from the input's shape, with no
+    bounds checks: bits of another size are refused before any read."""
+    from model.engine import compiler
+    from model.engine.kernels import SERIAL
+    from model.engine.ops import BinaryConv
+
+    monkeypatch.setattr(compiler, "WIDE_POPCOUNT", True)
+    spec = bireal_spec(input_shape=(3, 16, 16), widths=(32,))
+    program = compile_program(spec, random_tensors(spec, np.random.default_rng(0)))
+    conv = next(op for op in program.ops if isinstance(op, BinaryConv) and op.columns is not None)
+    executor = NumbaExecutor(program)
+    h, w = conv.out_hw
+    shortcut = np.zeros((1, 32, h, w), np.float32)
+    for shape in [(1, h + 2, w, 1), (1, h, w, 2)]:  # too tall; two words a position, not one
+        bits = np.zeros(shape, np.uint64)
+        with pytest.raises(AssertionError, match="do not fit"):
+            executor.execute(conv, (bits, shortcut) if conv.residual else bits, SERIAL)
