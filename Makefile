@@ -49,7 +49,8 @@ GRPC_PROTO := service/protocol/grpc/grpc_service.proto
 grpc-stubs: install
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(GRPC_PROTO)
 
-# Regenerate the small default model shipped in the serving image (deploy/models, kept in git).
+# Regenerate the small default model shipped in the serving image (deploy/models, kept in git;
+# the shipped one predates the digits recipes keeping their last epoch, docs/training.md).
 default-model: install
 	rm -rf deploy/models/$(DEFAULT_MODEL)
 	$(PY) -m training train --arch mlp --dataset digits --seed 0 --repo deploy/models --name $(DEFAULT_MODEL) --no-progress

@@ -33,7 +33,7 @@ from training.config import (
     TrainConfig,
 )
 from training.data import DATASETS, DataError
-from training.recipes import DEFAULT_RECIPE, RECIPE_FIELDS, RECIPE_NAMES
+from training.recipes import DEFAULT_RECIPE, KEEP_EPOCHS, RECIPE_FIELDS, RECIPE_NAMES
 
 # Parsing and --help import neither torch nor scikit-learn; the commands import what they use.
 USAGE_ERRORS = (ConfigError, DataError, InvalidSpecError, InvalidModelNameError, ModelNotFoundError)
@@ -72,7 +72,7 @@ def build_parser() -> OneLineParser:
     train = commands.add_parser(
         "train",
         help="train, evaluate on the test split and publish a new model version",
-        description="Train a model, keep its best validation epoch, evaluate it on the test "
+        description="Train a model, keep its best validation epoch or its last (--keep-epoch), evaluate it on the test "
         "split and publish it into a model repository (REPO/NAME/VERSION/). The published "
         "directory is the last line of stdout.",
     )
@@ -196,8 +196,9 @@ def run_train(args: argparse.Namespace) -> int:
     print(result.data.describe())
     m = result.metrics
     print(
-        f"best epoch {m['best_epoch']}/{m['epochs']}: val accuracy {m['best_val_accuracy']:.4f}; "
-        f"test accuracy {m['test_accuracy']:.4f} (loss {m['test_loss']:.4f}); "
+        f"kept epoch {m['kept_epoch']}/{m['epochs']} ({m['keep_epoch']}): "
+        f"val accuracy {m['kept_val_accuracy']:.4f} (best: {m['best_val_accuracy']:.4f}, "
+        f"epoch {m['best_epoch']}); test accuracy {m['test_accuracy']:.4f} (loss {m['test_loss']:.4f}); "
         f"trained in {m['train_seconds']:.1f} s on {m['num_threads']} thread(s)"
         + (f" × {m['world_size']} processes ({m['backend']})" if m["world_size"] > 1 else "")
     )
@@ -406,6 +407,8 @@ TRAINING_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("augment_shift", int, "random crop of the image zero-padded by N pixels (a shift by up to "
      "N) per training sample, 0 = off"),
     ("augment_flip", "flag", "mirror each training image left-right with probability 1/2"),
+    ("keep_epoch", KEEP_EPOCHS, "the model is the epoch with the best validation accuracy, or "
+     "the last epoch"),
     ("seed", int, "training seed: initialisation, shuffling, augmentation"),
     ("split_seed", int, "data split seed"),
     ("val_fraction", float, "validation share of the data"),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from training.data import DATASETS
-from training.recipes import DEFAULT_RECIPE, RECIPE_NAMES, Recipe, recipe_for
+from training.recipes import DEFAULT_RECIPE, KEEP_EPOCHS, RECIPE_NAMES, Recipe, recipe_for
 
 if TYPE_CHECKING:
     from training.architectures import ArchitectureConfig
@@ -65,6 +65,9 @@ class TrainConfig:
     run; None (the default) means every usable core (:func:`model.cpus.usable_cores`: the
     affinity mask and the cgroup CPU quota), shared out among the processes of a distributed run.
 
+    ``keep_epoch``: the run's model is the weights of the epoch with the best validation
+    accuracy (``best``; ties: lower validation loss) or of the last epoch (``last``).
+
     ``compile`` runs the training steps through ``torch.compile`` (inductor): 1.3–1.6× more
     images per CPU-second after a compile of minutes (docs/training.md, "Training throughput").
     """
@@ -90,6 +93,7 @@ class TrainConfig:
     augment_shift: int = None  # type: ignore[assignment]
     augment_flip: bool = None  # type: ignore[assignment]
     compile: bool = None  # type: ignore[assignment]
+    keep_epoch: str = None  # type: ignore[assignment]
     seed: int = 0
     split_seed: int = 0
     val_fraction: float = 0.15
@@ -114,6 +118,7 @@ class TrainConfig:
             raise DeviceError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _one_of("keep_epoch", self.keep_epoch, KEEP_EPOCHS)
         for name in ("epochs", "batch_size", "lr_step_epochs"):
             _positive_int(name, getattr(self, name))
         if not _is_int(self.warmup_epochs) or not 0 <= self.warmup_epochs < self.epochs:

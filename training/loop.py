@@ -4,8 +4,9 @@ Per step: (optionally) augment the batch's images (random crops of the zero-padd
 :mod:`training.augment`), forward, cross-entropy,
 backward, optimizer step(s), schedule step, then clip the binary layers' latent weights to
 [−1, 1] (:func:`training.layers.clip_latent_weights`). After each epoch the model is evaluated
-on the validation split; the epoch with the best validation accuracy (ties: lower validation
-loss) is kept and restored at the end, and the test split is evaluated once, on that state.
+on the validation split. ``config.keep_epoch`` says which epoch's weights the run keeps: the
+one with the best validation accuracy (``best``; ties: lower validation loss), restored at the
+end, or the last (``last``); the test split is evaluated once, on that state.
 
 Under torchrun the same loop runs data-parallel (:mod:`training.distributed`): each process
 trains on its shard of every epoch with ``batch_size / N`` rows per step, gradients averaged
@@ -67,7 +68,7 @@ class EpochStats:
 
 @dataclass
 class TrainResult:
-    """A finished run: the model (eval mode, best epoch restored) and everything about it."""
+    """A finished run: the model (eval mode, the kept epoch's weights) and everything about it."""
 
     model: BinaryNet
     config: TrainConfig
@@ -91,13 +92,14 @@ class TrainResult:
 
     @cached_property
     def curves_png(self) -> bytes:
-        return render_curves([asdict(e) for e in self.history], self.metrics["best_epoch"])
+        return render_curves([asdict(e) for e in self.history], self.metrics["kept_epoch"])
 
 
 def train(
     config: TrainConfig, distributed: DistributedContext = SINGLE_PROCESS
 ) -> TrainResult | None:
-    """Train, keep the best validation epoch, evaluate on test, write the output files.
+    """Train, keep the best validation epoch or the last, evaluate on test, write the output
+    files.
 
     Runs on the config's device and torch thread count (:func:`training.runtime.resolve_runtime`)
     and restores the caller's thread count afterwards. The returned model is on the CPU whatever
@@ -199,7 +201,10 @@ def _train(
         )
         if (val.accuracy, -val.loss) > (best[0], -best[1]):
             best, best_epoch = (val.accuracy, val.loss), epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if config.keep_epoch == "best":
+                best_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+                }
         progress.set_postfix(
             loss=f"{loss_sum / seen:.4f}",
             acc=f"{correct / seen:.4f}",
@@ -211,7 +216,9 @@ def _train(
         return None
 
     model.to("cpu")
-    model.load_state_dict(best_state)
+    kept_epoch = best_epoch if config.keep_epoch == "best" else config.epochs
+    if config.keep_epoch == "best":
+        model.load_state_dict(best_state)
     model.eval()
     test = evaluate(model, data.test.x, data.test.y)
     summary = summarize_model(model)
@@ -223,6 +230,9 @@ def _train(
         "best_epoch": best_epoch,
         "best_val_accuracy": best[0],
         "best_val_loss": best[1],
+        "keep_epoch": config.keep_epoch,
+        "kept_epoch": kept_epoch,
+        "kept_val_accuracy": history[kept_epoch - 1].val_accuracy,
         "epochs": config.epochs,
         "train_seconds": train_seconds,
         "seconds_per_epoch": train_seconds / config.epochs,

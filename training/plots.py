@@ -1,4 +1,4 @@
-"""Training curves as a PNG: loss and accuracy per epoch, train and validation, best epoch marked.
+"""Training curves as a PNG: loss and accuracy per epoch, train and validation, kept epoch marked.
 
 Drawn on a bare ``matplotlib.figure.Figure`` with the Agg canvas, never through ``pyplot``: no
 global figure state, no display needed, safe in threads and on servers.
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-def render_curves(history: Sequence[Mapping[str, Any]], best_epoch: int | None = None) -> bytes:
+def render_curves(history: Sequence[Mapping[str, Any]], kept_epoch: int | None = None) -> bytes:
     """PNG bytes of the curves in ``history`` (one mapping per epoch with ``epoch``,
     ``train_loss``, ``val_loss``, ``train_accuracy``, ``val_accuracy``).
 
@@ -31,9 +31,9 @@ def render_curves(history: Sequence[Mapping[str, Any]], best_epoch: int | None =
     ):
         axes.plot(epochs, [row[f"train_{metric}"] for row in history], label="train")
         axes.plot(epochs, [row[f"val_{metric}"] for row in history], label="validation")
-        if best_epoch is not None:
+        if kept_epoch is not None:
             axes.axvline(
-                best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})"
+                kept_epoch, color="grey", linestyle=":", label=f"kept (epoch {kept_epoch})"
             )
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)

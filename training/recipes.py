@@ -21,6 +21,8 @@ from typing import Any
 
 RECIPE_NAMES = ("fast", "full")
 DEFAULT_RECIPE = "full"
+# Which epoch's weights a run keeps: the one with the best validation accuracy, or the last.
+KEEP_EPOCHS = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,12 @@ class Recipe:
 
     Learning rate per step s of S (W warm-up steps): lr·s/W while s < W, then the schedule over
     the remaining S − W steps (cosine: lr·½(1 + cos(π(s − W)/(S − W)))).
+
+    ``keep_epoch``: ``best`` keeps the weights of the epoch with the highest validation accuracy
+    (ties: lower validation loss); ``last`` keeps the final epoch's. On a validation split of a
+    few hundred images, the maximum over many epochs is mostly noise (one image is 0.37 points
+    of digits' 270) and tends to pick an early, lucky epoch; ``last`` is what a schedule
+    annealed to 0 is for.
     """
 
     epochs: int
@@ -48,6 +56,7 @@ class Recipe:
     augment_shift: int = 1
     augment_flip: bool = False
     compile: bool = False
+    keep_epoch: str = "best"
     model: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,11 +78,17 @@ GENERIC_RECIPES: dict[str, Recipe] = {
 
 # (arch, dataset, recipe) → Recipe; figures for each in docs/training.md ("Recipes").
 RECIPES: dict[tuple[str, str, str], Recipe] = {
-    # digits: 1,167 training scans, so full epochs are cheap; full keeps the published defaults.
-    ("mlp", "digits", "full"): Recipe(epochs=60, batch_size=64, lr=1e-2),
-    ("mlp", "digits", "fast"): Recipe(epochs=15, batch_size=64, lr=1e-2),
-    ("cnn", "digits", "full"): Recipe(epochs=60, batch_size=64, lr=1e-2),
-    ("cnn", "digits", "fast"): Recipe(epochs=15, batch_size=64, lr=1e-2),
+    # digits: 1,167 training scans, so full epochs are cheap; the published defaults (Adam 1e-2,
+    # cosine to 0, batch 64). They keep the last epoch: on the 270 validation images the best of
+    # 60 epochs was an early, lucky one (cnn seed 0 at 2 threads: epoch 18, 99.63% validation,
+    # 97.50% test). Chosen without the test split: picking the epoch on one random half of the
+    # validation images and scoring it on the other half, the last epoch scored higher in all
+    # ten runs measured (cnn and mlp, seeds 0-4; +0.7 points on average): docs/training.md.
+    **{
+        (arch, "digits", name): Recipe(epochs=epochs, batch_size=64, lr=1e-2, keep_epoch="last")
+        for arch in ("mlp", "cnn", "birealnet", "reactnet")
+        for name, epochs in (("full", 60), ("fast", 15))
+    },
     # fashion: 51,000 training images. Adam at 1e-2 on batches of 64 flips latent weights so
     # often that validation accuracy swung between 47% and 88% from epoch to epoch; 1e-3 on
     # batches of 256 (4× fewer, cheaper steps on a CPU), warmed up and annealed to 0, converges
@@ -94,20 +109,14 @@ RECIPES: dict[tuple[str, str, str], Recipe] = {
     ("mlp", "fashion", "fast"): Recipe(
         epochs=6, batch_size=256, lr=1e-3, warmup_epochs=1, augment_shift=0, augment_flip=True
     ),
-    # The residual nets (birealnet, reactnet). digits: the generic settings, measured for both
-    # (docs/training.md). fashion: Adam at 2e-3 on batches of 128 with a warm-up epoch and cosine
-    # decay (Bi-Real/ReActNet train with Adam and a decaying lr), flips only, the training steps
-    # compiled (1.3-1.6x the images per second). Random crops (pad 2) held the small nets back
+    # The residual nets (birealnet, reactnet) on fashion: Adam at 2e-3 on batches of 128 with a
+    # warm-up epoch and cosine decay (Bi-Real/ReActNet train with Adam and a decaying lr), flips
+    # only, the training steps compiled (1.3-1.6x the images per second). Random crops (pad 2) held the small nets back
     # as they did the MLP (48,96 for 14 epochs: 88.78% with them, 90.08% without). Both recipes
     # train the data set's default net (stride-1 stem, 32,64,128: 28 -> 14 -> 7; 36 M MACs),
     # which learns far more per epoch than a stride-2 net of a third the MACs (48,96: 90.36%
     # after 20 epochs in 28 minutes): ``full`` 30 epochs, 93.40% in 75 minutes; ``fast`` 10,
     # 91.43% in 29 minutes on 2 cores.
-    **{
-        (arch, "digits", name): Recipe(epochs=epochs, batch_size=64, lr=1e-2)
-        for arch in ("birealnet", "reactnet")
-        for name, epochs in (("full", 60), ("fast", 15))
-    },
     **{
         (arch, "fashion", name): Recipe(
             epochs=epochs,

@@ -1,8 +1,9 @@
-"""The training loop on tiny models: outputs, reproducibility, best epoch, clipping, Bop."""
+"""The training loop on tiny models: outputs, reproducibility, kept epoch, clipping, Bop."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def tiny(**overrides) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    return train(tiny(epochs=3, out_dir=tmp_path_factory.mktemp("run")))
+    return train(tiny(epochs=3, keep_epoch="best", out_dir=tmp_path_factory.mktemp("run")))
 
 
 def test_result_model_metrics_and_files(result):
@@ -63,6 +64,35 @@ def test_best_validation_epoch_is_restored(result):
     val = evaluate(result.model, result.data.val.x, result.data.val.y)
     assert val.accuracy == result.history[best - 1].val_accuracy
     assert val.loss == pytest.approx(result.history[best - 1].val_loss, rel=1e-5)
+
+
+def test_best_validation_epoch_is_recorded_with_the_kept_one(result):
+    metrics = result.metrics
+    assert (metrics["keep_epoch"], metrics["kept_epoch"]) == ("best", metrics["best_epoch"])
+    assert metrics["kept_val_accuracy"] == metrics["best_val_accuracy"]
+
+
+def test_last_epoch_is_kept_when_asked_whatever_the_best_epoch():
+    # lr 0.5, constant: the latent weights jump about, so the epochs' accuracies differ.
+    config = tiny(epochs=4, keep_epoch="last", lr=0.5, lr_schedule="constant")
+    last = train(config)
+    assert (last.metrics["keep_epoch"], last.metrics["kept_epoch"]) == ("last", 4)
+    val = evaluate(last.model, last.data.val.x, last.data.val.y)
+    assert val.accuracy == last.history[-1].val_accuracy == last.metrics["kept_val_accuracy"]
+    best = last.metrics["best_epoch"]
+    assert last.history[best - 1].val_accuracy == max(e.val_accuracy for e in last.history)
+    # The same run keeping its best epoch ends on that epoch's weights instead.
+    kept_best = train(replace(config, keep_epoch="best"))
+    assert kept_best.metrics["kept_epoch"] == best
+    assert [e.val_accuracy for e in kept_best.history] == [e.val_accuracy for e in last.history]
+    assert best != 4  # epoch 3 here: so the two runs must end on different weights
+    state_best, state_last = kept_best.model.state_dict(), last.model.state_dict()
+    assert any(not torch.equal(state_best[k], state_last[k]) for k in state_best)
+
+
+def test_keep_epoch_must_be_best_or_last():
+    with pytest.raises(ConfigError, match="keep_epoch must be one of best, last; got 'worst'"):
+        tiny(keep_epoch="worst")
 
 
 def test_same_seed_same_weights_other_seed_other_weights():

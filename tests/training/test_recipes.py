@@ -62,6 +62,16 @@ def test_digits_full_recipe_keeps_the_published_defaults():
     assert not config.augment_flip  # a mirrored digit is another symbol or none
 
 
+def test_digits_runs_keep_the_last_epoch_and_the_large_validation_sets_the_best():
+    # digits' 270 validation images are too few to pick one epoch of 60 (docs/training.md).
+    for arch in ("mlp", "cnn", "birealnet", "reactnet"):
+        for name in RECIPE_NAMES:
+            assert TrainConfig(arch=arch, dataset="digits", recipe=name).keep_epoch == "last"
+    assert TrainConfig(arch="reactnet", dataset="fashion").keep_epoch == "best"
+    assert TrainConfig(arch="mlp", dataset="mnist").keep_epoch == "best"  # generic recipe
+    assert TrainConfig(arch="cnn", dataset="digits", keep_epoch="best").keep_epoch == "best"
+
+
 def test_explicit_options_override_the_recipe_and_the_rest_still_applies():
     recipe = recipe_for("mlp", "fashion", "full")
     config = TrainConfig(arch="mlp", dataset="fashion", epochs=3, augment_flip=False)
