@@ -10,7 +10,10 @@ thing against the baseline (eager, NCHW, float32, batch 64, one thread):
 * ``channels_last`` — model and batches in NHWC memory format (oneDNN's preferred layout);
 * ``bf16`` — ``torch.autocast("cpu", dtype=torch.bfloat16)`` around forward and loss;
 * ``compile`` — ``torch.compile(model)`` (inductor, compiled once before timing);
-* ``threads2`` — two torch threads.
+* ``threads2`` — two torch threads;
+* ``recipe`` — what the residual nets' Fashion-MNIST recipes run: batch 128, two threads,
+  compiled; ``recipe_bf16``, ``recipe_channels_last`` and ``recipe_bf16_channels_last`` add
+  those options to it (compare them with ``--baseline recipe``, on wall time: two threads).
 
 Variants run in alternating turns (``rounds`` rounds of ``steps`` steps each) so that load
 from other processes falls on all of them alike; the report gives the median over rounds of
@@ -40,6 +43,7 @@ RESULTS = ROOT / "bench" / "results" / "training.json"
 SHAPE = (1, 28, 28)
 CLASSES = 10
 VARIANTS = ("baseline", "batch256", "channels_last", "bf16", "compile", "threads2")
+RECIPE_VARIANTS = ("recipe", "recipe_bf16", "recipe_channels_last", "recipe_bf16_channels_last")
 ARCHS = ("mlp", "cnn", "birealnet", "reactnet")
 
 
@@ -60,6 +64,17 @@ VARIANT_OPTIONS = {
     "bf16": Variant("bf16", bf16=True),
     "compile": Variant("compile", compile=True),
     "threads2": Variant("threads2", threads=2),
+    **{
+        name: Variant(
+            name,
+            batch=128,
+            threads=2,
+            compile=True,
+            bf16="bf16" in name,
+            channels_last="channels_last" in name,
+        )
+        for name in RECIPE_VARIANTS
+    },
 }
 
 
@@ -170,21 +185,23 @@ def machine() -> dict[str, Any]:
     }
 
 
-def to_markdown(rows: list[dict]) -> str:
-    baseline = {r["arch"]: r for r in rows if r["variant"] == "baseline" and r["works"]}
+def to_markdown(rows: list[dict], baseline_variant: str = "baseline") -> str:
+    baseline = {r["arch"]: r for r in rows if r["variant"] == baseline_variant and r["works"]}
     lines = [
-        "| arch | option | images/s (wall) | images/CPU-s | vs baseline (CPU-s) |",
-        "|---|---|---:|---:|---:|",
+        f"| arch | option | images/s (wall) | images/CPU-s | vs {baseline_variant} (CPU-s) "
+        f"| vs {baseline_variant} (wall) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         if not r["works"]:
-            lines.append(f"| {r['arch']} | {r['variant']} | fails | | |")
+            lines.append(f"| {r['arch']} | {r['variant']} | fails | | | |")
             continue
         base = baseline.get(r["arch"])
-        ratio = f"{r['images_per_cpu_s'] / base['images_per_cpu_s']:.2f}x" if base else ""
+        cpu = f"{r['images_per_cpu_s'] / base['images_per_cpu_s']:.2f}x" if base else ""
+        wall = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else ""
         lines.append(
             f"| {r['arch']} | {r['variant']} | {r['images_per_s']:.0f} | "
-            f"{r['images_per_cpu_s']:.0f} | {ratio} |"
+            f"{r['images_per_cpu_s']:.0f} | {cpu} | {wall} |"
         )
     return "\n".join(lines)
 
@@ -195,18 +212,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--baseline", default="baseline", help="the variant ratios are against")
     args = parser.parse_args(argv)
     archs, variants = args.archs.split(","), args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANT_OPTIONS)) + sorted(set(archs) - set(ARCHS))
     if unknown:
         print(f"python -m bench training: unknown {unknown}", file=sys.stderr)
         return 2
+    if args.baseline not in variants:
+        print(
+            f"python -m bench training: --baseline {args.baseline} is not among the measured "
+            f"--variants {args.variants}",
+            file=sys.stderr,
+        )
+        return 2
     before = machine()
     rows = measure(archs, variants, args.rounds, args.steps)
     report = {"machine": before, "load_average_after": os.getloadavg(), "rows": rows}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2))
-    print(to_markdown(rows))
+    print(to_markdown(rows, args.baseline))
     print(f"load average before {before['load_average']}, after {report['load_average_after']}")
     return 0
 

@@ -33,7 +33,7 @@ from training.config import (
     TrainConfig,
 )
 from training.data import DATASETS, DataError
-from training.recipes import DEFAULT_RECIPE, KEEP_EPOCHS, RECIPE_FIELDS, RECIPE_NAMES
+from training.recipes import BF16_MODES, DEFAULT_RECIPE, KEEP_EPOCHS, RECIPE_FIELDS, RECIPE_NAMES
 
 # Parsing and --help import neither torch nor scikit-learn; the commands import what they use.
 USAGE_ERRORS = (ConfigError, DataError, InvalidSpecError, InvalidModelNameError, ModelNotFoundError)
@@ -416,6 +416,8 @@ TRAINING_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("num_threads", "positive", "torch threads; default: every usable core (CPU affinity and "
      "cgroup quota)"),
     ("compile", "flag", "torch.compile the training steps (minutes to compile, then faster)"),
+    ("bf16", BF16_MODES, "bf16 autocast of the training steps; auto: where the device computes "
+     "bf16 natively (AVX-512 BF16, AMX, a bf16 GPU)"),
 )  # fmt: skip
 
 

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from training.data import DATASETS
-from training.recipes import DEFAULT_RECIPE, KEEP_EPOCHS, RECIPE_NAMES, Recipe, recipe_for
+from training.recipes import (
+    BF16_MODES,
+    DEFAULT_RECIPE,
+    KEEP_EPOCHS,
+    RECIPE_NAMES,
+    Recipe,
+    recipe_for,
+)
 
 if TYPE_CHECKING:
     from training.architectures import ArchitectureConfig
@@ -68,6 +75,10 @@ class TrainConfig:
     ``keep_epoch``: the run's model is the weights of the epoch with the best validation
     accuracy (``best``; ties: lower validation loss) or of the last epoch (``last``).
 
+    ``bf16`` (``auto``, ``on``, ``off``): the training steps' forward pass and loss under bf16
+    autocast; ``auto`` where the device computes bf16 natively
+    (:func:`training.runtime.native_bf16`). Evaluation and the export stay float32.
+
     ``compile`` runs the training steps through ``torch.compile`` (inductor): 1.3–1.6× more
     images per CPU-second after a compile of minutes (docs/training.md, "Training throughput").
     """
@@ -94,6 +105,7 @@ class TrainConfig:
     augment_flip: bool = None  # type: ignore[assignment]
     compile: bool = None  # type: ignore[assignment]
     keep_epoch: str = None  # type: ignore[assignment]
+    bf16: str = None  # type: ignore[assignment]
     seed: int = 0
     split_seed: int = 0
     val_fraction: float = 0.15
@@ -119,6 +131,7 @@ class TrainConfig:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _one_of("keep_epoch", self.keep_epoch, KEEP_EPOCHS)
+        _one_of("bf16", self.bf16, BF16_MODES)
         for name in ("epochs", "batch_size", "lr_step_epochs"):
             _positive_int(name, getattr(self, name))
         if not _is_int(self.warmup_epochs) or not 0 <= self.warmup_epochs < self.epochs:

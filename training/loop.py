@@ -1,8 +1,8 @@
 """The training loop: one call, :func:`train`, from a :class:`TrainConfig` to a trained model.
 
 Per step: (optionally) augment the batch's images (random crops of the zero-padded images, flips;
-:mod:`training.augment`), forward, cross-entropy,
-backward, optimizer step(s), schedule step, then clip the binary layers' latent weights to
+:mod:`training.augment`), forward and cross-entropy (under bf16 autocast when the run's
+``bf16`` resolves to on, :mod:`training.runtime`; evaluation always runs in float32), backward, optimizer step(s), schedule step, then clip the binary layers' latent weights to
 [−1, 1] (:func:`training.layers.clip_latent_weights`). After each epoch the model is evaluated
 on the validation split. ``config.keep_epoch`` says which epoch's weights the run keeps: the
 one with the best validation accuracy (``best``; ties: lower validation loss), restored at the
@@ -170,8 +170,9 @@ def _train(
         for begin in range(0, len(order), batch_size):
             index = order[begin : begin + batch_size]
             x, y = augment(x_train[index], generator), y_train[index]
-            logits = trained(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
+                logits = trained(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -244,6 +245,7 @@ def _train(
         "compression_ratio": summary.compression_ratio,
         "num_threads": torch.get_num_threads(),
         "device": str(device),
+        "bf16": runtime.bf16,
         "images_per_second": len(y_train) * config.epochs / train_seconds,
         **distributed.metrics(),
     }

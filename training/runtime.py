@@ -9,6 +9,11 @@ the CPU) and an explicit device must agree with it.
 quota⌋)`` (:mod:`model.cpus`), divided among the processes of a distributed run:
 ``max(1, usable_cores() // world_size)``.
 
+``bf16``: ``on`` and ``off`` are what they say; ``auto`` turns bf16 autocast on where the device
+computes bf16 natively (:func:`native_bf16`): a CPU with AVX-512 BF16 or AMX-BF16 instructions,
+or a CUDA GPU that supports bf16. Elsewhere (an AVX2 CPU) bf16 is emulated with conversions and
+a training step took 4–10× longer than in float32 (docs/training.md, "Training throughput").
+
 ``compile`` on a CPU needs a C++ compiler: inductor writes and builds C++ for the CPU kernels.
 Where it finds none (no ``$CXX``, no ``g++``; e.g. a slim container) the run is refused before
 it starts with a :class:`CompilerNotFoundError`, not a traceback at the first step.
@@ -33,13 +38,16 @@ class CompilerNotFoundError(ConfigError):
 
 @dataclass(frozen=True)
 class Runtime:
-    """The resolved device and torch thread count of a run."""
+    """The resolved device, torch thread count and bf16 autocast of a run."""
 
     device: torch.device
     threads: int
+    bf16: bool = False
 
     def describe(self) -> str:
-        return f"device {self.device}, {self.threads} thread{'s' if self.threads > 1 else ''}"
+        return f"device {self.device}, {self.threads} thread{'s' if self.threads > 1 else ''}" + (
+            ", bf16 autocast" if self.bf16 else ""
+        )
 
 
 def resolve_runtime(
@@ -61,7 +69,17 @@ def resolve_runtime(
             "compile: torch.compile builds C++ for the CPU and found no C++ compiler here "
             "(neither $CXX nor g++); install one (apt-get install g++) or train with --no-compile"
         )
-    return Runtime(device, threads)
+    bf16 = config.bf16 == "on" or (config.bf16 == "auto" and native_bf16(device))
+    return Runtime(device, threads, bf16)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it
+    (``torch.cuda.is_bf16_supported()``), a CPU with AVX-512 BF16 or AMX-BF16."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 def cpp_compiler() -> str | None:

@@ -11,7 +11,7 @@ import torch
 from model.cpus import usable_cores
 from training import runtime as runtime_module
 from training.architectures import MLPConfig
-from training.config import DeviceError, TrainConfig
+from training.config import ConfigError, DeviceError, TrainConfig
 from training.distributed import DistributedContext
 from training.loop import train
 from training.runtime import CompilerNotFoundError, resolve_device, resolve_runtime
@@ -84,6 +84,50 @@ def test_the_cpp_compiler_probe_runs_the_compilers_inductor_would_try(monkeypatc
     if shutil.which("g++") is not None:
         monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "g++"))
         assert runtime_module.cpp_compiler() == "g++"
+
+
+@pytest.mark.parametrize(
+    ("mode", "capabilities", "expected"),
+    [
+        ("auto", {"avx512_bf16": True}, True),
+        ("auto", {"amx_bf16": True}, True),
+        ("auto", {"avx512_bf16": False, "avx2": True}, False),  # emulated: 4-10x slower
+        ("on", {}, True),
+        ("off", {"avx512_bf16": True}, False),
+    ],
+)
+def test_bf16_autocast_where_asked_or_where_the_cpu_computes_bf16(
+    monkeypatch, mode, capabilities, expected
+):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    runtime = resolve_runtime(tiny(device="cpu", bf16=mode))
+    assert runtime.bf16 is expected
+    assert runtime.describe().endswith(", bf16 autocast") is expected
+
+
+def test_bf16_mode_must_be_auto_on_or_off():
+    with pytest.raises(ConfigError, match="bf16 must be one of auto, on, off; got 'yes'"):
+        tiny(bf16="yes")
+    assert tiny().bf16 == "off"  # the digits recipes' (generic) setting
+
+
+@pytest.mark.slow  # trains a tiny model twice
+def test_a_bf16_run_trains_in_bf16_and_keeps_float32_weights():
+    options = {"device": "cpu", "num_threads": 1, "epochs": 2, "keep_epoch": "last"}
+    bf16, fp32 = train(tiny(bf16="on", **options)), train(tiny(bf16="off", **options))
+    assert (bf16.metrics["bf16"], fp32.metrics["bf16"]) == (True, False)
+    state, reference = bf16.model.state_dict(), fp32.model.state_dict()
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
+    # Same seed and data: only the forward arithmetic differs, and it shows in the weights.
+    assert any(not torch.equal(state[k], reference[k]) for k in state)
+    assert bf16.metrics["test_accuracy"] > 0.3  # chance is 0.1; fp32 reaches ~0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+def test_bf16_auto_on_a_gpu_follows_its_bf16_support():
+    runtime = resolve_runtime(tiny(device="cuda", bf16="auto"))
+    assert runtime.bf16 is torch.cuda.is_bf16_supported()
 
 
 @pytest.mark.slow  # trains (a tiny model, one epoch)
