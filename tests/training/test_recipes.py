@@ -72,6 +72,13 @@ def test_digits_runs_keep_the_last_epoch_and_the_large_validation_sets_the_best(
     assert TrainConfig(arch="cnn", dataset="digits", keep_epoch="best").keep_epoch == "best"
 
 
+def test_only_the_fast_residual_fashion_recipes_train_in_bf16_where_it_is_native():
+    for arch in ("birealnet", "reactnet"):
+        assert TrainConfig(arch=arch, dataset="fashion", recipe="fast").bf16 == "auto"
+        assert TrainConfig(arch=arch, dataset="fashion", recipe="full").bf16 == "off"
+    assert TrainConfig(arch="mlp", dataset="fashion", recipe="fast").bf16 == "off"
+
+
 def test_explicit_options_override_the_recipe_and_the_rest_still_applies():
     recipe = recipe_for("mlp", "fashion", "full")
     config = TrainConfig(arch="mlp", dataset="fashion", epochs=3, augment_flip=False)
