@@ -72,9 +72,9 @@ def build_parser() -> OneLineParser:
     train = commands.add_parser(
         "train",
         help="train, evaluate on the test split and publish a new model version",
-        description="Train a model, keep its best validation epoch or its last (--keep-epoch), evaluate it on the test "
-        "split and publish it into a model repository (REPO/NAME/VERSION/). The published "
-        "directory is the last line of stdout.",
+        description="Train a model, keep its best validation epoch or its last (--keep-epoch), "
+        "evaluate it on the test split and publish it into a model repository "
+        "(REPO/NAME/VERSION/). The published directory is the last line of stdout.",
     )
     _add_data_options(train)
     _add_model_options(train)
@@ -198,7 +198,8 @@ def run_train(args: argparse.Namespace) -> int:
     print(
         f"kept epoch {m['kept_epoch']}/{m['epochs']} ({m['keep_epoch']}): "
         f"val accuracy {m['kept_val_accuracy']:.4f} (best: {m['best_val_accuracy']:.4f}, "
-        f"epoch {m['best_epoch']}); test accuracy {m['test_accuracy']:.4f} (loss {m['test_loss']:.4f}); "
+        f"epoch {m['best_epoch']}); "
+        f"test accuracy {m['test_accuracy']:.4f} (loss {m['test_loss']:.4f}); "
         f"trained in {m['train_seconds']:.1f} s on {m['num_threads']} thread(s)"
         + (f" × {m['world_size']} processes ({m['backend']})" if m["world_size"] > 1 else "")
     )

@@ -2,7 +2,8 @@
 
 Per step: (optionally) augment the batch's images (random crops of the zero-padded images, flips;
 :mod:`training.augment`), forward and cross-entropy (under bf16 autocast when the run's
-``bf16`` resolves to on, :mod:`training.runtime`; evaluation always runs in float32), backward, optimizer step(s), schedule step, then clip the binary layers' latent weights to
+``bf16`` resolves to on, :mod:`training.runtime`; evaluation always runs in float32), backward,
+optimizer step(s), schedule step, then clip the binary layers' latent weights to
 [−1, 1] (:func:`training.layers.clip_latent_weights`). After each epoch the model is evaluated
 on the validation split. ``config.keep_epoch`` says which epoch's weights the run keeps: the
 one with the best validation accuracy (``best``; ties: lower validation loss), restored at the
@@ -155,6 +156,7 @@ def _train(
     best: tuple[float, float] = (-1.0, math.inf)  # (val accuracy, −) and val loss
     best_state: dict[str, Tensor] = {}
     best_epoch = 0
+    keep_best = config.keep_epoch == "best"  # else the last epoch: no copies needed
     progress = _progress_bar(config, steps_per_epoch, enabled=main)
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
@@ -202,7 +204,7 @@ def _train(
         )
         if (val.accuracy, -val.loss) > (best[0], -best[1]):
             best, best_epoch = (val.accuracy, val.loss), epoch
-            if config.keep_epoch == "best":
+            if keep_best:
                 best_state = {
                     k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
                 }
@@ -217,8 +219,8 @@ def _train(
         return None
 
     model.to("cpu")
-    kept_epoch = best_epoch if config.keep_epoch == "best" else config.epochs
-    if config.keep_epoch == "best":
+    kept_epoch = best_epoch if keep_best else config.epochs
+    if keep_best:
         model.load_state_dict(best_state)
     model.eval()
     test = evaluate(model, data.test.x, data.test.y)

@@ -120,15 +120,15 @@ RECIPES: dict[tuple[str, str, str], Recipe] = {
     ),
     # The residual nets (birealnet, reactnet) on fashion: Adam at 2e-3 on batches of 128 with a
     # warm-up epoch and cosine decay (Bi-Real/ReActNet train with Adam and a decaying lr), flips
-    # only, the training steps compiled (1.3-1.6x the images per second). Random crops (pad 2) held the small nets back
-    # as they did the MLP (48,96 for 14 epochs: 88.78% with them, 90.08% without). Both recipes
-    # train the data set's default net (stride-1 stem, 32,64,128: 28 -> 14 -> 7; 36 M MACs),
-    # which learns far more per epoch than a stride-2 net of a third the MACs (48,96: 90.36%
-    # after 20 epochs in 28 minutes): ``full`` 30 epochs, 93.40% in 75 minutes; ``fast`` 10,
-    # 91.43% in 29 minutes on 2 cores, in float32. ``fast`` trains in bf16 where the CPU has
-    # AVX-512 BF16 (a Zen 4 here: 1.74x the compiled steps' images/s; 91.37% in 16 minutes, with
-    # 14 of its 30 to spare instead of 1); on an AVX2 CPU, where bf16 is emulated, ``auto`` leaves
-    # it off. ``full`` stays float32: in bf16 it took 44 minutes instead of 75, time its 2-hour
+    # only, the training steps compiled (1.3-1.6x the images per second). Random crops (pad 2)
+    # held the small nets back as they did the MLP (48,96 for 14 epochs: 88.78% with them, 90.08%
+    # without). Both recipes train the data set's default net (stride-1 stem, 32,64,128:
+    # 28 -> 14 -> 7; 36 M MACs), which learns far more per epoch than a stride-2 net of a third
+    # the MACs (48,96: 90.36% after 20 epochs in 28 minutes): ``full`` 30 epochs, 93.40% in 75
+    # minutes; ``fast`` 10, 91.43% in 29 minutes on 2 cores, in float32. ``fast`` trains in bf16
+    # where the CPU has AVX-512 BF16 (a Zen 4 here: 1.74x the compiled steps' images/s; 91.37% in
+    # 16 minutes, with 14 of its 30 to spare instead of 1); on an AVX2 CPU, where bf16 is
+    # emulated, ``auto`` leaves it off. ``full`` stays float32: in bf16 it took 44 minutes instead of 75, time its 2-hour
     # budget does not need, for the same validation accuracy (93.79 vs 93.80%) and 93.10% test.
     **{
         (arch, "fashion", name): Recipe(
