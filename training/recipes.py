@@ -128,8 +128,9 @@ RECIPES: dict[tuple[str, str, str], Recipe] = {
     # minutes; ``fast`` 10, 91.43% in 29 minutes on 2 cores, in float32. ``fast`` trains in bf16
     # where the CPU has AVX-512 BF16 (a Zen 4 here: 1.74x the compiled steps' images/s; 91.37% in
     # 16 minutes, with 14 of its 30 to spare instead of 1); on an AVX2 CPU, where bf16 is
-    # emulated, ``auto`` leaves it off. ``full`` stays float32: in bf16 it took 44 minutes instead of 75, time its 2-hour
-    # budget does not need, for the same validation accuracy (93.79 vs 93.80%) and 93.10% test.
+    # emulated, ``auto`` leaves it off. ``full`` stays float32: in bf16 it took 44 minutes
+    # instead of 75, time its 2-hour budget does not need, for the same validation accuracy
+    # (93.79 vs 93.80%) and 93.10% test.
     **{
         (arch, "fashion", name): Recipe(
             epochs=epochs,
